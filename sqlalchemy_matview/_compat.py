@@ -1,0 +1,71 @@
+"""The one place that knows how SQLAlchemy 2.0 and 2.1 differ for us.
+
+SQLAlchemy 2.1 lets a ``Table`` carry its own creation and removal DDL
+(``Table.set_creator_ddl`` / ``set_dropper_ddl``, the mechanism behind its native
+``CreateView``); there we use it and touch nothing global. SQLAlchemy 2.0 has no such hook,
+so ``CREATE TABLE`` / ``DROP TABLE`` compilation is wrapped once, and the wrapper hands any
+table that is not one of our views straight back to the dialect's own compiler.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateTable, DropTable
+from sqlalchemy.sql.compiler import DDLCompiler
+
+if TYPE_CHECKING:
+    from .schema import MaterializedView
+
+#: True on SQLAlchemy 2.1+, whose ``Table`` accepts creator / dropper DDL.
+HAS_TABLE_DDL_HOOKS = hasattr(sa.Table, "set_creator_ddl")
+#: True on SQLAlchemy 2.0.x, whose ORM ``Session.execute`` does not autoflush for non-ORM statements.
+SQLALCHEMY_20 = sa.__version__.startswith("2.0")
+
+_table_compilers_wrapped = False
+
+
+def install_ddl(view: MaterializedView) -> None:
+    """Make ``create_all`` / ``drop_all`` emit the view's DDL for ``view.table``."""
+    from .ddl import CommentOnMaterializedView, CreateMaterializedView, DropMaterializedView
+
+    table = view.table
+    if HAS_TABLE_DDL_HOOKS:
+        table.set_creator_ddl(CreateMaterializedView(view))
+        table.set_dropper_ddl(DropMaterializedView(view))
+    else:
+        _wrap_table_compilers()
+    if view.comment is not None:
+        sa.event.listen(table, "after_create", CommentOnMaterializedView(view))
+
+
+def _view_of(table: Any) -> MaterializedView | None:
+    from .schema import materialized_view_of
+
+    return materialized_view_of(table) if isinstance(table, sa.Table) else None
+
+
+def _wrap_table_compilers() -> None:
+    global _table_compilers_wrapped
+    if _table_compilers_wrapped:
+        return
+    _table_compilers_wrapped = True
+    from .ddl import CreateMaterializedView, DropMaterializedView
+
+    @compiles(CreateTable)
+    def _create_table(element: CreateTable, compiler: DDLCompiler, **kw: Any) -> str:
+        view = _view_of(element.element)
+        if view is None:
+            return compiler.visit_create_table(element, **kw)
+        create = CreateMaterializedView(view, if_not_exists=bool(getattr(element, "if_not_exists", False)))
+        return compiler.process(create, **kw)
+
+    @compiles(DropTable)
+    def _drop_table(element: DropTable, compiler: DDLCompiler, **kw: Any) -> str:
+        view = _view_of(element.element)
+        if view is None:
+            return compiler.visit_drop_table(element, **kw)
+        drop = DropMaterializedView(view, if_exists=bool(getattr(element, "if_exists", False)))
+        return compiler.process(drop, **kw)

@@ -1,0 +1,150 @@
+"""What the database says: materialized views, their dependencies and indexes, from the catalog.
+
+Each function runs a fixed number of queries whatever the number of views (callers such as
+Alembic's comparator and ``refresh_views(cascade=True)`` depend on that), with every value
+passed as a bind parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+__all__ = [
+    "Dependency",
+    "MaterializedViewInfo",
+    "QualifiedName",
+    "dependencies",
+    "materialized_views",
+]
+
+#: ``(schema, name)`` of a relation, as stored in the catalog (unquoted).
+QualifiedName = tuple[str, str]
+
+_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+
+
+@dataclass(frozen=True)
+class MaterializedViewInfo:
+    """One materialized view as the catalog describes it."""
+
+    schema: str
+    name: str
+    #: ``pg_get_viewdef`` text: PostgreSQL's normalised form of the query.
+    definition: str
+    populated: bool
+    comment: str | None
+    #: Name of a unique index that allows ``REFRESH ... CONCURRENTLY``, if any.
+    concurrent_index: str | None
+    #: True when the view belongs to an extension (never to be touched by migrations).
+    extension_owned: bool
+    #: ``pg_class.reltuples``: the planner's row estimate (-1 or 0 before ANALYZE).
+    row_estimate: int
+    size_bytes: int
+
+    @property
+    def qualified_name(self) -> QualifiedName:
+        return (self.schema, self.name)
+
+
+_MATVIEWS = sa.text(
+    """
+    SELECT n.nspname AS schema, c.relname AS name,
+           pg_catalog.pg_get_viewdef(c.oid) AS definition,
+           c.relispopulated AS populated,
+           pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
+           (SELECT ic.relname
+              FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+             WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
+               AND i.indpred IS NULL AND i.indexprs IS NULL
+             ORDER BY i.indnatts, ic.relname
+             LIMIT 1) AS concurrent_index,
+           EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                      AND d.deptype = 'e') AS extension_owned,
+           c.reltuples::bigint AS row_estimate,
+           pg_catalog.pg_total_relation_size(c.oid) AS size_bytes
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind = 'm'
+       AND n.nspname <> ALL (:system_schemas)
+       AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+       AND (CAST(:all_schemas AS boolean) OR n.nspname = ANY (:schemas))
+     ORDER BY n.nspname, c.relname
+    """
+)
+
+
+def _schema_params(schemas: Sequence[str] | None) -> dict[str, object]:
+    return {
+        "system_schemas": list(_SYSTEM_SCHEMAS),
+        "all_schemas": schemas is None,
+        "schemas": list(schemas or []),
+    }
+
+
+def materialized_views(
+    conn: Connection, schemas: Sequence[str] | None = None
+) -> list[MaterializedViewInfo]:
+    """Every materialized view in ``schemas`` (default: all non-system schemas), in one query."""
+    rows = conn.execute(_MATVIEWS, _schema_params(schemas)).mappings()
+    return [MaterializedViewInfo(**row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """``dependent`` (a view or materialized view) reads from ``referenced``."""
+
+    dependent: QualifiedName
+    #: ``pg_class.relkind`` of the dependent: ``'v'`` (view) or ``'m'`` (materialized view).
+    dependent_kind: str
+    referenced: QualifiedName
+    #: ``pg_class.relkind`` of the referenced relation (``'r'``, ``'p'``, ``'v'``, ``'m'``, ...).
+    referenced_kind: str
+
+
+# A view's query is stored as a rewrite rule; what the rule reads is recorded in pg_depend
+# against the rule, so the rule's ev_class is the dependent view.
+_DEPENDENCIES = sa.text(
+    """
+    SELECT DISTINCT dn.nspname AS dependent_schema, dc.relname AS dependent_name,
+           dc.relkind::text AS dependent_kind,
+           rn.nspname AS referenced_schema, rc.relname AS referenced_name,
+           rc.relkind::text AS referenced_kind
+      FROM pg_catalog.pg_depend d
+      JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+      JOIN pg_catalog.pg_class dc ON dc.oid = r.ev_class
+      JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
+      JOIN pg_catalog.pg_class rc ON rc.oid = d.refobjid
+      JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
+     WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
+       AND d.refclassid = 'pg_catalog.pg_class'::regclass
+       AND d.deptype = 'n'
+       AND dc.relkind IN ('v', 'm')
+       AND d.refobjid <> r.ev_class
+       AND rn.nspname <> ALL (:system_schemas)
+    """
+)
+
+
+def dependencies(conn: Connection) -> list[Dependency]:
+    """Every "view reads relation" edge among user relations, in one query."""
+    rows = conn.execute(_DEPENDENCIES, {"system_schemas": list(_SYSTEM_SCHEMAS)})
+    return [
+        Dependency(
+            dependent=(row.dependent_schema, row.dependent_name),
+            dependent_kind=row.dependent_kind,
+            referenced=(row.referenced_schema, row.referenced_name),
+            referenced_kind=row.referenced_kind,
+        )
+        for row in rows
+    ]
+
+
+def current_schema(conn: Connection) -> str:
+    """The schema unqualified names resolve to (``current_schema()``)."""
+    return str(conn.execute(sa.text("SELECT current_schema()")).scalar_one())

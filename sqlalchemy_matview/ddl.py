@@ -1,0 +1,333 @@
+"""DDL constructs for materialized views, their PostgreSQL compilation, and :func:`refresh`.
+
+Each construct is an :class:`~sqlalchemy.sql.ddl.ExecutableDDLElement`, so it runs through
+``Connection.execute``, ``Session.execute``, their asyncio twins, and Alembic's
+``op.execute`` (online and ``--sql``). Every identifier is quoted by the dialect's
+``IdentifierPreparer``; nothing user-supplied is formatted into SQL by hand.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import DDLCompiler
+from sqlalchemy.sql.ddl import ExecutableDDLElement
+from sqlalchemy.sql.elements import ClauseElement, TextClause
+
+from .errors import ConcurrentRefreshError, UnsupportedDialectError
+from .schema import (
+    Definition,
+    MaterializedView,
+    _as_definition,
+    _table_of,
+    materialized_view_of,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.selectable import TableClause
+
+__all__ = [
+    "CommentOnMaterializedView",
+    "CreateMaterializedView",
+    "DropMaterializedView",
+    "RefreshMaterializedView",
+    "qualifying_unique_index",
+    "refresh",
+]
+
+ViewTarget = MaterializedView | sa.Table | str
+
+
+def _target_table(target: object, schema: str | None, construct: str) -> sa.Table | TableClause:
+    if isinstance(target, str):
+        if not target:
+            raise TypeError(f"{construct}: the view name must not be empty")
+        return sa.table(target, schema=schema)
+    table = _table_of(target)
+    if table is None:
+        raise TypeError(
+            f"{construct} takes a MaterializedView, its Table, an ORM class mapped to one, "
+            f"or a view name; got {target!r}"
+        )
+    if schema is not None and schema != table.schema:
+        raise TypeError(
+            f"{construct}: schema={schema!r} is only for bare names; {table.fullname!r} "
+            f"already has schema {table.schema!r}"
+        )
+    return table
+
+
+class _ViewDDL(ExecutableDDLElement):
+    # Standalone DDL: each statement is compiled afresh, never served from the SQL cache.
+    inherit_cache = False
+
+    #: The view's ``Table`` (or a lightweight ``table()`` for a bare name).
+    table: sa.Table | TableClause
+
+    @property
+    def view(self) -> MaterializedView | None:
+        """The declared :class:`MaterializedView`, when the construct was built from one."""
+        return materialized_view_of(self.table) if isinstance(self.table, sa.Table) else None
+
+
+class CreateMaterializedView(_ViewDDL):
+    """``CREATE MATERIALIZED VIEW [IF NOT EXISTS] name (columns) AS query WITH [NO] DATA``.
+
+    Built from a declared view, or from a name and a definition (as Alembic operations do)::
+
+        from sqlalchemy_matview import CreateMaterializedView
+        conn.execute(CreateMaterializedView(mv_dashboard, if_not_exists=True))
+        conn.execute(CreateMaterializedView("mv_one", "SELECT 1 AS one", schema="reports"))
+
+    A ``select()`` is compiled with its parameters rendered as literals (DDL cannot take bind
+    parameters). The column list is written out for declared views, so a SQL definition's
+    columns get exactly the names declared in ``columns=``.
+    """
+
+    __visit_name__ = "create_materialized_view"
+
+    def __init__(
+        self,
+        view: MaterializedView | str,
+        definition: Definition | None = None,
+        *,
+        schema: str | None = None,
+        if_not_exists: bool = False,
+        with_data: bool | None = None,
+    ) -> None:
+        declared = materialized_view_of(view)
+        if declared is not None:
+            if definition is not None:
+                raise TypeError(
+                    f"CreateMaterializedView({declared.fullname!r}): the definition comes from "
+                    "the declared view; do not pass another one"
+                )
+            self.table = declared.table
+            self.definition: ClauseElement = declared.definition
+            self.with_data = declared.with_data if with_data is None else with_data
+            self.column_names: tuple[str, ...] | None = tuple(c.name for c in declared.table.c)
+        else:
+            if definition is None:
+                raise TypeError(
+                    f"CreateMaterializedView({view!r}) needs a definition when given a name"
+                )
+            self.table = _target_table(view, schema, "CreateMaterializedView")
+            self.definition = _as_definition(definition)
+            self.with_data = True if with_data is None else with_data
+            self.column_names = None
+        self.if_not_exists = if_not_exists
+
+
+class DropMaterializedView(_ViewDDL):
+    """``DROP MATERIALIZED VIEW [IF EXISTS] name [CASCADE]``.
+
+    ``conn.execute(DropMaterializedView(mv, if_exists=True, cascade=True))``
+    """
+
+    __visit_name__ = "drop_materialized_view"
+
+    def __init__(
+        self,
+        view: ViewTarget,
+        *,
+        schema: str | None = None,
+        if_exists: bool = False,
+        cascade: bool = False,
+    ) -> None:
+        self.table = _target_table(view, schema, "DropMaterializedView")
+        self.if_exists = if_exists
+        self.cascade = cascade
+
+
+class RefreshMaterializedView(_ViewDDL):
+    """``REFRESH MATERIALIZED VIEW [CONCURRENTLY] name [WITH NO DATA]``.
+
+    Usually obtained from :func:`refresh`, which checks the options before any SQL is sent.
+    """
+
+    __visit_name__ = "refresh_materialized_view"
+
+    def __init__(
+        self,
+        view: ViewTarget,
+        *,
+        schema: str | None = None,
+        concurrently: bool = False,
+        with_data: bool = True,
+    ) -> None:
+        self.table = _target_table(view, schema, "RefreshMaterializedView")
+        self.concurrently = concurrently
+        self.with_data = with_data
+
+
+class CommentOnMaterializedView(_ViewDDL):
+    """``COMMENT ON MATERIALIZED VIEW name IS '...'`` (``NULL`` removes the comment)."""
+
+    __visit_name__ = "comment_on_materialized_view"
+
+    def __init__(
+        self, view: ViewTarget, comment: str | None = None, *, schema: str | None = None
+    ) -> None:
+        self.table = _target_table(view, schema, "CommentOnMaterializedView")
+        declared = materialized_view_of(view)
+        self.comment = comment if comment is not None or declared is None else declared.comment
+
+
+# -- compilation ---------------------------------------------------------------------------
+
+
+def _refuse_other_dialects(element: _ViewDDL, compiler: DDLCompiler, **kw: Any) -> str:
+    raise UnsupportedDialectError(
+        f"{type(element).__name__} compiles only for PostgreSQL: materialized views are a "
+        f"PostgreSQL feature, and this statement was compiled for {compiler.dialect.name!r}; "
+        "use a postgresql:// engine"
+    )
+
+
+for _construct in (
+    CreateMaterializedView,
+    DropMaterializedView,
+    RefreshMaterializedView,
+    CommentOnMaterializedView,
+):
+    compiles(_construct)(_refuse_other_dialects)
+
+
+def _name(element: _ViewDDL, compiler: DDLCompiler) -> str:
+    return compiler.preparer.format_table(element.table)
+
+
+@compiles(CreateMaterializedView, "postgresql")
+def _visit_create(element: CreateMaterializedView, compiler: DDLCompiler, **kw: Any) -> str:
+    text = "CREATE MATERIALIZED VIEW "
+    if element.if_not_exists:
+        text += "IF NOT EXISTS "
+    text += _name(element, compiler)
+    if element.column_names is not None:
+        quote = compiler.preparer.quote
+        text += " (" + ", ".join(quote(n) for n in element.column_names) + ")"
+    query = compiler.sql_compiler.process(element.definition, literal_binds=True)
+    text += f" AS {query}"
+    text += " WITH DATA" if element.with_data else " WITH NO DATA"
+    return text
+
+
+@compiles(DropMaterializedView, "postgresql")
+def _visit_drop(element: DropMaterializedView, compiler: DDLCompiler, **kw: Any) -> str:
+    text = "DROP MATERIALIZED VIEW "
+    if element.if_exists:
+        text += "IF EXISTS "
+    text += _name(element, compiler)
+    if element.cascade:
+        text += " CASCADE"
+    return text
+
+
+@compiles(RefreshMaterializedView, "postgresql")
+def _visit_refresh(element: RefreshMaterializedView, compiler: DDLCompiler, **kw: Any) -> str:
+    text = "REFRESH MATERIALIZED VIEW "
+    if element.concurrently:
+        text += "CONCURRENTLY "
+    text += _name(element, compiler)
+    if not element.with_data:
+        text += " WITH NO DATA"
+    return text
+
+
+@compiles(CommentOnMaterializedView, "postgresql")
+def _visit_comment(element: CommentOnMaterializedView, compiler: DDLCompiler, **kw: Any) -> str:
+    if element.comment is None:
+        literal = "NULL"
+    else:
+        literal = compiler.sql_compiler.render_literal_value(element.comment, sa.String())
+    return f"COMMENT ON MATERIALIZED VIEW {_name(element, compiler)} IS {literal}"
+
+
+# -- refresh() -----------------------------------------------------------------------------
+
+
+def qualifying_unique_index(table: sa.Table) -> sa.Index | None:
+    """A unique index on ``table`` that allows ``REFRESH ... CONCURRENTLY``, or ``None``.
+
+    PostgreSQL accepts only a unique index that is not partial and lists plain columns
+    (no expressions); it must cover all rows.
+    """
+    candidates = []
+    for index in table.indexes:
+        if not index.unique or index.dialect_options["postgresql"].get("where") is not None:
+            continue
+        expressions = list(index.expressions)
+        if expressions and all(
+            isinstance(e, sa.Column) and e.table is table for e in expressions
+        ):
+            candidates.append(index)
+    candidates.sort(key=lambda i: (len(i.expressions), i.name or ""))
+    return candidates[0] if candidates else None
+
+
+def refresh(
+    target: MaterializedView | sa.Table | type | str,
+    *,
+    schema: str | None = None,
+    concurrently: bool = True,
+    with_data: bool = True,
+) -> RefreshMaterializedView:
+    """A ``REFRESH MATERIALIZED VIEW`` statement for ``target``, checked before it is sent.
+
+    ``target`` is a :class:`MaterializedView`, its ``Table``, an ORM class mapped to one, or a
+    bare view name (with ``schema=`` separately; names are always quoted, never parsed).
+
+    ``concurrently=True`` (the default) refreshes without blocking readers; it needs a
+    populated view with a qualifying unique index, which a declared view gets from
+    ``unique_key=``. A declared view without one raises
+    :class:`~sqlalchemy_matview.errors.ConcurrentRefreshError` here, before any SQL.
+
+    Executed through an ORM ``Session``, pending changes are flushed first (on SQLAlchemy
+    2.0 too), so the refresh sees them::
+
+        session.add(Event(...))
+        session.execute(refresh(mv_dashboard))   # REFRESH MATERIALIZED VIEW CONCURRENTLY ...
+        session.commit()
+    """
+    from . import readonly
+
+    readonly.install()
+    if isinstance(target, type) and _table_of(target) is None:
+        raise TypeError(f"refresh(): {target.__name__} is not an ORM class mapped to a view")
+    statement = RefreshMaterializedView(
+        target if not isinstance(target, type) else _table_of(target),  # type: ignore[arg-type]
+        schema=schema,
+        concurrently=concurrently,
+        with_data=with_data,
+    )
+    label = _label(statement)
+    if concurrently and not with_data:
+        raise ConcurrentRefreshError(
+            f"refresh({label}): CONCURRENTLY cannot be combined with WITH NO DATA; pass "
+            "concurrently=False to empty the view"
+        )
+    view = statement.view
+    if concurrently and isinstance(statement.table, sa.Table):
+        if view is not None and view.unique_key:
+            return statement
+        if qualifying_unique_index(statement.table) is None:
+            raise ConcurrentRefreshError(
+                f"refresh({label}, concurrently=True): the view has no unique index on plain "
+                "columns without a WHERE clause, which REFRESH ... CONCURRENTLY requires; "
+                "declare unique_key='column' (or a unique sa.Index on its columns), or pass "
+                "concurrently=False"
+            )
+    return statement
+
+
+def _label(statement: _ViewDDL) -> str:
+    table = statement.table
+    schema = getattr(table, "schema", None)
+    return repr(f"{schema}.{table.name}" if schema else table.name)
+
+
+def is_text_definition(definition: ClauseElement) -> bool:
+    """True when a view is defined by SQL text rather than by a ``select()``."""
+    return isinstance(definition, TextClause)

@@ -1,0 +1,53 @@
+"""Exceptions raised by sqlalchemy-matview.
+
+Every error raised for misuse derives from :class:`MaterializedViewError`; most also
+derive from the built-in exception a caller would expect (``ValueError``,
+``TypeError``), so code written against either keeps working.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import CompileError
+
+__all__ = [
+    "ConcurrentRefreshError",
+    "DefinitionError",
+    "DependencyCycleError",
+    "ExtensionNotInstalledError",
+    "MaterializedViewError",
+    "ReadOnlyMaterializedViewError",
+    "UnknownViewError",
+    "UnsupportedDialectError",
+]
+
+
+class MaterializedViewError(Exception):
+    """Base class of every error sqlalchemy-matview raises for misuse."""
+
+
+class DefinitionError(MaterializedViewError, ValueError):
+    """A view's declaration is incomplete or inconsistent (untyped column, unknown key...)."""
+
+
+class ConcurrentRefreshError(MaterializedViewError, ValueError):
+    """``REFRESH ... CONCURRENTLY`` was asked for a view that cannot be refreshed that way."""
+
+
+class ReadOnlyMaterializedViewError(MaterializedViewError, TypeError):
+    """An INSERT, UPDATE or DELETE was aimed at a materialized view."""
+
+
+class UnsupportedDialectError(MaterializedViewError, CompileError):
+    """A materialized-view construct was compiled for a database other than PostgreSQL."""
+
+
+class UnknownViewError(MaterializedViewError, LookupError):
+    """A view was named that is neither declared nor present in the database."""
+
+
+class DependencyCycleError(MaterializedViewError, ValueError):
+    """Materialized views were declared that depend on each other in a cycle."""
+
+
+class ExtensionNotInstalledError(MaterializedViewError, RuntimeError):
+    """A PostgreSQL extension the operation needs (such as ``pg_cron``) is missing."""

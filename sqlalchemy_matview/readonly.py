@@ -1,0 +1,104 @@
+"""Guards that keep materialized views read-only and make ``refresh()`` see pending ORM work.
+
+Installed once, the first time a view is declared or a refresh is built, never at import:
+
+- a ``before_flush`` hook on every ``Session`` refuses inserts, updates and deletes of objects
+  mapped to a materialized view, before the flush sends any SQL;
+- ``INSERT`` / ``UPDATE`` / ``DELETE`` compilation refuses a view's ``Table`` (Core DML would
+  otherwise reach the server and fail there with a less helpful message);
+- a ``do_orm_execute`` hook flushes a session's pending changes before a
+  ``REFRESH MATERIALIZED VIEW`` runs: SQLAlchemy 2.1 autoflushes there, 2.0 does not.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.sql import dml
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from .errors import ReadOnlyMaterializedViewError
+from .schema import INFO_KEY, MaterializedView
+
+_lock = threading.Lock()
+_installed = False
+
+
+def install() -> None:
+    """Install the guards (idempotent and thread-safe)."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        event.listen(Session, "before_flush", _refuse_view_writes)
+        event.listen(Session, "do_orm_execute", _flush_before_refresh)
+        for cls, visit in (
+            (dml.Insert, "visit_insert"),
+            (postgresql.Insert, "visit_insert"),
+            (dml.Update, "visit_update"),
+            (dml.Delete, "visit_delete"),
+        ):
+            _guard_dml(cls, visit)
+        _installed = True
+
+
+def _view_of_table(table: Any) -> MaterializedView | None:
+    info = getattr(table, "info", None)
+    view = info.get(INFO_KEY) if info else None
+    return view if isinstance(view, MaterializedView) else None
+
+
+def _refuse(view: MaterializedView, verb: str) -> ReadOnlyMaterializedViewError:
+    return ReadOnlyMaterializedViewError(
+        f"cannot {verb} materialized view {view.fullname!r}: its rows are the stored result of "
+        "its query; change the tables it reads from, then refresh it "
+        "(session.execute(refresh(view)))"
+    )
+
+
+def _refuse_view_writes(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+    for verb, objects in (
+        ("insert into", session.new),
+        ("delete from", session.deleted),
+        ("update", session.dirty),
+    ):
+        for obj in objects:
+            mapper = sa.inspect(obj).mapper
+            for table in mapper.tables:
+                view = _view_of_table(table)
+                if view is None:
+                    continue
+                if verb == "update" and not session.is_modified(obj):
+                    continue
+                raise _refuse(view, verb)
+
+
+def _flush_before_refresh(state: ORMExecuteState) -> None:
+    from .ddl import RefreshMaterializedView
+
+    session = state.session
+    if isinstance(state.statement, RefreshMaterializedView) and session.autoflush:
+        if session.new or session.dirty or session.deleted:
+            session.flush()
+
+
+def _guard_dml(cls: type, visit: str) -> None:
+    verb = {"visit_insert": "insert into", "visit_update": "update", "visit_delete": "delete from"}[
+        visit
+    ]
+
+    @compiles(cls)
+    def _visit(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
+        view = _view_of_table(element.table)
+        if view is not None:
+            raise _refuse(view, verb)
+        result: str = getattr(compiler, visit)(element, **kw)
+        return result
