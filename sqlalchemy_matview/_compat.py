@@ -9,7 +9,7 @@ table that is not one of our views straight back to the dialect's own compiler.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 #: True on SQLAlchemy 2.1+, whose ``Table`` accepts creator / dropper DDL.
 HAS_TABLE_DDL_HOOKS = hasattr(sa.Table, "set_creator_ddl")
-#: True on SQLAlchemy 2.0.x, whose ORM ``Session.execute`` does not autoflush for non-ORM statements.
-SQLALCHEMY_20 = sa.__version__.startswith("2.0")
 
 _table_compilers_wrapped = False
 
@@ -33,8 +31,8 @@ def install_ddl(view: MaterializedView) -> None:
 
     table = view.table
     if HAS_TABLE_DDL_HOOKS:
-        table.set_creator_ddl(CreateMaterializedView(view))
-        table.set_dropper_ddl(DropMaterializedView(view))
+        table.set_creator_ddl(cast(Any, CreateMaterializedView(view)))
+        table.set_dropper_ddl(cast(Any, DropMaterializedView(view)))
     else:
         _wrap_table_compilers()
     if view.comment is not None:
@@ -58,14 +56,15 @@ def _wrap_table_compilers() -> None:
     def _create_table(element: CreateTable, compiler: DDLCompiler, **kw: Any) -> str:
         view = _view_of(element.element)
         if view is None:
-            return compiler.visit_create_table(element, **kw)
-        create = CreateMaterializedView(view, if_not_exists=bool(getattr(element, "if_not_exists", False)))
+            return str(compiler.visit_create_table(element, **kw))  # type: ignore[no-untyped-call]
+        if_not_exists = bool(getattr(element, "if_not_exists", False))
+        create = CreateMaterializedView(view, if_not_exists=if_not_exists)
         return compiler.process(create, **kw)
 
     @compiles(DropTable)
     def _drop_table(element: DropTable, compiler: DDLCompiler, **kw: Any) -> str:
         view = _view_of(element.element)
         if view is None:
-            return compiler.visit_drop_table(element, **kw)
+            return str(compiler.visit_drop_table(element, **kw))  # type: ignore[no-untyped-call]
         drop = DropMaterializedView(view, if_exists=bool(getattr(element, "if_exists", False)))
         return compiler.process(drop, **kw)

@@ -85,9 +85,11 @@ def _flush_before_refresh(state: ORMExecuteState) -> None:
     from .ddl import RefreshMaterializedView
 
     session = state.session
-    if isinstance(state.statement, RefreshMaterializedView) and session.autoflush:
-        if session.new or session.dirty or session.deleted:
-            session.flush()
+    # Checked first: this hook runs for every statement a Session executes.
+    if not isinstance(state.statement, RefreshMaterializedView) or not session.autoflush:
+        return
+    if session.new or session.dirty or session.deleted:
+        session.flush()
 
 
 def _guard_dml(cls: type, visit: str) -> None:

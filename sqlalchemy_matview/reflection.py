@@ -51,7 +51,7 @@ def reflect_view(
         (i for i in indexes if _plain_unique(i)),
         key=lambda i: (len(i["column_names"]), i["name"] or ""),
     )
-    unique_key = tuple(unique[0]["column_names"]) if unique else None
+    unique_key = [str(n) for n in unique[0]["column_names"]] if unique else None
     definition = inspector.get_view_definition(name, schema=schema)
     comment = inspector.get_table_comment(name, schema=schema).get("text")
     view = cls(
@@ -69,14 +69,14 @@ def reflect_view(
     for index in list(view.table.indexes):
         view.table.indexes.discard(index)
     for reflected in indexes:
-        names = reflected.get("column_names") or []
-        if not names or any(n is None for n in names):
+        names = [n for n in reflected.get("column_names") or [] if n is not None]
+        if not names or len(names) != len(reflected["column_names"]):
             continue
-        where = (reflected.get("dialect_options") or {}).get("postgresql_where")
+        predicate = (reflected.get("dialect_options") or {}).get("postgresql_where")
         kwargs: dict[str, Any] = {"unique": bool(reflected.get("unique"))}
-        if where is not None:
-            kwargs["postgresql_where"] = sa.text(str(where))
-        sa.Index(reflected["name"], *(view.table.c[n] for n in names), **kwargs)
+        if predicate is not None:
+            kwargs["postgresql_where"] = sa.text(str(predicate))
+        sa.Index(str(reflected["name"]), *(view.table.c[n] for n in names), **kwargs)
     populated = bind_scalar(
         bind,
         sa.text(

@@ -39,7 +39,7 @@ INFO_KEY = "sqlalchemy_matview"
 REGISTRY_KEY = "sqlalchemy_matview.views"
 
 #: What a view can be defined by: a ``select()``, a ``text()``, or a string of SQL.
-Definition = Union[Select[Any], TextClause, str]
+Definition = Union[Select[Any], TextClause, str]  # noqa: UP007 (a runtime alias on 3.10)
 
 _MAX_IDENTIFIER_BYTES = 63
 
@@ -362,7 +362,9 @@ class MaterializedView:
         self._require_managed("create")
         self.table.create(bind, checkfirst=checkfirst)
 
-    def drop(self, bind: Engine | Connection, checkfirst: bool = True, cascade: bool = False) -> None:
+    def drop(
+        self, bind: Engine | Connection, checkfirst: bool = True, cascade: bool = False
+    ) -> None:
         """Drop the view (``cascade=True`` also drops whatever depends on it)."""
         self._require_managed("drop")
         if not cascade:
@@ -451,7 +453,7 @@ def _table_of(target: object) -> sa.Table | None:
     if isinstance(target, MaterializedView):
         return target.table
     if isinstance(target, type):
-        mapper = sa.inspect(target, raiseerr=False)
+        mapper: Any = sa.inspect(target, raiseerr=False)
         local = getattr(mapper, "local_table", None)
         if isinstance(local, sa.Table):
             return local
