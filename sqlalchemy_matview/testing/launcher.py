@@ -751,6 +751,7 @@ class PostgresServer(_AdminMixin):
         self.stop()
         tmpdir, self._tmpdir = self._tmpdir, None
         self._initialised = False
+        self._port = None
         _live_servers.pop(id(self), None)
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
