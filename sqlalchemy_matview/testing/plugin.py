@@ -363,9 +363,16 @@ def pg_cron_server(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
     plan = _plan(pytestconfig)
     if plan.error is not None:
         pytest.fail(plan.error, pytrace=False)
+    installations = plan.installations
+    if not installations and plan.url is not None:
+        # An external main server says nothing about local binaries for pg_cron.
+        try:
+            installations = tuple(find_installations())
+        except PostgresLaunchError as exc:
+            pytest.fail(str(exc), pytrace=False)
     candidates = [
         inst
-        for inst in plan.installations
+        for inst in installations
         if plan.requested_major is None or inst.major == plan.requested_major
     ]
     # Same preference as the main server: the machine's own install first.
