@@ -251,12 +251,6 @@ class MaterializedView:
                     )
                 inferred.append((key, expr.type))
             names = [n for n, _ in inferred]
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            if duplicates:
-                raise DefinitionError(
-                    f"materialized view {self._display}: output column names {duplicates} "
-                    "appear more than once; label them apart with .label('name')"
-                )
             unknown = sorted(set(given) - set(names))
             if unknown:
                 raise DefinitionError(
