@@ -1,0 +1,1 @@
+"""Alembic support for materialized views (work in progress)."""
