@@ -259,9 +259,7 @@ def qualifying_unique_index(table: sa.Table) -> sa.Index | None:
         if not index.unique or index.dialect_options["postgresql"].get("where") is not None:
             continue
         expressions = list(index.expressions)
-        if expressions and all(
-            isinstance(e, sa.Column) and e.table is table for e in expressions
-        ):
+        if expressions and all(isinstance(e, sa.Column) and e.table is table for e in expressions):
             candidates.append(index)
     candidates.sort(key=lambda i: (len(i.expressions), i.name or ""))
     return candidates[0] if candidates else None

@@ -83,7 +83,7 @@ def test_refresh_variants(md: sa.MetaData, src: sa.Table) -> None:
         sql(refresh(mv, concurrently=False, with_data=False))
         == "REFRESH MATERIALIZED VIEW mv WITH NO DATA"
     )
-    assert sql(refresh("Weird\"; DROP TABLE x; --", schema="Sch")) == (
+    assert sql(refresh('Weird"; DROP TABLE x; --', schema="Sch")) == (
         'REFRESH MATERIALIZED VIEW CONCURRENTLY "Sch"."Weird""; DROP TABLE x; --"'
     )
 
@@ -100,9 +100,7 @@ def test_refresh_accepts_an_orm_class(md: sa.MetaData, src: sa.Table) -> None:
     assert sql(refresh(Row)) == "REFRESH MATERIALIZED VIEW CONCURRENTLY mv"
 
 
-def test_concurrently_without_unique_index_fails_before_sql(
-    md: sa.MetaData, src: sa.Table
-) -> None:
+def test_concurrently_without_unique_index_fails_before_sql(md: sa.MetaData, src: sa.Table) -> None:
     mv = MaterializedView("mv", md, sa.select(src.c.id, src.c.kind))
     with pytest.raises(ConcurrentRefreshError) as info:
         refresh(mv)

@@ -13,10 +13,10 @@ from sqlalchemy_matview import (
     DefinitionError,
     MaterializedView,
     UnknownViewError,
+    catalog,
     reflect_materialized_views,
     refresh,
 )
-from sqlalchemy_matview import catalog
 
 
 def relkinds(engine: Engine) -> dict[str, str]:
@@ -203,8 +203,12 @@ def test_unmanaged_views_are_never_created_or_dropped(
     assert "public.legacy" in relkinds(engine)
 
 
-def test_reflect(engine: Engine, md: sa.MetaData, events: sa.Table, dashboard: MaterializedView) -> None:
-    sa.Index("ix_partial", dashboard.c.events, unique=True, postgresql_where=dashboard.c.events > 100)
+def test_reflect(
+    engine: Engine, md: sa.MetaData, events: sa.Table, dashboard: MaterializedView
+) -> None:
+    sa.Index(
+        "ix_partial", dashboard.c.events, unique=True, postgresql_where=dashboard.c.events > 100
+    )
     md.create_all(engine)
     seed(engine, events)
     reflected_md = sa.MetaData()
@@ -240,5 +244,7 @@ def test_catalog_dependencies_see_through_plain_views(
     engine: Engine, dependency_chain: None
 ) -> None:
     with engine.connect() as conn:
-        edges = {(d.dependent[1], d.referenced[1], d.dependent_kind) for d in catalog.dependencies(conn)}
+        edges = {
+            (d.dependent[1], d.referenced[1], d.dependent_kind) for d in catalog.dependencies(conn)
+        }
     assert edges == {("a", "base", "m"), ("pv", "a", "v"), ("c", "pv", "m")}

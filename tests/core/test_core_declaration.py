@@ -37,8 +37,9 @@ def test_columns_and_types_inferred_from_select(md: sa.MetaData, events: sa.Tabl
     mv = MaterializedView(
         "mv",
         md,
-        sa.select(day.label("day"), sa.func.count().label("n"), sa.func.sum(events.c.amount))
-        .group_by(day),
+        sa.select(
+            day.label("day"), sa.func.count().label("n"), sa.func.sum(events.c.amount)
+        ).group_by(day),
         unique_key="day",
     )
     assert [c.name for c in mv.c] == ["day", "n", "sum"]

@@ -57,7 +57,9 @@ def snapshot(conn: sa.Connection) -> set[tuple[str, str, str]]:
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(view_name=identifiers(), schema=identifiers())
-def test_hostile_names_create_refresh_query_drop(engine: Engine, view_name: str, schema: str) -> None:
+def test_hostile_names_create_refresh_query_drop(
+    engine: Engine, view_name: str, schema: str
+) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE IF NOT EXISTS victim (id int PRIMARY KEY)"))
         conn.execute(sa.text("INSERT INTO victim VALUES (1), (2) ON CONFLICT DO NOTHING"))

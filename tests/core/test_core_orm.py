@@ -130,9 +130,7 @@ def test_async_session_and_connection(db: Engine, async_engine: AsyncEngine) -> 
         async with AsyncSession(async_engine) as session:
             session.add(Order(id=100, user_id=2, total=1))
             await session.execute(refresh(UserTotal))
-            first = await session.scalar(
-                sa.select(UserTotal.total).where(UserTotal.user_id == 2)
-            )
+            first = await session.scalar(sa.select(UserTotal.total).where(UserTotal.user_id == 2))
             await session.commit()
         async with async_engine.begin() as conn:
             await conn.execute(refresh(user_totals, concurrently=False))
