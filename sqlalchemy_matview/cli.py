@@ -324,8 +324,8 @@ def collect_status(
 def _apply_state(row: ViewStatus, state: Any) -> None:
     if state is None:
         return
-    row.tracked = True
-    row.stale = bool(getattr(state, "stale", False))
+    row.tracked = bool(getattr(state, "tracked", True))
+    row.stale = bool(getattr(state, "stale", False)) if row.tracked else None
     row.stale_since = getattr(state, "stale_since", None)
     row.last_refreshed_at = getattr(state, "last_refreshed_at", None)
     row.last_duration = _seconds(getattr(state, "last_duration", None))
@@ -371,7 +371,7 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
         console.print("No materialized views.")
         return
     now = datetime.datetime.now(datetime.timezone.utc)
-    tracked = any(r.tracked for r in rows)
+    tracked = any(r.tracked or r.last_refreshed_at is not None for r in rows)
     declared = any(r.declared is not None for r in rows)
     table = Table(title="Materialized views", title_justify="left")
     table.add_column("view", no_wrap=True)
@@ -402,12 +402,12 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
             line.append(row.declared or "-")
         if tracked:
             if not row.tracked:
-                line += ["-", "-", "-"]
+                stale = "[dim]not tracked[/]"
+            elif row.stale:
+                stale = f"[yellow]{_ago(row.stale_since, now)}[/]"
             else:
-                stale = (
-                    f"[yellow]{_ago(row.stale_since, now)}[/]" if row.stale else "[green]fresh[/]"
-                )
-                line += [stale, _ago(row.last_refreshed_at, now), _duration(row.last_duration)]
+                stale = "[green]fresh[/]"
+            line += [stale, _ago(row.last_refreshed_at, now), _duration(row.last_duration)]
         table.add_row(*line)
     console.print(table)
 
