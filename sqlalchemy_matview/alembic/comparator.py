@@ -1,0 +1,206 @@
+"""The autogenerate comparator: :mod:`sqlalchemy_matview.compare` records turned into ops.
+
+It runs after Alembic's own table comparison (``DispatchPriority.LAST`` on Alembic 1.18+;
+registration order on older versions), so that it can
+
+* remove what Alembic proposed for a view's ``Table`` -- ``create_table``, ``drop_table``,
+  column and index operations -- whether the view is a :class:`MaterializedView`, an
+  unmanaged one or a SQLAlchemy 2.1 ``CreateView(..., materialized=True)``, and for the
+  change-tracking state table;
+* put view drops before everything else (before the drops of the tables they read) and view
+  creates after everything else (after the tables they read are created).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from alembic.operations import ops as alembic_ops
+
+from .. import compare
+from ..compare import Change, ViewRef
+from ..schema import materialized_views
+from .ops import (
+    CreateMaterializedViewOp,
+    DisableChangeTrackingOp,
+    DropMaterializedViewOp,
+    EnableChangeTrackingOp,
+    ReplaceMaterializedViewOp,
+    SetMaterializedViewCommentOp,
+)
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
+
+__all__ = ["compare_materialized_views", "to_operation"]
+
+log = logging.getLogger(__name__)
+
+#: ``type_`` given to ``include_object`` / ``include_name`` hooks for materialized views.
+OBJECT_TYPE = "materialized_view"
+
+_DONE_KEY = "sqlalchemy_matview.compared"
+
+
+def to_operation(change: Change) -> alembic_ops.MigrateOperation:
+    """The Alembic operation that carries out one :mod:`~sqlalchemy_matview.compare` record."""
+    if isinstance(change, compare.CreateView):
+        return CreateMaterializedViewOp(
+            change.name,
+            change.definition,
+            schema=change.schema,
+            with_data=change.with_data,
+            comment=change.comment,
+            columns=change.columns,
+        )
+    if isinstance(change, compare.DropView):
+        return DropMaterializedViewOp(
+            change.name,
+            schema=change.schema,
+            definition=change.definition,
+            with_data=change.with_data,
+            comment=change.comment,
+        )
+    if isinstance(change, compare.ReplaceView):
+        return ReplaceMaterializedViewOp(
+            change.name,
+            change.definition,
+            schema=change.schema,
+            with_data=change.with_data,
+            old_definition=change.old_definition,
+            columns=change.columns,
+        )
+    if isinstance(change, compare.CreateIndex):
+        return alembic_ops.CreateIndexOp.from_index(change.index)
+    if isinstance(change, compare.DropIndex):
+        return alembic_ops.DropIndexOp.from_index(change.index.to_index())
+    if isinstance(change, compare.ChangeComment):
+        return SetMaterializedViewCommentOp(
+            change.name, change.comment, schema=change.schema, existing_comment=change.old_comment
+        )
+    if isinstance(change, compare.EnableTracking):
+        return EnableChangeTrackingOp(change.name, change.sources, schema=change.schema)
+    if isinstance(change, compare.DisableTracking):
+        return DisableChangeTrackingOp(change.name, schema=change.schema, sources=change.sources)
+    raise TypeError(f"unknown change record {change!r}")
+
+
+def _metadatas(autogen_context: AutogenContext) -> list[sa.MetaData]:
+    metadata: Any = autogen_context.metadata
+    if metadata is None:
+        return []
+    if isinstance(metadata, sa.MetaData):
+        return [metadata]
+    return list(metadata)
+
+
+def _state_table() -> str | None:
+    try:
+        from ..orchestration import tracking
+    except ImportError:
+        return None
+    name = getattr(tracking, "STATE_TABLE", None)
+    return name if isinstance(name, str) else None
+
+
+def _view_table_keys(
+    metadatas: Sequence[sa.MetaData], default_schema: str | None
+) -> set[tuple[str | None, str]]:
+    keys: set[tuple[str | None, str]] = set()
+    for metadata in metadatas:
+        for table in metadata.tables.values():
+            if compare.is_view_table(table):
+                keys.add((None if table.schema == default_schema else table.schema, table.name))
+        for view in materialized_views(metadata):
+            schema = None if view.schema == default_schema else view.schema
+            keys.add((schema, view.name))
+    return keys
+
+
+def _strip_view_table_ops(
+    upgrade_ops: alembic_ops.UpgradeOps,
+    keys: set[tuple[str | None, str]],
+    state_table: str | None,
+    default_schema: str | None,
+) -> None:
+    def unwanted(op: Any) -> bool:
+        name = getattr(op, "table_name", None)
+        if name is None:
+            return False
+        if state_table is not None and name == state_table:
+            return True
+        schema = getattr(op, "schema", None)
+        return (None if schema == default_schema else schema, name) in keys
+
+    upgrade_ops.ops[:] = [op for op in upgrade_ops.ops if not unwanted(op)]
+
+
+def compare_materialized_views(
+    autogen_context: AutogenContext,
+    upgrade_ops: alembic_ops.UpgradeOps,
+    schemas: set[str | None],
+) -> Any:
+    """Alembic ``"schema"`` comparator for materialized views (see the module docstring)."""
+    result = _continue()
+    dialect = autogen_context.dialect
+    if dialect is None or dialect.name != "postgresql" or autogen_context.connection is None:
+        return result
+    # Registered globally and as a plugin, it may be dispatched twice for one migration.
+    if upgrade_ops.info.get(_DONE_KEY):
+        return result
+    upgrade_ops.info[_DONE_KEY] = True
+
+    metadatas = _metadatas(autogen_context)
+    if not metadatas:
+        return result
+    conn = autogen_context.connection
+    default_schema = conn.dialect.default_schema_name
+
+    def include(ref: ViewRef) -> bool:
+        kind: Any = OBJECT_TYPE
+        if ref.reflected:
+            names: Any = {"schema_name": ref.schema}
+            if not autogen_context.run_name_filters(ref.name, kind, names):
+                return False
+        table = ref.table if ref.table is not None else sa.Table(
+            ref.name, sa.MetaData(), schema=ref.schema
+        )
+        return autogen_context.run_object_filters(table, ref.name, kind, ref.reflected, None)
+
+    changes = compare.compare_views(conn, metadatas, schemas=schemas, include=include)
+    _strip_view_table_ops(
+        upgrade_ops, _view_table_keys(metadatas, default_schema), _state_table(), default_schema
+    )
+    before = [to_operation(c) for c in changes if c.phase == "before"]
+    after = [to_operation(c) for c in changes if c.phase != "before"]
+    for change in changes:
+        log.info("Detected %s", change)
+    upgrade_ops.ops[:0] = before
+    upgrade_ops.ops.extend(after)
+    return result
+
+
+def _continue() -> Any:
+    try:
+        from alembic.util import PriorityDispatchResult
+    except ImportError:  # Alembic < 1.18 ignores the return value.
+        return None
+    return PriorityDispatchResult.CONTINUE
+
+
+def install(target: Any = None) -> None:
+    """Register the comparator on Alembic's global registry (after the table comparator)."""
+    from alembic.autogenerate import comparators
+
+    try:
+        from alembic.util import DispatchPriority
+    except ImportError:
+        # Before 1.18, comparators run in registration order, after Alembic's own.
+        comparators.dispatch_for("schema")(compare_materialized_views)
+        return
+    comparators.dispatch_for("schema", priority=DispatchPriority.LAST)(
+        compare_materialized_views
+    )

@@ -1,0 +1,483 @@
+"""Alembic operations for materialized views: ``op.create_materialized_view`` and friends.
+
+Each operation is a small class holding its arguments, with a classmethod that becomes the
+``op.<name>(...)`` directive, a :meth:`reverse` used to write downgrades and a
+``to_diff_tuple`` used by ``alembic check``. The SQL they run lives in
+:mod:`sqlalchemy_matview.alembic.toimpl`; how autogenerate writes them lives in
+:mod:`sqlalchemy_matview.alembic.render`.
+
+Importing this module makes the directives available on ``op`` (the usual Alembic pattern for
+operation plugins); that is why generated migrations import it. Comparators are only installed
+by :func:`sqlalchemy_matview.alembic.register` or by the ``alembic.plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from alembic.operations import MigrateOperation, Operations
+from sqlalchemy.sql.elements import ClauseElement
+
+from ..compare import definition_sql
+from ..errors import MaterializedViewError
+
+if TYPE_CHECKING:
+    from ..schema import Definition
+
+__all__ = [
+    "CreateMaterializedViewOp",
+    "DisableChangeTrackingOp",
+    "DropMaterializedViewOp",
+    "EnableChangeTrackingOp",
+    "IrreversibleOperationError",
+    "RefreshMaterializedViewOp",
+    "ReplaceMaterializedViewOp",
+    "SetMaterializedViewCommentOp",
+]
+
+Sources = Sequence[tuple[str | None, str]]
+
+
+class IrreversibleOperationError(MaterializedViewError, ValueError):
+    """An operation was asked for its reverse without the state needed to write it."""
+
+
+def _sql(definition: Definition) -> str:
+    return definition_sql(definition) if isinstance(definition, ClauseElement) else definition
+
+
+def _sources(sources: Sources | None) -> tuple[tuple[str | None, str], ...] | None:
+    return None if sources is None else tuple((s, t) for s, t in sources)
+
+
+@Operations.register_operation("create_materialized_view")
+class CreateMaterializedViewOp(MigrateOperation):
+    """``CREATE MATERIALIZED VIEW``: see :meth:`create_materialized_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        definition: Definition,
+        *,
+        schema: str | None = None,
+        with_data: bool = True,
+        comment: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.definition = definition
+        self.schema = schema
+        self.with_data = with_data
+        self.comment = comment
+        self.columns = tuple(columns) if columns is not None else None
+
+    @classmethod
+    def create_materialized_view(
+        cls,
+        operations: Operations,
+        name: str,
+        definition: Definition,
+        *,
+        schema: str | None = None,
+        with_data: bool = True,
+        comment: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        """Create a materialized view.
+
+        ``definition`` is SQL text (as autogenerate writes it), a ``text()`` or a ``select()``.
+        ``columns`` names the view's columns when they should differ from the query's own;
+        ``comment`` is set with ``COMMENT ON MATERIALIZED VIEW``.
+
+        Example::
+
+            op.create_materialized_view(
+                "mv_daily",
+                "SELECT date_trunc('day', created_at) AS day, count(*) AS n "
+                "FROM events GROUP BY 1",
+                with_data=False,
+            )
+        """
+        operations.invoke(
+            cls(
+                name,
+                definition,
+                schema=schema,
+                with_data=with_data,
+                comment=comment,
+                columns=columns,
+            )
+        )
+
+    def reverse(self) -> DropMaterializedViewOp:
+        return DropMaterializedViewOp(
+            self.name,
+            schema=self.schema,
+            definition=self.definition,
+            with_data=self.with_data,
+            comment=self.comment,
+            columns=self.columns,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("create_materialized_view", self.schema, self.name, _sql(self.definition))
+
+
+@Operations.register_operation("drop_materialized_view")
+class DropMaterializedViewOp(MigrateOperation):
+    """``DROP MATERIALIZED VIEW``: see :meth:`drop_materialized_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schema: str | None = None,
+        if_exists: bool = False,
+        cascade: bool = False,
+        definition: Definition | None = None,
+        with_data: bool = True,
+        comment: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.schema = schema
+        self.if_exists = if_exists
+        self.cascade = cascade
+        self.definition = definition
+        self.with_data = with_data
+        self.comment = comment
+        self.columns = tuple(columns) if columns is not None else None
+
+    @classmethod
+    def drop_materialized_view(
+        cls,
+        operations: Operations,
+        name: str,
+        *,
+        schema: str | None = None,
+        if_exists: bool = False,
+        cascade: bool = False,
+        definition: Definition | None = None,
+        with_data: bool = True,
+        comment: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        """Drop a materialized view.
+
+        ``definition`` (with ``with_data``, ``comment`` and ``columns``) is not used to drop;
+        it is what makes the operation reversible, and autogenerate always fills it in.
+
+        Example::
+
+            op.drop_materialized_view("mv_daily", definition="SELECT 1 AS one")
+        """
+        operations.invoke(
+            cls(
+                name,
+                schema=schema,
+                if_exists=if_exists,
+                cascade=cascade,
+                definition=definition,
+                with_data=with_data,
+                comment=comment,
+                columns=columns,
+            )
+        )
+
+    def reverse(self) -> CreateMaterializedViewOp:
+        if self.definition is None:
+            raise IrreversibleOperationError(
+                f"drop_materialized_view({self.name!r}) cannot be reversed: it does not know "
+                "the view's definition; pass definition='SELECT ...'"
+            )
+        return CreateMaterializedViewOp(
+            self.name,
+            self.definition,
+            schema=self.schema,
+            with_data=self.with_data,
+            comment=self.comment,
+            columns=self.columns,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("drop_materialized_view", self.schema, self.name)
+
+
+@Operations.register_operation("replace_materialized_view")
+class ReplaceMaterializedViewOp(MigrateOperation):
+    """Drop and re-create a view with a new definition, keeping its dependents."""
+
+    def __init__(
+        self,
+        name: str,
+        definition: Definition,
+        *,
+        schema: str | None = None,
+        with_data: bool = True,
+        old_definition: Definition | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.definition = definition
+        self.schema = schema
+        self.with_data = with_data
+        self.old_definition = old_definition
+        self.columns = tuple(columns) if columns is not None else None
+
+    @classmethod
+    def replace_materialized_view(
+        cls,
+        operations: Operations,
+        name: str,
+        definition: Definition,
+        *,
+        schema: str | None = None,
+        with_data: bool = True,
+        old_definition: Definition | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        """Give a materialized view a new definition.
+
+        PostgreSQL has no ``CREATE OR REPLACE MATERIALIZED VIEW``, so the view is dropped and
+        created again. Every view and materialized view that reads it (directly or through
+        others, as recorded in ``pg_depend``) is dropped first and re-created afterwards from
+        its current definition, with its indexes, comment and populated state; the view's own
+        indexes and comment are restored too. All of it runs in the migration's transaction.
+        ``old_definition`` makes the operation reversible.
+
+        In ``--sql`` (offline) mode the catalog cannot be read: the view is dropped and
+        created, and a view with dependents makes the script fail rather than lose them.
+
+        Example::
+
+            op.replace_materialized_view(
+                "mv_totals",
+                "SELECT kind, count(*) AS n FROM events GROUP BY kind",
+                old_definition="SELECT kind FROM events GROUP BY kind",
+            )
+        """
+        operations.invoke(
+            cls(
+                name,
+                definition,
+                schema=schema,
+                with_data=with_data,
+                old_definition=old_definition,
+                columns=columns,
+            )
+        )
+
+    def reverse(self) -> ReplaceMaterializedViewOp:
+        if self.old_definition is None:
+            raise IrreversibleOperationError(
+                f"replace_materialized_view({self.name!r}) cannot be reversed: it does not "
+                "know the previous definition; pass old_definition='SELECT ...'"
+            )
+        return ReplaceMaterializedViewOp(
+            self.name,
+            self.old_definition,
+            schema=self.schema,
+            with_data=self.with_data,
+            old_definition=self.definition,
+            columns=self.columns,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (
+            "replace_materialized_view",
+            self.schema,
+            self.name,
+            _sql(self.old_definition) if self.old_definition is not None else None,
+            _sql(self.definition),
+        )
+
+
+@Operations.register_operation("refresh_materialized_view")
+class RefreshMaterializedViewOp(MigrateOperation):
+    """``REFRESH MATERIALIZED VIEW``: see :meth:`refresh_materialized_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schema: str | None = None,
+        concurrently: bool = False,
+        with_data: bool = True,
+    ) -> None:
+        self.name = name
+        self.schema = schema
+        self.concurrently = concurrently
+        self.with_data = with_data
+
+    @classmethod
+    def refresh_materialized_view(
+        cls,
+        operations: Operations,
+        name: str,
+        *,
+        schema: str | None = None,
+        concurrently: bool = False,
+        with_data: bool = True,
+    ) -> None:
+        """Refresh a materialized view, for instance after a data migration.
+
+        Its reverse refreshes the view again, so that a downgrade that changed the data
+        leaves the view current as well.
+
+        Example::
+
+            op.refresh_materialized_view("mv_daily", concurrently=True)
+        """
+        operations.invoke(
+            cls(name, schema=schema, concurrently=concurrently, with_data=with_data)
+        )
+
+    def reverse(self) -> RefreshMaterializedViewOp:
+        return RefreshMaterializedViewOp(
+            self.name,
+            schema=self.schema,
+            concurrently=self.concurrently,
+            with_data=self.with_data,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("refresh_materialized_view", self.schema, self.name)
+
+
+@Operations.register_operation("set_materialized_view_comment")
+class SetMaterializedViewCommentOp(MigrateOperation):
+    """``COMMENT ON MATERIALIZED VIEW``: see :meth:`set_materialized_view_comment`."""
+
+    def __init__(
+        self,
+        name: str,
+        comment: str | None,
+        *,
+        schema: str | None = None,
+        existing_comment: str | None = None,
+    ) -> None:
+        self.name = name
+        self.comment = comment
+        self.schema = schema
+        self.existing_comment = existing_comment
+
+    @classmethod
+    def set_materialized_view_comment(
+        cls,
+        operations: Operations,
+        name: str,
+        comment: str | None,
+        *,
+        schema: str | None = None,
+        existing_comment: str | None = None,
+    ) -> None:
+        """Set the comment of a materialized view (``None`` removes it).
+
+        ``existing_comment`` is what the reverse operation sets back.
+
+        Example::
+
+            op.set_materialized_view_comment("mv_daily", "Events per day, refreshed hourly")
+        """
+        operations.invoke(
+            cls(name, comment, schema=schema, existing_comment=existing_comment)
+        )
+
+    def reverse(self) -> SetMaterializedViewCommentOp:
+        return SetMaterializedViewCommentOp(
+            self.name, self.existing_comment, schema=self.schema, existing_comment=self.comment
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (
+            "set_materialized_view_comment",
+            self.schema,
+            self.name,
+            self.existing_comment,
+            self.comment,
+        )
+
+
+@Operations.register_operation("enable_change_tracking")
+class EnableChangeTrackingOp(MigrateOperation):
+    """Install change tracking for a view: see :meth:`enable_change_tracking`."""
+
+    def __init__(self, name: str, sources: Sources, *, schema: str | None = None) -> None:
+        self.name = name
+        self.sources = _sources(sources) or ()
+        self.schema = schema
+
+    @classmethod
+    def enable_change_tracking(
+        cls,
+        operations: Operations,
+        name: str,
+        sources: Sources,
+        *,
+        schema: str | None = None,
+    ) -> None:
+        """Install statement-level triggers on ``sources`` that mark the view stale.
+
+        ``sources`` lists the ``(schema, table)`` pairs the view reads (``None`` for the
+        default schema). See :mod:`sqlalchemy_matview.orchestration.tracking`.
+
+        Example::
+
+            op.enable_change_tracking("mv_daily", [(None, "events")])
+        """
+        operations.invoke(cls(name, sources, schema=schema))
+
+    def reverse(self) -> DisableChangeTrackingOp:
+        return DisableChangeTrackingOp(self.name, schema=self.schema, sources=self.sources)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("enable_change_tracking", self.schema, self.name, self.sources)
+
+
+@Operations.register_operation("disable_change_tracking")
+class DisableChangeTrackingOp(MigrateOperation):
+    """Remove the change tracking of a view: see :meth:`disable_change_tracking`."""
+
+    def __init__(
+        self, name: str, *, schema: str | None = None, sources: Sources | None = None
+    ) -> None:
+        self.name = name
+        self.schema = schema
+        self.sources = _sources(sources)
+
+    @classmethod
+    def disable_change_tracking(
+        cls,
+        operations: Operations,
+        name: str,
+        *,
+        schema: str | None = None,
+        sources: Sources | None = None,
+    ) -> None:
+        """Remove the view's change-tracking triggers and state.
+
+        ``sources`` is only used by the reverse operation, which installs tracking again.
+
+        Example::
+
+            op.disable_change_tracking("mv_daily", sources=[(None, "events")])
+        """
+        operations.invoke(cls(name, schema=schema, sources=sources))
+
+    def reverse(self) -> EnableChangeTrackingOp:
+        if self.sources is None:
+            raise IrreversibleOperationError(
+                f"disable_change_tracking({self.name!r}) cannot be reversed: it does not know "
+                "the view's source tables; pass sources=[(schema, table), ...]"
+            )
+        return EnableChangeTrackingOp(self.name, self.sources, schema=self.schema)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("disable_change_tracking", self.schema, self.name)
+
+
+# The implementations register themselves against the classes above.
+from . import toimpl as _toimpl  # noqa: E402
+
+del _toimpl

@@ -1,0 +1,196 @@
+"""How autogenerate writes the materialized-view operations into a migration script.
+
+Arguments are written with ``repr()``, so any value round-trips. SQL is written as adjacent
+string literals, one per line of the query (long lines are cut at spaces), which Python joins
+back into exactly the original text: the migration reads like SQL and stays byte-for-byte
+faithful, quotes and backslashes included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from alembic.autogenerate import renderers
+from sqlalchemy.sql.elements import ClauseElement
+
+from ..compare import definition_sql
+from .ops import (
+    CreateMaterializedViewOp,
+    DisableChangeTrackingOp,
+    DropMaterializedViewOp,
+    EnableChangeTrackingOp,
+    RefreshMaterializedViewOp,
+    ReplaceMaterializedViewOp,
+    SetMaterializedViewCommentOp,
+)
+
+if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
+
+__all__ = ["render_sql"]
+
+#: The line generated migrations need so that ``op.*_materialized_view`` exists.
+IMPORT = "import sqlalchemy_matview.alembic.ops  # noqa: F401"
+
+_WIDTH = 72
+_MISSING = object()
+
+
+def _chunks(sql: str) -> list[str]:
+    pieces: list[str] = []
+    for line in sql.splitlines(keepends=True):
+        while len(line) > _WIDTH:
+            cut = line.rfind(" ", 0, _WIDTH)
+            if cut <= 0:
+                cut = line.find(" ", _WIDTH)
+            if cut <= 0:
+                break
+            pieces.append(line[: cut + 1])
+            line = line[cut + 1 :]
+        if line:
+            pieces.append(line)
+    return pieces or [""]
+
+
+def render_sql(sql: str, indent: str = "    ") -> str:
+    """SQL as Python source: one literal, or adjacent literals in parentheses.
+
+    >>> print(render_sql("SELECT 1"))
+    'SELECT 1'
+    >>> print(render_sql("SELECT a\\nFROM t"))
+    (
+        'SELECT a\\n'
+        'FROM t'
+    )
+    """
+    pieces = _chunks(sql)
+    if len(pieces) == 1:
+        return repr(pieces[0])
+    body = "\n".join(f"{indent}{piece!r}" for piece in pieces)
+    return f"(\n{body}\n)"
+
+
+def _definition(value: Any) -> str:
+    return definition_sql(value) if isinstance(value, ClauseElement) else str(value)
+
+
+def _call(
+    autogen_context: AutogenContext,
+    name: str,
+    positional: Sequence[str],
+    keywords: Sequence[tuple[str, Any, Any]],
+) -> str:
+    """``op.<name>(...)``: keywords whose value equals their default are left out."""
+    autogen_context.imports.add(IMPORT)
+    prefix = autogen_context.opts.get("alembic_module_prefix", "op.")
+    args = list(positional)
+    for key, value, default in keywords:
+        if default is _MISSING or value != default:
+            args.append(f"{key}={value!r}" if not key.startswith("*") else f"{key[1:]}={value}")
+    if sum(len(a) for a in args) < 60 and not any("\n" in a for a in args):
+        return f"{prefix}{name}({', '.join(args)})"
+    body = "".join(f"    {_indent_tail(a)},\n" for a in args)
+    return f"{prefix}{name}(\n{body})"
+
+
+def _indent_tail(text: str) -> str:
+    return text.replace("\n", "\n    ")
+
+
+def _sources(sources: Sequence[tuple[str | None, str]] | None) -> list[tuple[str | None, str]] | None:
+    return None if sources is None else [(s, t) for s, t in sources]
+
+
+@renderers.dispatch_for(CreateMaterializedViewOp)
+def _render_create(autogen_context: AutogenContext, op: CreateMaterializedViewOp) -> str:
+    return _call(
+        autogen_context,
+        "create_materialized_view",
+        [repr(op.name), render_sql(_definition(op.definition))],
+        [
+            ("schema", op.schema, None),
+            ("with_data", op.with_data, True),
+            ("comment", op.comment, None),
+            ("columns", list(op.columns) if op.columns is not None else None, None),
+        ],
+    )
+
+
+@renderers.dispatch_for(DropMaterializedViewOp)
+def _render_drop(autogen_context: AutogenContext, op: DropMaterializedViewOp) -> str:
+    definition = None if op.definition is None else render_sql(_definition(op.definition))
+    return _call(
+        autogen_context,
+        "drop_materialized_view",
+        [repr(op.name)],
+        [
+            ("schema", op.schema, None),
+            ("if_exists", op.if_exists, False),
+            ("cascade", op.cascade, False),
+            ("*definition", definition, None),
+            ("with_data", op.with_data, True),
+            ("comment", op.comment, None),
+            ("columns", list(op.columns) if op.columns is not None else None, None),
+        ],
+    )
+
+
+@renderers.dispatch_for(ReplaceMaterializedViewOp)
+def _render_replace(autogen_context: AutogenContext, op: ReplaceMaterializedViewOp) -> str:
+    old = None if op.old_definition is None else render_sql(_definition(op.old_definition))
+    return _call(
+        autogen_context,
+        "replace_materialized_view",
+        [repr(op.name), render_sql(_definition(op.definition))],
+        [
+            ("schema", op.schema, None),
+            ("with_data", op.with_data, True),
+            ("*old_definition", old, None),
+            ("columns", list(op.columns) if op.columns is not None else None, None),
+        ],
+    )
+
+
+@renderers.dispatch_for(RefreshMaterializedViewOp)
+def _render_refresh(autogen_context: AutogenContext, op: RefreshMaterializedViewOp) -> str:
+    return _call(
+        autogen_context,
+        "refresh_materialized_view",
+        [repr(op.name)],
+        [
+            ("schema", op.schema, None),
+            ("concurrently", op.concurrently, False),
+            ("with_data", op.with_data, True),
+        ],
+    )
+
+
+@renderers.dispatch_for(SetMaterializedViewCommentOp)
+def _render_comment(autogen_context: AutogenContext, op: SetMaterializedViewCommentOp) -> str:
+    return _call(
+        autogen_context,
+        "set_materialized_view_comment",
+        [repr(op.name), repr(op.comment)],
+        [("schema", op.schema, None), ("existing_comment", op.existing_comment, None)],
+    )
+
+
+@renderers.dispatch_for(EnableChangeTrackingOp)
+def _render_enable(autogen_context: AutogenContext, op: EnableChangeTrackingOp) -> str:
+    return _call(
+        autogen_context,
+        "enable_change_tracking",
+        [repr(op.name), repr(_sources(op.sources))],
+        [("schema", op.schema, None)],
+    )
+
+
+@renderers.dispatch_for(DisableChangeTrackingOp)
+def _render_disable(autogen_context: AutogenContext, op: DisableChangeTrackingOp) -> str:
+    return _call(
+        autogen_context,
+        "disable_change_tracking",
+        [repr(op.name)],
+        [("schema", op.schema, None), ("sources", _sources(op.sources), None)],
+    )

@@ -1,0 +1,361 @@
+"""What the materialized-view operations execute.
+
+Every statement is a SQLAlchemy DDL element (from :mod:`sqlalchemy_matview.ddl`, or the small
+ones below for plain views and statements read back from the catalog), executed one at a time
+through ``operations.execute`` so that ``alembic upgrade --sql`` prints it and asyncpg, which
+takes one statement per call, runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from alembic.operations import Operations
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import DDLCompiler
+from sqlalchemy.sql.ddl import ExecutableDDLElement
+
+from .. import catalog
+from ..ddl import (
+    CommentOnMaterializedView,
+    CreateMaterializedView,
+    DropMaterializedView,
+    RefreshMaterializedView,
+)
+from ..errors import MaterializedViewError
+from ..schema import _as_definition
+from .ops import (
+    CreateMaterializedViewOp,
+    DisableChangeTrackingOp,
+    DropMaterializedViewOp,
+    EnableChangeTrackingOp,
+    RefreshMaterializedViewOp,
+    ReplaceMaterializedViewOp,
+    SetMaterializedViewCommentOp,
+)
+
+if TYPE_CHECKING:
+    from ..schema import Definition
+
+__all__ = ["DependentViewError", "OfflineModeError"]
+
+log = logging.getLogger(__name__)
+
+
+class DependentViewError(MaterializedViewError, RuntimeError):
+    """A view that depends on a replaced view could not be re-created on the new definition."""
+
+
+class OfflineModeError(MaterializedViewError, RuntimeError):
+    """An operation needs a live database and was run with ``alembic upgrade --sql``."""
+
+
+# -- statements the core does not provide ------------------------------------------------------
+
+
+class _PlainViewDDL(ExecutableDDLElement):
+    inherit_cache = False
+
+    def __init__(self, name: str, schema: str | None) -> None:
+        self.table = sa.table(name, schema=schema)
+
+
+class CreatePlainView(_PlainViewDDL):
+    """``CREATE VIEW name [WITH (options)] AS query``, for re-creating a dependent view."""
+
+    def __init__(
+        self, name: str, schema: str | None, definition: str, options: Sequence[str] = ()
+    ) -> None:
+        super().__init__(name, schema)
+        self.definition = _as_definition(definition)
+        self.options = tuple(options)
+
+
+class DropPlainView(_PlainViewDDL):
+    """``DROP VIEW name``."""
+
+
+class CommentOnPlainView(_PlainViewDDL):
+    """``COMMENT ON VIEW name IS '...'``."""
+
+    def __init__(self, name: str, schema: str | None, comment: str) -> None:
+        super().__init__(name, schema)
+        self.comment = comment
+
+
+class CatalogStatement(ExecutableDDLElement):
+    """A complete statement as PostgreSQL printed it (``pg_get_indexdef``), run verbatim."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: str) -> None:
+        self.statement = statement
+
+
+# Reloptions of a view are "key=value" words; anything else is not written back.
+_OPTION = re.compile(r"^[a-z_]+=[A-Za-z0-9_]+$")
+
+
+@compiles(CreatePlainView, "postgresql")
+def _visit_create_view(element: CreatePlainView, compiler: DDLCompiler, **kw: Any) -> str:
+    text = "CREATE VIEW " + compiler.preparer.format_table(element.table)
+    options = [o for o in element.options if _OPTION.match(o)]
+    if options:
+        text += " WITH (" + ", ".join(options) + ")"
+    query = compiler.sql_compiler.process(element.definition, literal_binds=True)
+    return f"{text} AS {query}"
+
+
+@compiles(DropPlainView, "postgresql")
+def _visit_drop_view(element: DropPlainView, compiler: DDLCompiler, **kw: Any) -> str:
+    return "DROP VIEW " + compiler.preparer.format_table(element.table)
+
+
+@compiles(CommentOnPlainView, "postgresql")
+def _visit_comment_view(element: CommentOnPlainView, compiler: DDLCompiler, **kw: Any) -> str:
+    literal = compiler.sql_compiler.render_literal_value(element.comment, sa.String())
+    return f"COMMENT ON VIEW {compiler.preparer.format_table(element.table)} IS {literal}"
+
+
+@compiles(CatalogStatement, "postgresql")
+def _visit_catalog_statement(
+    element: CatalogStatement, compiler: DDLCompiler, **kw: Any
+) -> str:
+    return compiler.sql_compiler.post_process_text(element.statement)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _create(
+    name: str,
+    definition: Definition,
+    schema: str | None,
+    with_data: bool,
+    columns: Sequence[str] | None,
+) -> CreateMaterializedView:
+    statement = CreateMaterializedView(name, definition, schema=schema, with_data=with_data)
+    if columns is not None:
+        statement.column_names = tuple(columns)
+    return statement
+
+
+def _bind(operations: Operations, what: str) -> Connection:
+    if operations.migration_context.as_sql:
+        raise OfflineModeError(
+            f"{what} reads the database and cannot run with --sql (offline mode); run this "
+            "migration online"
+        )
+    return operations.get_bind()
+
+
+# -- create / drop / refresh / comment ----------------------------------------------------------
+
+
+@Operations.implementation_for(CreateMaterializedViewOp)
+def create_materialized_view(operations: Operations, op: CreateMaterializedViewOp) -> None:
+    operations.execute(_create(op.name, op.definition, op.schema, op.with_data, op.columns))
+    if op.comment is not None:
+        operations.execute(CommentOnMaterializedView(op.name, op.comment, schema=op.schema))
+
+
+@Operations.implementation_for(DropMaterializedViewOp)
+def drop_materialized_view(operations: Operations, op: DropMaterializedViewOp) -> None:
+    operations.execute(
+        DropMaterializedView(op.name, schema=op.schema, if_exists=op.if_exists, cascade=op.cascade)
+    )
+
+
+@Operations.implementation_for(RefreshMaterializedViewOp)
+def refresh_materialized_view(operations: Operations, op: RefreshMaterializedViewOp) -> None:
+    operations.execute(
+        RefreshMaterializedView(
+            op.name, schema=op.schema, concurrently=op.concurrently, with_data=op.with_data
+        )
+    )
+
+
+@Operations.implementation_for(SetMaterializedViewCommentOp)
+def set_materialized_view_comment(
+    operations: Operations, op: SetMaterializedViewCommentOp
+) -> None:
+    operations.execute(CommentOnMaterializedView(op.name, op.comment, schema=op.schema))
+
+
+# -- replace -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Captured:
+    schema: str
+    name: str
+    kind: str
+    definition: str
+    populated: bool
+    comment: str | None
+    options: tuple[str, ...]
+    indexes: tuple[str, ...]
+
+
+_CAPTURE = sa.text(
+    """
+    SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
+           pg_catalog.pg_get_viewdef(c.oid) AS definition, c.relispopulated AS populated,
+           pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
+           COALESCE(c.reloptions, '{}')::text[] AS options,
+           ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid)
+                   FROM pg_catalog.pg_index i
+                  WHERE i.indrelid = c.oid ORDER BY i.indexrelid) AS indexes
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      JOIN unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS w(schema, name)
+        ON w.schema = n.nspname AND w.name = c.relname
+    """
+)
+
+
+def _capture(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], _Captured]:
+    rows = conn.execute(
+        _CAPTURE, {"schemas": [k[0] for k in keys], "names": [k[1] for k in keys]}
+    ).mappings()
+    found: dict[tuple[str, str], _Captured] = {}
+    for row in rows:
+        item = _Captured(
+            schema=row["schema"],
+            name=row["name"],
+            kind=row["kind"],
+            definition=row["definition"].strip().rstrip(";").strip(),
+            populated=bool(row["populated"]),
+            comment=row["comment"],
+            options=tuple(row["options"]),
+            indexes=tuple(row["indexes"]),
+        )
+        found[(item.schema, item.name)] = item
+    return found
+
+
+def _dependents_in_order(
+    conn: Connection, target: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """Every view reading ``target`` (transitively), each after everything it reads."""
+    readers: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    reads: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for edge in catalog.dependencies(conn):
+        readers.setdefault(edge.referenced, set()).add(edge.dependent)
+        reads.setdefault(edge.dependent, set()).add(edge.referenced)
+    found: set[tuple[str, str]] = set()
+    stack = [target]
+    while stack:
+        for reader in readers.get(stack.pop(), ()):
+            if reader not in found and reader != target:
+                found.add(reader)
+                stack.append(reader)
+    ordered: list[tuple[str, str]] = []
+    done: set[tuple[str, str]] = set()
+
+    def visit(key: tuple[str, str]) -> None:
+        if key in done:
+            return
+        done.add(key)
+        for ref in sorted(reads.get(key, ())):
+            if ref in found:
+                visit(ref)
+        ordered.append(key)
+
+    for key in sorted(found):
+        visit(key)
+    return ordered
+
+
+def _restore_extras(operations: Operations, item: _Captured) -> None:
+    for index in item.indexes:
+        operations.execute(CatalogStatement(index))
+    if item.comment is not None:
+        if item.kind == "m":
+            operations.execute(CommentOnMaterializedView(item.name, item.comment, schema=item.schema))
+        else:
+            operations.execute(CommentOnPlainView(item.name, item.schema, item.comment))
+
+
+@Operations.implementation_for(ReplaceMaterializedViewOp)
+def replace_materialized_view(operations: Operations, op: ReplaceMaterializedViewOp) -> None:
+    create = _create(op.name, op.definition, op.schema, op.with_data, op.columns)
+    if operations.migration_context.as_sql:
+        # No catalog to read: without CASCADE, a view with dependents stops the script
+        # instead of silently losing them.
+        operations.execute(DropMaterializedView(op.name, schema=op.schema))
+        operations.execute(create)
+        return
+
+    conn = operations.get_bind()
+    target = (op.schema or catalog.current_schema(conn), op.name)
+    dependents = _dependents_in_order(conn, target)
+    captured = _capture(conn, [target, *dependents])
+    own = captured.get(target)
+    if own is None or own.kind != "m":
+        raise MaterializedViewError(
+            f"replace_materialized_view({'.'.join(target)!r}): there is no such materialized "
+            "view; use op.create_materialized_view to create it"
+        )
+
+    for key in reversed(dependents):
+        item = captured[key]
+        if item.kind == "m":
+            operations.execute(DropMaterializedView(item.name, schema=item.schema))
+        else:
+            operations.execute(DropPlainView(item.name, item.schema))
+    operations.execute(DropMaterializedView(op.name, schema=op.schema))
+    operations.execute(create)
+    _restore_extras(operations, own)
+
+    for key in dependents:
+        item = captured[key]
+        statement: ExecutableDDLElement
+        if item.kind == "m":
+            statement = CreateMaterializedView(
+                item.name, item.definition, schema=item.schema, with_data=item.populated
+            )
+        else:
+            statement = CreatePlainView(item.name, item.schema, item.definition, item.options)
+        try:
+            operations.execute(statement)
+        except DBAPIError as exc:
+            raise DependentViewError(
+                f"replace_materialized_view({'.'.join(target)!r}): the dependent view "
+                f"{item.schema}.{item.name} cannot be re-created on the new definition "
+                f"({exc.orig}); drop or replace it in the migration before this operation"
+            ) from exc
+        _restore_extras(operations, item)
+
+
+# -- change tracking ---------------------------------------------------------------------------
+
+
+def _tracking() -> Any:
+    try:
+        from ..orchestration import tracking
+    except ImportError as exc:  # pragma: no cover - depends on the installed version
+        raise MaterializedViewError(
+            "change tracking is not available in this version of sqlalchemy-matview "
+            "(sqlalchemy_matview.orchestration.tracking is missing)"
+        ) from exc
+    return tracking
+
+
+@Operations.implementation_for(EnableChangeTrackingOp)
+def enable_change_tracking(operations: Operations, op: EnableChangeTrackingOp) -> None:
+    conn = _bind(operations, f"enable_change_tracking({op.name!r})")
+    _tracking().install_tracking(conn, op.schema, op.name, list(op.sources))
+
+
+@Operations.implementation_for(DisableChangeTrackingOp)
+def disable_change_tracking(operations: Operations, op: DisableChangeTrackingOp) -> None:
+    conn = _bind(operations, f"disable_change_tracking({op.name!r})")
+    _tracking().uninstall_tracking(conn, op.schema, op.name)
