@@ -205,6 +205,14 @@ def _require_url(raw: str | None) -> URL:
     return connect_url(raw)
 
 
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console; wide when output goes to a pipe or file, where no one can resize it."""
+    stream = sys.stderr if stderr else sys.stdout
+    isatty = getattr(stream, "isatty", lambda: False)()
+    width = None if isatty or "COLUMNS" in os.environ else 160
+    return Console(stderr=stderr, width=width)
+
+
 # -- status ------------------------------------------------------------------------------
 
 
@@ -537,7 +545,7 @@ def status(
     if as_json:
         click.echo(json.dumps([r.as_json() for r in rows], indent=2))
     else:
-        render_status(rows, Console())
+        render_status(rows, make_console())
 
 
 @main.command()
@@ -597,7 +605,7 @@ def refresh(
         "lock_timeout": lock_timeout,
         "statement_timeout": statement_timeout,
     }
-    console = Console()
+    console = make_console()
     engine = create_engine(db_url)
     try:
         with _errors(db_url):
@@ -691,8 +699,8 @@ def watch(
 
     from . import RefreshWorker
 
-    console = Console()
-    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    console = make_console()
+    handler = RichHandler(console=make_console(stderr=True), show_path=False)
     logger = logging.getLogger(_LOGGER)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -750,7 +758,7 @@ def demo(url: str | None, rows: int) -> None:
     db_url = connect_url(url) if url else None
     with _errors(db_url):
         try:
-            demo_module.run(Console(), url=db_url, rows=rows)
+            demo_module.run(make_console(), url=db_url, rows=rows)
         except demo_module.DemoError as exc:
             raise CommandError(str(exc)) from exc
 

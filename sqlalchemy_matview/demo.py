@@ -154,8 +154,8 @@ def run(console: Console, *, url: URL | None = None, rows: int = 1_000_000) -> N
     console.print()
     console.print(
         f"[bold green]Done[/] in {time.perf_counter() - started:.1f} s; the demo database and "
-        "the migrations folder are gone. Next: https://github.com/sqlalchemy-matview "
-        "docs, or `matview --help`.",
+        "the migrations folder are gone. Next: `matview --help`, and the quick start in the "
+        "documentation.",
         highlight=False,
     )
 
@@ -228,7 +228,11 @@ def _story(console: Console, steps: _Steps, engine: Engine, workdir: Path, rows:
     console.print(f"Connected to PostgreSQL {version}.", highlight=False)
 
     with steps.step("Declare the models: a table and a materialized view over it"):
-        console.print(Syntax(DECLARATION, "python", theme="ansi_dark", background_color="default"))
+        console.print(
+            Syntax(
+                DECLARATION, "python", theme="ansi_dark", background_color="default", word_wrap=True
+            )
+        )
         namespace: dict[str, Any] = {}
         exec(compile(DECLARATION, "<matview demo models>", "exec"), namespace)
         metadata: sa.MetaData = namespace["metadata"]
@@ -259,7 +263,13 @@ def _story(console: Console, steps: _Steps, engine: Engine, workdir: Path, rows:
             highlight=False,
         )
         console.print(
-            Syntax(path.read_text(), "python", theme="ansi_dark", background_color="default")
+            Syntax(
+                path.read_text(),
+                "python",
+                theme="ansi_dark",
+                background_color="default",
+                word_wrap=True,
+            )
         )
 
     with steps.step("alembic upgrade head"):
