@@ -29,6 +29,16 @@ from .errors import (
     UnknownViewError,
     UnsupportedDialectError,
 )
+from .orchestration import (
+    RefreshResult,
+    RefreshWorker,
+    lock_key,
+    refresh_all,
+    refresh_stale,
+    refresh_views,
+    schedule_refresh,
+    unschedule_refresh,
+)
 from .reflection import reflect_materialized_views
 from .schema import (
     MaterializedView,
@@ -51,12 +61,20 @@ __all__ = [
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",
     "RefreshMaterializedView",
+    "RefreshResult",
+    "RefreshWorker",
     "UnknownViewError",
     "UnsupportedDialectError",
     "__version__",
+    "lock_key",
     "materialized_view_of",
     "materialized_views",
     "reflect_materialized_views",
     "refresh",
+    "refresh_all",
+    "refresh_stale",
+    "refresh_views",
+    "schedule_refresh",
     "unique_key_index_name",
+    "unschedule_refresh",
 ]

@@ -1,0 +1,173 @@
+"""Async twins of the refresh and scheduling functions, for ``sqlalchemy.ext.asyncio``.
+
+Same signatures as their sync namesakes, taking an ``AsyncEngine``, ``AsyncConnection`` or
+``AsyncSession``; the work runs through ``run_sync`` on the same code, so behaviour
+(ordering, locks, tracking, results) is identical.
+
+Example::
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy_matview.asyncio import refresh_views
+
+    engine = create_async_engine("postgresql+asyncpg://...")
+    results = await refresh_views(engine, mv_daily, cascade=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, Union
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from .orchestration import cron, runner
+from .orchestration.results import RefreshResult
+from .orchestration.runner import LockMode, Timeout, ViewRef
+from .schema import MaterializedView
+
+__all__ = [
+    "refresh_all",
+    "refresh_stale",
+    "refresh_views",
+    "schedule_refresh",
+    "unschedule_refresh",
+]
+
+AsyncBind = Union[AsyncEngine, AsyncConnection, AsyncSession]
+T = TypeVar("T")
+
+
+async def _run(bind: AsyncBind, fn: Callable[[Any], T], *, per_view_commit: bool) -> T:
+    if isinstance(bind, AsyncEngine):
+        async with bind.connect() as conn:
+            if per_view_commit:
+                # Engine semantics: the run owns the connection and commits view by view.
+                return await conn.run_sync(lambda c: fn(runner.OwnedConnection(c)))
+            async with conn.begin():
+                return await conn.run_sync(fn)
+    if isinstance(bind, (AsyncConnection, AsyncSession)):
+        return await bind.run_sync(fn)
+    raise TypeError(
+        "sqlalchemy_matview.asyncio functions take an AsyncEngine, AsyncConnection or "
+        f"AsyncSession; got {type(bind).__name__} (use sqlalchemy_matview for sync binds)"
+    )
+
+
+def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Callable[[Any], T]:
+    return lambda target: fn(target, *args, **kwargs)
+
+
+async def refresh_views(
+    bind: AsyncBind,
+    *views: ViewRef,
+    cascade: bool = False,
+    concurrently: bool | Literal["auto"] = "auto",
+    lock: LockMode = "skip",
+    lock_timeout: Timeout = None,
+    statement_timeout: Timeout = None,
+) -> list[RefreshResult]:
+    """Async :func:`sqlalchemy_matview.refresh_views`.
+
+    Example::
+
+        results = await refresh_views(async_engine, mv_daily)
+    """
+    return await _run(
+        bind,
+        _call(
+            runner.refresh_views, *views, cascade=cascade, concurrently=concurrently,
+            lock=lock, lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+        ),
+        per_view_commit=True,
+    )
+
+
+async def refresh_all(
+    bind: AsyncBind,
+    metadata: sa.MetaData,
+    *,
+    cascade: bool = False,
+    concurrently: bool | Literal["auto"] = "auto",
+    lock: LockMode = "skip",
+    lock_timeout: Timeout = None,
+    statement_timeout: Timeout = None,
+) -> list[RefreshResult]:
+    """Async :func:`sqlalchemy_matview.refresh_all`.
+
+    Example::
+
+        results = await refresh_all(async_engine, metadata)
+    """
+    return await _run(
+        bind,
+        _call(
+            runner.refresh_all, metadata, cascade=cascade, concurrently=concurrently,
+            lock=lock, lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+        ),
+        per_view_commit=True,
+    )
+
+
+async def refresh_stale(
+    bind: AsyncBind,
+    metadata: sa.MetaData,
+    *,
+    cascade: bool = False,
+    concurrently: bool | Literal["auto"] = "auto",
+    lock: LockMode = "skip",
+    lock_timeout: Timeout = None,
+    statement_timeout: Timeout = None,
+) -> list[RefreshResult]:
+    """Async :func:`sqlalchemy_matview.refresh_stale`.
+
+    Example::
+
+        results = await refresh_stale(async_engine, metadata)
+    """
+    return await _run(
+        bind,
+        _call(
+            runner.refresh_stale, metadata, cascade=cascade, concurrently=concurrently,
+            lock=lock, lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+        ),
+        per_view_commit=True,
+    )
+
+
+async def schedule_refresh(
+    bind: AsyncBind,
+    view: MaterializedView | sa.Table | str,
+    schedule: str,
+    *,
+    concurrently: bool = True,
+    job_name: str | None = None,
+    schema: str | None = None,
+    database: str | None = None,
+) -> int:
+    """Async :func:`sqlalchemy_matview.schedule_refresh`."""
+    return await _run(
+        bind,
+        lambda target: cron.schedule_refresh(
+            target, view, schedule, concurrently=concurrently, job_name=job_name,
+            schema=schema, database=database,
+        ),
+        per_view_commit=False,
+    )
+
+
+async def unschedule_refresh(
+    bind: AsyncBind,
+    view_or_job_name: MaterializedView | sa.Table | str,
+    *,
+    schema: str | None = None,
+    database: str | None = None,
+) -> bool:
+    """Async :func:`sqlalchemy_matview.unschedule_refresh`."""
+    return await _run(
+        bind,
+        lambda target: cron.unschedule_refresh(
+            target, view_or_job_name, schema=schema, database=database
+        ),
+        per_view_commit=False,
+    )

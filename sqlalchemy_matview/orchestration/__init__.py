@@ -1,0 +1,28 @@
+"""Refresh orchestration: ordering, locking, change tracking, the worker and pg_cron.
+
+Named ``orchestration`` rather than ``refresh`` so that it never shadows the
+:func:`sqlalchemy_matview.refresh` function.
+"""
+
+from __future__ import annotations
+
+from .cron import schedule_refresh, unschedule_refresh
+from .locking import lock_key, lock_key_parts
+from .results import RefreshResult
+from .runner import refresh_all, refresh_stale, refresh_views
+from .tracking import ViewState, view_states
+from .worker import RefreshWorker
+
+__all__ = [
+    "RefreshResult",
+    "RefreshWorker",
+    "ViewState",
+    "lock_key",
+    "lock_key_parts",
+    "refresh_all",
+    "refresh_stale",
+    "refresh_views",
+    "schedule_refresh",
+    "unschedule_refresh",
+    "view_states",
+]

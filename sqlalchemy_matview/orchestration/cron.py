@@ -1,0 +1,200 @@
+"""Scheduling refreshes inside PostgreSQL with the ``pg_cron`` extension.
+
+A job's command takes the view's advisory lock first (waiting for it), so a cron refresh
+never overlaps one made by :func:`~sqlalchemy_matview.refresh_views` or a
+:class:`~sqlalchemy_matview.RefreshWorker`::
+
+    SELECT pg_catalog.pg_advisory_xact_lock(<lock_key>);
+    REFRESH MATERIALIZED VIEW CONCURRENTLY "schema"."view"
+
+pg_cron runs both statements in one transaction, so the lock is held until the refresh
+commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.base import PGDialect
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from ..ddl import RefreshMaterializedView, refresh
+from ..errors import ExtensionNotInstalledError
+from ..schema import MaterializedView, materialized_view_of
+from .locking import DEFAULT_SCHEMA, lock_key
+
+__all__ = ["job_name_for", "refresh_command", "schedule_refresh", "unschedule_refresh"]
+
+# The command is stored as data and run by pg_cron, not by our driver: compile it with a
+# paramstyle that leaves '%' in identifiers alone.
+_COMMAND_DIALECT = PGDialect(paramstyle="named")
+
+
+@contextmanager
+def _conn(bind: Engine | Connection | Session) -> Iterator[Connection]:
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            yield conn
+    elif isinstance(bind, Connection):
+        yield bind
+    elif isinstance(bind, Session):
+        yield bind.connection()
+    else:
+        raise TypeError(
+            f"pg_cron functions take an Engine, a Connection or a Session, not "
+            f"{type(bind).__name__} (use sqlalchemy_matview.asyncio for async binds)"
+        )
+
+
+def _qname(view: MaterializedView | sa.Table | str, schema: str | None) -> tuple[str, str]:
+    declared = materialized_view_of(view)
+    if declared is not None:
+        return (declared.schema or schema or DEFAULT_SCHEMA, declared.name)
+    if isinstance(view, str) and view:
+        return (schema or DEFAULT_SCHEMA, view)
+    raise TypeError(f"expected a MaterializedView, its Table or a view name, got {view!r}")
+
+
+def job_name_for(
+    view: MaterializedView | sa.Table | str,
+    *,
+    schema: str | None = None,
+    database: str | None = None,
+) -> str:
+    """The job name :func:`schedule_refresh` uses by default.
+
+    >>> job_name_for("mv_daily")
+    'sqlalchemy_matview refresh public.mv_daily'
+    """
+    view_schema, name = _qname(view, schema)
+    where = f" in {database}" if database else ""
+    return f"sqlalchemy_matview refresh {view_schema}.{name}{where}"
+
+
+def refresh_command(
+    view: MaterializedView | sa.Table | str,
+    *,
+    schema: str | None = None,
+    concurrently: bool = True,
+) -> str:
+    """The SQL a job runs: the view's advisory lock, then its refresh, quoted and
+    schema-qualified (jobs run with pg_cron's own search_path). For example
+    ``refresh_command("Daily Stats", concurrently=False)`` is::
+
+        SELECT pg_catalog.pg_advisory_xact_lock(<key>); REFRESH MATERIALIZED VIEW "public"."Daily Stats"
+    """
+    view_schema, name = _qname(view, schema)
+    declared = materialized_view_of(view)
+    if declared is not None:
+        refresh(declared, concurrently=concurrently)  # checks the unique key, before any SQL
+    statement = RefreshMaterializedView(name, schema=view_schema, concurrently=concurrently)
+    lock = sa.select(
+        sa.func.pg_catalog.pg_advisory_xact_lock(
+            sa.literal(lock_key((view_schema, name)), sa.BigInteger)
+        )
+    )
+    lock_sql = str(lock.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
+    refresh_sql = str(statement.compile(dialect=_COMMAND_DIALECT))
+    return f"{lock_sql}; {refresh_sql}"
+
+
+def _require_pg_cron(conn: Connection) -> tuple[int, ...]:
+    row = conn.execute(
+        sa.text(
+            "SELECT extversion, current_database() FROM pg_catalog.pg_extension"
+            " WHERE extname = 'pg_cron'"
+        )
+    ).first()
+    if row is None:
+        database = conn.execute(sa.text("SELECT current_database()")).scalar()
+        raise ExtensionNotInstalledError(
+            f"pg_cron is not installed in database {database!r}: add pg_cron to "
+            "shared_preload_libraries, then run CREATE EXTENSION pg_cron in the database "
+            "named by cron.database_name, and connect there to schedule refreshes"
+        )
+    return tuple(int(p) for p in str(row[0]).split(".") if p.isdigit())
+
+
+def schedule_refresh(
+    bind: Engine | Connection | Session,
+    view: MaterializedView | sa.Table | str,
+    schedule: str,
+    *,
+    concurrently: bool = True,
+    job_name: str | None = None,
+    schema: str | None = None,
+    database: str | None = None,
+) -> int:
+    """Schedule a ``pg_cron`` job refreshing ``view``; returns the job id.
+
+    ``bind`` connects to the database where pg_cron is installed (``cron.database_name``).
+    ``database`` names the database holding the view when it is another one (pg_cron
+    1.4+). ``schedule`` is a cron expression (``"*/5 * * * *"``) or pg_cron's
+    ``"30 seconds"`` form. Scheduling again under the same ``job_name`` replaces the
+    job. Raises :class:`~sqlalchemy_matview.errors.ExtensionNotInstalledError` when
+    pg_cron is missing.
+
+    Example::
+
+        job_id = schedule_refresh(engine, mv_daily, "*/10 * * * *")
+        unschedule_refresh(engine, mv_daily)
+    """
+    if not isinstance(schedule, str) or not schedule.strip():
+        raise ValueError(f"schedule must be a cron expression such as '*/5 * * * *', got {schedule!r}")
+    command = refresh_command(view, schema=schema, concurrently=concurrently)
+    name = job_name or job_name_for(view, schema=schema, database=database)
+    with _conn(bind) as conn:
+        version = _require_pg_cron(conn)
+        params = {"name": name, "schedule": schedule, "command": command}
+        if database is not None:
+            if version < (1, 4):
+                raise ExtensionNotInstalledError(
+                    f"pg_cron {'.'.join(map(str, version))} cannot schedule into another "
+                    "database (cron.schedule_in_database needs 1.4+); upgrade pg_cron or "
+                    "install it in the view's database"
+                )
+            job = conn.execute(
+                sa.text("SELECT cron.schedule_in_database(:name, :schedule, :command, :database)"),
+                {**params, "database": database},
+            ).scalar_one()
+        else:
+            job = conn.execute(
+                sa.text("SELECT cron.schedule(:name, :schedule, :command)"), params
+            ).scalar_one()
+    return int(job)
+
+
+def unschedule_refresh(
+    bind: Engine | Connection | Session,
+    view_or_job_name: MaterializedView | sa.Table | str,
+    *,
+    schema: str | None = None,
+    database: str | None = None,
+) -> bool:
+    """Remove the job of a view (default job name) or the job named ``view_or_job_name``.
+
+    Returns False when there was no such job.
+
+    Example::
+
+        unschedule_refresh(engine, mv_daily)
+        unschedule_refresh(engine, "nightly dashboard refresh")
+    """
+    if isinstance(view_or_job_name, str):
+        candidates = [view_or_job_name, job_name_for(view_or_job_name, schema=schema, database=database)]
+    else:
+        candidates = [job_name_for(view_or_job_name, schema=schema, database=database)]
+    with _conn(bind) as conn:
+        _require_pg_cron(conn)
+        for name in candidates:
+            exists = conn.execute(
+                sa.text("SELECT EXISTS (SELECT 1 FROM cron.job WHERE jobname = :name)"),
+                {"name": name},
+            ).scalar()
+            if exists:
+                conn.execute(sa.text("SELECT cron.unschedule(:name)"), {"name": name})
+                return True
+    return False

@@ -1,0 +1,88 @@
+"""Advisory-lock keys: how several processes agree that only one refreshes a view at a time.
+
+Every refresh made through :func:`~sqlalchemy_matview.refresh_views` (and the worker, and the
+jobs of :func:`~sqlalchemy_matview.schedule_refresh`) first takes the transaction-level
+advisory lock ``pg_advisory_xact_lock(lock_key(view))``. The key depends only on the view's
+schema-qualified name, so every process, machine and library version computes the same one.
+
+Finding a refresh in ``pg_locks``: PostgreSQL shows a ``bigint`` advisory key split in two
+unsigned 32-bit halves, the high half in ``classid`` and the low half in ``objid``, with
+``objsubid = 1``::
+
+    SELECT l.pid, l.granted, a.query
+      FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+     WHERE l.locktype = 'advisory' AND l.objsubid = 1
+       AND l.classid = (:key >> 32) & 4294967295
+       AND l.objid = :key & 4294967295;
+
+:func:`lock_key_parts` computes those two halves in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..schema import MaterializedView, materialized_view_of
+
+__all__ = ["DEFAULT_SCHEMA", "lock_key", "lock_key_parts"]
+
+#: Schema assumed for a view declared without one (and for bare names).
+DEFAULT_SCHEMA = "public"
+
+# Namespacing the hash keeps our keys apart from any other user of advisory locks that
+# hashes relation names.
+_PREFIX = b"sqlalchemy_matview\x00refresh\x00"
+
+
+def _qualified(view: object, schema: str | None) -> tuple[str, str]:
+    declared = materialized_view_of(view)
+    if declared is not None:
+        return (declared.schema or schema or DEFAULT_SCHEMA, declared.name)
+    if isinstance(view, tuple) and len(view) == 2:
+        view_schema, name = view
+        return (view_schema or schema or DEFAULT_SCHEMA, str(name))
+    if isinstance(view, str) and view:
+        return (schema or DEFAULT_SCHEMA, view)
+    raise TypeError(
+        "lock_key() takes a MaterializedView, its Table, a (schema, name) tuple or a view "
+        f"name; got {view!r}"
+    )
+
+
+def lock_key(
+    view: MaterializedView | tuple[str | None, str] | str, *, schema: str | None = None
+) -> int:
+    """The advisory-lock key guarding refreshes of ``view``: a signed 64-bit integer.
+
+    It is the first 8 bytes (big-endian, signed) of a SHA-256 of the schema-qualified name,
+    so it is stable across processes, machines and releases. A view (or bare name)
+    without a schema is taken to live in ``public``; pass ``schema=`` for another
+    default. Names are never parsed: ``"a.b"`` is a view named ``a.b``.
+
+    >>> lock_key(("public", "mv_daily")) == lock_key("mv_daily")
+    True
+    >>> -(2**63) <= lock_key("mv_daily") < 2**63
+    True
+
+    Use it to hold off refreshes yourself::
+
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key(mv_daily))))
+    """
+    view_schema, name = _qualified(view, schema)
+    digest = hashlib.sha256(
+        _PREFIX + view_schema.encode() + b"\x00" + name.encode()
+    ).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def lock_key_parts(
+    view: MaterializedView | tuple[str | None, str] | str, *, schema: str | None = None
+) -> tuple[int, int]:
+    """``(classid, objid)``: how ``pg_locks`` shows :func:`lock_key` of ``view``.
+
+    >>> classid, objid = lock_key_parts("mv_daily")
+    >>> (classid << 32 | objid) == lock_key("mv_daily") & 0xFFFFFFFFFFFFFFFF
+    True
+    """
+    unsigned = lock_key(view, schema=schema) & 0xFFFFFFFFFFFFFFFF
+    return (unsigned >> 32, unsigned & 0xFFFFFFFF)

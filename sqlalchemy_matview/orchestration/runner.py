@@ -1,0 +1,570 @@
+"""Refreshing views: :func:`refresh_views`, :func:`refresh_all`, :func:`refresh_stale`.
+
+Each view is refreshed in its own transaction (or savepoint, inside a caller's
+transaction) which, in order:
+
+1. applies ``lock_timeout`` / ``statement_timeout`` with ``set_config(..., is_local)``;
+2. takes the view's advisory lock (:func:`~sqlalchemy_matview.lock_key`), or skips;
+3. for :func:`refresh_stale`, checks again under the lock that the view is still stale
+   (another process may have refreshed it a moment ago);
+4. runs ``REFRESH MATERIALIZED VIEW [CONCURRENTLY]``;
+5. when change tracking is set up, clears the changes that the refresh's snapshot covered,
+   records when and how long, and marks the views that read this one stale.
+
+Nothing is raised for a refresh that fails: it is reported as a :class:`RefreshResult`,
+logged on the ``sqlalchemy_matview`` logger, and the views depending on it are skipped.
+Misuse (an unknown view name, a bad option) raises before any refresh is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal, Union
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from .. import catalog
+from ..ddl import RefreshMaterializedView, qualifying_unique_index
+from ..errors import ConcurrentRefreshError, MaterializedViewError, UnknownViewError
+from ..schema import MaterializedView, materialized_view_of, materialized_views
+from . import tracking
+from .locking import lock_key
+from .ordering import DependencyGraph, QName
+from .results import RefreshResult, RefreshStatus
+
+__all__ = [
+    "Bind",
+    "LockMode",
+    "RefreshOptionError",
+    "Timeout",
+    "ViewRef",
+    "refresh_all",
+    "refresh_stale",
+    "refresh_views",
+]
+
+log = logging.getLogger("sqlalchemy_matview")
+
+Bind = Union[Engine, Connection, Session]
+#: A view: the declaration, its ``Table``, an ORM class mapped to it, a name, or
+#: ``(schema, name)``.
+ViewRef = Union[MaterializedView, sa.Table, type, str, tuple[Union[str, None], str]]
+LockMode = Literal["skip", "wait", "none"]
+#: Seconds (``int`` / ``float``), a ``timedelta``, or a PostgreSQL duration string ("5s").
+Timeout = Union[float, int, timedelta, str, None]
+
+
+class RefreshOptionError(MaterializedViewError, ValueError):
+    """An option of ``refresh_views`` / ``refresh_all`` / ``refresh_stale`` is invalid."""
+
+
+@dataclass(frozen=True)
+class _Options:
+    cascade: bool
+    concurrently: bool | Literal["auto"]
+    lock: LockMode
+    lock_timeout: str | None
+    statement_timeout: str | None
+
+
+def _timeout(name: str, value: Timeout) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RefreshOptionError(f"{name} takes seconds, a timedelta or a string, not a bool")
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise RefreshOptionError(f"{name}={value!r}: a timeout cannot be negative")
+        return f"{round(value * 1000)}ms"
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise RefreshOptionError(
+        f"{name}={value!r}: pass seconds (2.5), a timedelta, or a PostgreSQL duration ('5s')"
+    )
+
+
+def _options(
+    cascade: bool,
+    concurrently: bool | Literal["auto"],
+    lock: str,
+    lock_timeout: Timeout,
+    statement_timeout: Timeout,
+) -> _Options:
+    if concurrently not in (True, False, "auto"):
+        raise RefreshOptionError(
+            f"concurrently={concurrently!r}: pass 'auto', True or False"
+        )
+    if lock not in ("skip", "wait", "none"):
+        raise RefreshOptionError(
+            f"lock={lock!r}: pass 'skip' (skip views another process is refreshing), "
+            "'wait' (wait for it, bounded by lock_timeout) or 'none' (take no lock)"
+        )
+    return _Options(
+        cascade=bool(cascade),
+        concurrently=concurrently,
+        lock=lock,  # type: ignore[arg-type]
+        lock_timeout=_timeout("lock_timeout", lock_timeout),
+        statement_timeout=_timeout("statement_timeout", statement_timeout),
+    )
+
+
+# -- binds and transactions ------------------------------------------------------------
+
+
+class OwnedConnection:
+    """A ``Connection`` handed over with Engine semantics: each view commits on its own.
+
+    Used by :mod:`sqlalchemy_matview.asyncio`, whose ``run_sync`` yields a Connection.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+
+@contextmanager
+def _connection(bind: Bind | OwnedConnection) -> Iterator[tuple[Connection, bool]]:
+    """``(connection, owned)``: owned connections commit each view on their own."""
+    if isinstance(bind, OwnedConnection):
+        yield bind.conn, True
+    elif isinstance(bind, Engine):
+        with bind.connect() as conn:
+            yield conn, True
+    elif isinstance(bind, Connection):
+        yield bind, False
+    elif isinstance(bind, Session):
+        bind.flush()  # the refresh must see the session's pending changes
+        yield bind.connection(), False
+    else:
+        raise TypeError(
+            "refresh functions take an Engine, a Connection or a Session; for AsyncEngine, "
+            "AsyncConnection or AsyncSession use sqlalchemy_matview.asyncio; "
+            f"got {type(bind).__name__}"
+        )
+
+
+@contextmanager
+def _transaction(conn: Connection, owned: bool) -> Iterator[None]:
+    if owned:
+        with conn.begin():
+            yield
+    else:
+        with conn.begin_nested():
+            yield
+
+
+# -- planning ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    qname: QName
+    declared: MaterializedView | None = None
+    exists: bool = True
+    populated: bool = True
+    concurrent_index: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.qname[0]}.{self.qname[1]}"
+
+
+@dataclass
+class _Plan:
+    items: list[_Item]
+    graph: DependencyGraph
+    tracking_on: bool
+    stale: set[QName] = field(default_factory=set)
+
+
+def _qualify(view: MaterializedView, current: str) -> QName:
+    return (view.schema or current, view.name)
+
+
+def _declared_edges(views: Sequence[MaterializedView], current: str) -> list[tuple[QName, QName]]:
+    edges: list[tuple[QName, QName]] = []
+    for view in views:
+        for source in view.sources:
+            upstream = materialized_view_of(source)
+            if upstream is not None and upstream is not view:
+                edges.append((_qualify(view, current), _qualify(upstream, current)))
+    return edges
+
+
+def _resolve(
+    ref: ViewRef, current: str, infos: dict[QName, catalog.MaterializedViewInfo]
+) -> tuple[QName, MaterializedView | None]:
+    declared = materialized_view_of(ref)
+    if declared is not None:
+        return _qualify(declared, current), declared
+    if isinstance(ref, tuple) and len(ref) == 2 and isinstance(ref[1], str):
+        return (ref[0] or current, ref[1]), None
+    if isinstance(ref, str) and ref:
+        if (current, ref) in infos or "." not in ref:
+            return (current, ref), None
+        schema, _, name = ref.partition(".")
+        return (schema, name), None
+    raise TypeError(
+        "views are MaterializedView objects, their Tables, ORM classes mapped to them, "
+        f"names or (schema, name) tuples; got {ref!r}"
+    )
+
+
+def _check_concurrent_declaration(view: MaterializedView) -> None:
+    if not view.unique_key and qualifying_unique_index(view.table) is None:
+        raise ConcurrentRefreshError(
+            f"materialized view {view.fullname!r} cannot be refreshed with concurrently=True: "
+            "it has no unique index on plain columns without a WHERE clause; declare "
+            "unique_key='column', or pass concurrently='auto' or False"
+        )
+
+
+def _plan(
+    conn: Connection,
+    refs: Sequence[ViewRef],
+    metadata: sa.MetaData | None,
+    opts: _Options,
+    *,
+    strict: bool,
+    want_stale: bool,
+) -> _Plan:
+    current = catalog.current_schema(conn)
+    infos = {info.qualified_name: info for info in catalog.materialized_views(conn)}
+    declared_views = materialized_views(metadata) if metadata is not None else []
+    resolved: list[tuple[QName, MaterializedView | None]] = [
+        _resolve(ref, current, infos) for ref in refs
+    ]
+    for _, view in resolved:
+        if view is not None and opts.concurrently is True:
+            _check_concurrent_declaration(view)
+    missing = [q for q, _ in resolved if q not in infos]
+    if strict and missing:
+        names = ", ".join(f"'{s}.{n}'" for s, n in missing)
+        raise UnknownViewError(
+            f"no materialized view {names} in the database (search_path schema "
+            f"{current!r}); create it first (metadata.create_all / alembic upgrade) or "
+            "check the name"
+        )
+    extra = _declared_edges([v for _, v in resolved if v is not None] + declared_views, current)
+    graph = DependencyGraph.from_catalog(catalog.dependencies(conn), extra)
+    wanted: dict[QName, MaterializedView | None] = {}
+    for qname, view in resolved:
+        if wanted.get(qname) is None:
+            wanted[qname] = view
+    if opts.cascade:
+        for qname in sorted(graph.downstream(wanted)):
+            if qname in infos or qname in wanted:
+                wanted.setdefault(qname, None)
+    items: list[_Item] = []
+    for qname in graph.order(list(wanted)):
+        info = infos.get(qname)
+        items.append(
+            _Item(
+                qname=qname,
+                declared=wanted[qname],
+                exists=info is not None,
+                populated=info.populated if info is not None else False,
+                concurrent_index=bool(info and info.concurrent_index),
+            )
+        )
+    tracking_on = tracking.state_tables_exist(conn)
+    stale = tracking.stale_views(conn) if (tracking_on and want_stale) else set()
+    return _Plan(items=items, graph=graph, tracking_on=tracking_on, stale=stale)
+
+
+# -- one view ----------------------------------------------------------------------------
+
+_SET = sa.text("SELECT set_config(:name, :value, true)")
+_GET = sa.text("SELECT current_setting(:name)")
+
+
+def _set_timeouts(conn: Connection, opts: _Options) -> dict[str, str]:
+    saved: dict[str, str] = {}
+    for name, value in (
+        ("lock_timeout", opts.lock_timeout),
+        ("statement_timeout", opts.statement_timeout),
+    ):
+        if value is not None:
+            saved[name] = str(conn.execute(_GET, {"name": name}).scalar_one())
+            conn.execute(_SET, {"name": name, "value": value})
+    return saved
+
+
+def _restore_timeouts(conn: Connection, saved: dict[str, str]) -> None:
+    # SET LOCAL outlives a released savepoint, so a caller's transaction gets its values back.
+    for name, value in saved.items():
+        conn.execute(_SET, {"name": name, "value": value})
+
+
+def _use_concurrently(item: _Item, opts: _Options) -> bool | ConcurrentRefreshError:
+    possible = item.populated and item.concurrent_index
+    if opts.concurrently == "auto":
+        return possible
+    if opts.concurrently is False:
+        return False
+    if possible:
+        return True
+    why = (
+        "it is not populated (created WITH NO DATA); refresh it once with concurrently=False"
+        if not item.populated
+        else "it has no qualifying unique index in the database; create one (unique_key=)"
+    )
+    return ConcurrentRefreshError(
+        f"materialized view '{item.label}' cannot be refreshed with concurrently=True: {why}, "
+        "or pass concurrently='auto'"
+    )
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code == "55P03"
+
+
+def _refresh_one(
+    conn: Connection,
+    owned: bool,
+    item: _Item,
+    plan: _Plan,
+    opts: _Options,
+    *,
+    only_if_stale: bool,
+) -> RefreshResult:
+    started = time.perf_counter()
+
+    def result(
+        status: RefreshStatus, concurrently: bool = False, error: BaseException | None = None
+    ) -> RefreshResult:
+        return RefreshResult(
+            view=item.label,
+            status=status,
+            concurrently=concurrently,
+            duration=time.perf_counter() - started,
+            error=error,
+        )
+
+    if not item.exists:
+        return result(
+            "failed",
+            error=UnknownViewError(
+                f"materialized view '{item.label}' does not exist in the database; create "
+                "it (metadata.create_all / alembic upgrade)"
+            ),
+        )
+    concurrently = _use_concurrently(item, opts)
+    if isinstance(concurrently, ConcurrentRefreshError):
+        return result("failed", error=concurrently)
+    schema, name = item.qname
+    phase = "lock"
+    outcome: RefreshStatus = "refreshed"
+    try:
+        with _transaction(conn, owned):
+            saved = _set_timeouts(conn, opts)
+            key = sa.literal(lock_key(item.qname), sa.BigInteger)
+            if opts.lock == "skip":
+                if not conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key))).scalar():
+                    _restore_timeouts(conn, saved)
+                    return result("skipped_locked", concurrently)
+            elif opts.lock == "wait":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+            phase = "refresh"
+            if only_if_stale and not (
+                plan.tracking_on and tracking.is_stale(conn, schema, name)
+            ):
+                outcome = "skipped_fresh"
+                _restore_timeouts(conn, saved)
+            else:
+                snap = tracking.snapshot(conn) if plan.tracking_on else ""
+                t0 = time.perf_counter()
+                conn.execute(
+                    RefreshMaterializedView(name, schema=schema, concurrently=concurrently)
+                )
+                spent = time.perf_counter() - t0
+                _restore_timeouts(conn, saved)
+                if plan.tracking_on:
+                    tracking.record_refresh(
+                        conn,
+                        schema,
+                        name,
+                        snap,
+                        spent,
+                        concurrently,
+                        plan.graph.matview_dependents(item.qname),
+                    )
+    except Exception as exc:
+        if phase == "lock" and _is_lock_timeout(exc):
+            log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
+            return result("skipped_locked", concurrently, exc)
+        log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
+        return result("failed", concurrently, exc)
+    done = result(outcome, concurrently)
+    if outcome == "refreshed":
+        log.info(
+            "refreshed %s%s in %.3fs",
+            item.label,
+            " concurrently" if concurrently else "",
+            done.duration,
+        )
+    return done
+
+
+# -- runs --------------------------------------------------------------------------------
+
+
+def _execute(
+    conn: Connection,
+    owned: bool,
+    plan: _Plan,
+    opts: _Options,
+    *,
+    stale_only: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[RefreshResult]:
+    results: list[RefreshResult] = []
+    status: dict[QName, RefreshStatus] = {}
+    members = {item.qname for item in plan.items}
+    for item in plan.items:
+        if should_stop is not None and should_stop():
+            break
+        upstream = plan.graph.upstream(item.qname) & members
+        if any(status.get(u) in ("failed", "skipped_dependency_failed") for u in upstream):
+            res = RefreshResult(
+                view=item.label,
+                status="skipped_dependency_failed",
+                concurrently=False,
+            )
+            log.warning("refresh of %s skipped: a view it reads failed", item.label)
+        elif stale_only and not (
+            item.qname in plan.stale
+            or any(status.get(u) == "refreshed" for u in upstream)
+        ):
+            res = RefreshResult(view=item.label, status="skipped_fresh")
+        else:
+            res = _refresh_one(conn, owned, item, plan, opts, only_if_stale=stale_only)
+        status[item.qname] = res.status
+        results.append(res)
+    return results
+
+
+def _run(
+    bind: Bind | OwnedConnection,
+    refs: Sequence[ViewRef],
+    metadata: sa.MetaData | None,
+    opts: _Options,
+    *,
+    strict: bool,
+    stale_only: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[RefreshResult]:
+    with _connection(bind) as (conn, owned):
+        if owned:
+            with conn.begin():
+                plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
+        else:
+            plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
+        return _execute(conn, owned, plan, opts, stale_only=stale_only, should_stop=should_stop)
+
+
+def refresh_views(
+    bind: Bind,
+    *views: ViewRef,
+    cascade: bool = False,
+    concurrently: bool | Literal["auto"] = "auto",
+    lock: LockMode = "skip",
+    lock_timeout: Timeout = None,
+    statement_timeout: Timeout = None,
+) -> list[RefreshResult]:
+    """Refresh ``views`` in dependency order; one :class:`RefreshResult` per view.
+
+    :param bind: an ``Engine`` (each view is refreshed in its own transaction and
+        committed), or a ``Connection`` / ``Session`` (each view in a savepoint of the
+        caller's transaction, which the caller commits; locks are held until then).
+    :param views: ``MaterializedView`` objects, their ``Table``, mapped ORM classes, names
+        (``"mv"`` in the current schema, or ``"schema.mv"``) or ``(schema, name)`` tuples.
+    :param cascade: also refresh every materialized view that depends on them,
+        transitively and through plain views (from ``pg_depend``), after them.
+    :param concurrently: ``"auto"``: ``CONCURRENTLY`` when the view is populated and has a
+        qualifying unique index; ``True``: demand it (a declaration without a unique key
+        raises :class:`~sqlalchemy_matview.errors.ConcurrentRefreshError`; an unpopulated
+        view is reported as failed); ``False``: never.
+    :param lock: ``"skip"``: report ``skipped_locked`` when another process holds the
+        view's advisory lock; ``"wait"``: wait for it (bounded by ``lock_timeout``);
+        ``"none"``: take no advisory lock.
+    :param lock_timeout: bound on lock waits for this refresh only (seconds, a
+        ``timedelta`` or a PostgreSQL duration string).
+    :param statement_timeout: bound on the ``REFRESH`` itself, same forms.
+
+    Example::
+
+        results = refresh_views(engine, mv_daily, cascade=True, lock_timeout=5)
+        failed = [r for r in results if r.status == "failed"]
+    """
+    opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return _run(bind, views, None, opts, strict=True, stale_only=False)
+
+
+def refresh_all(
+    bind: Bind,
+    metadata: sa.MetaData,
+    *,
+    cascade: bool = False,
+    concurrently: bool | Literal["auto"] = "auto",
+    lock: LockMode = "skip",
+    lock_timeout: Timeout = None,
+    statement_timeout: Timeout = None,
+) -> list[RefreshResult]:
+    """Refresh every managed view declared on ``metadata``, in dependency order.
+
+    Options as for :func:`refresh_views`. A declared view missing from the database is
+    reported as ``failed`` (with :class:`~sqlalchemy_matview.errors.UnknownViewError`).
+
+    Example::
+
+        for result in refresh_all(engine, metadata):
+            print(result.view, result.status, f"{result.duration:.2f}s")
+    """
+    opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return _run(
+        bind, materialized_views(metadata, managed=True), metadata, opts,
+        strict=False, stale_only=False,
+    )
+
+
+def refresh_stale(
+    bind: Bind,
+    metadata: sa.MetaData,
+    *,
+    cascade: bool = False,
+    concurrently: bool | Literal["auto"] = "auto",
+    lock: LockMode = "skip",
+    lock_timeout: Timeout = None,
+    statement_timeout: Timeout = None,
+    _should_stop: Callable[[], bool] | None = None,
+) -> list[RefreshResult]:
+    """Refresh only the views of ``metadata`` whose sources changed since their last refresh.
+
+    A view is stale when a write to one of its tracked sources (``track_changes=True``)
+    committed, or a view it reads was refreshed, and no refresh has covered that yet.
+    Fresh views come back as ``skipped_fresh`` without any refresh; views made stale by
+    the refresh of another one in the same run are refreshed after it. Staleness is
+    checked again under each view's lock, so two processes never refresh the same
+    change twice. Options as for :func:`refresh_views`.
+
+    Example::
+
+        results = refresh_stale(engine, metadata)
+        refreshed = [r.view for r in results if r.status == "refreshed"]
+    """
+    opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return _run(
+        bind, materialized_views(metadata, managed=True), metadata, opts,
+        strict=False, stale_only=True, should_stop=_should_stop,
+    )

@@ -1,0 +1,298 @@
+""":class:`RefreshWorker`: refresh stale views as their sources change, in the background."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from ..errors import MaterializedViewError
+from ..schema import materialized_views
+from .results import RefreshResult
+from .runner import LockMode, Timeout, refresh_stale
+from .tracking import CHANNEL
+
+__all__ = ["RefreshWorker", "UnsupportedDriverError"]
+
+log = logging.getLogger("sqlalchemy_matview")
+
+_SLICE = 0.25  # longest uninterrupted wait: how quickly stop() is noticed
+
+
+class UnsupportedDriverError(MaterializedViewError, TypeError):
+    """The worker listens with psycopg (3); the engine uses another driver."""
+
+
+class RefreshWorker:
+    """Listen for changes and refresh stale views, debounced, surviving faults.
+
+    The worker opens its own connection (never one from the engine's pool) and
+    ``LISTEN``\\ s on ``channel``, where the change-tracking triggers notify
+    ``schema.view``. A burst of notifications naming declared views is debounced:
+    :func:`~sqlalchemy_matview.refresh_stale` runs after ``debounce`` seconds of quiet,
+    but never more than ``max_delay`` seconds after the first change. ``interval`` adds a
+    periodic pass as a safety net. Payloads that do not name a view declared on
+    ``metadata`` are logged and ignored.
+
+    When its connection dies (terminated backend, server restart) it reconnects with
+    capped exponential backoff and, after every (re)connect, refreshes whatever became
+    stale meanwhile: no change is lost, since staleness lives in the database. Any
+    number of workers may run against one database; the views' advisory locks make sure
+    at most one refreshes a view at a time.
+
+    :param engine: a sync psycopg ``Engine``; refreshes use its pool.
+    :param metadata: the ``MetaData`` declaring the views.
+    :param lock: passed to ``refresh_stale`` (``"skip"``: leave a view to the worker
+        already refreshing it).
+    :param on_result: called with every :class:`RefreshResult` (in the worker thread).
+
+    Example::
+
+        worker = RefreshWorker(engine, metadata, debounce=1.0, max_delay=10.0)
+        worker.start()        # background thread
+        ...
+        worker.stop()         # or worker.run() in a dedicated process (SIGTERM stops it)
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        metadata: sa.MetaData,
+        *,
+        debounce: float = 5.0,
+        max_delay: float = 60.0,
+        interval: float | None = None,
+        channel: str = CHANNEL,
+        lock: LockMode = "skip",
+        on_result: Callable[[RefreshResult], Any] | None = None,
+        concurrently: bool | Literal["auto"] = "auto",
+        lock_timeout: Timeout = None,
+        statement_timeout: Timeout = None,
+        max_backoff: float = 30.0,
+    ) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError(
+                f"RefreshWorker needs a sync Engine, got {type(engine).__name__}; for an "
+                "AsyncEngine pass async_engine.sync_engine of a psycopg URL, or create_engine()"
+            )
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+            raise UnsupportedDriverError(
+                f"RefreshWorker listens with psycopg 3, but the engine uses "
+                f"{engine.dialect.name}+{engine.dialect.driver}; create it from a "
+                "postgresql+psycopg:// URL"
+            )
+        if debounce < 0 or max_delay < 0 or (interval is not None and interval <= 0):
+            raise ValueError("debounce and max_delay must be >= 0 and interval > 0")
+        self.engine = engine
+        self.metadata = metadata
+        self.debounce = float(debounce)
+        self.max_delay = max(float(max_delay), float(debounce))
+        self.interval = interval
+        self.channel = channel
+        self.lock: LockMode = lock
+        self.on_result = on_result
+        self.concurrently = concurrently
+        self.lock_timeout = lock_timeout
+        self.statement_timeout = statement_timeout
+        self.max_backoff = max_backoff
+        #: Completed ``refresh_stale`` passes (catch-ups, debounced and periodic ones).
+        self.passes = 0
+        #: Number of successful (re)connections so far.
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+        self._unknown_logged: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the background thread (or :meth:`run`) is active."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> RefreshWorker:
+        """Run in a daemon thread; returns ``self``."""
+        if self.running:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, name="sqlalchemy_matview-worker", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Stop and wait for the thread (a refresh in progress finishes its current view).
+
+        Returns False when the thread is still running after ``timeout`` seconds.
+        """
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def run(self) -> None:
+        """Run in the calling thread until :meth:`stop`, SIGINT or SIGTERM."""
+        self._stop.clear()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+
+            def handler(signum: int, frame: FrameType | None) -> None:
+                log.info("refresh worker: signal %s, stopping", signum)
+                self._stop.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            self._loop()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def __enter__(self) -> RefreshWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        cparams = dict(cparams)
+        cparams.setdefault("application_name", "sqlalchemy_matview worker")
+        raw = self.engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
+        raw.autocommit = True
+        quoted = self.engine.dialect.identifier_preparer.quote(self.channel)
+        raw.execute(f"LISTEN {quoted}")
+        current = raw.execute("SELECT current_schema()").fetchone()[0]
+        self._whitelist = {
+            f"{v.schema or current}.{v.name}"
+            for v in materialized_views(self.metadata, managed=True)
+        }
+        return raw
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                self._conn = self._connect()
+                self.connections += 1
+                log.info("refresh worker listening on %r", self.channel)
+                attempt = 0
+                # LISTEN comes first, so nothing committed after this pass goes unnoticed.
+                self._pass("catch-up")
+                self._listen()
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                delay = min(self.max_backoff, 0.5 * 2**attempt)
+                attempt += 1
+                log.warning(
+                    "refresh worker: %s; reconnecting in %.1fs", exc.__class__.__name__, delay,
+                    exc_info=exc,
+                )
+                self._close()
+                self._stop.wait(delay)
+            finally:
+                self._close()
+        log.info("refresh worker stopped")
+
+    def _listen(self) -> None:
+        first: float | None = None
+        last: float | None = None
+        retry_at: float | None = None
+        retry_delay = max(self.debounce, 1.0)
+        next_periodic = time.monotonic() + self.interval if self.interval else None
+        conn = self._conn
+        while not self._stop.is_set():
+            now = time.monotonic()
+            deadlines = [now + _SLICE]
+            if first is not None and last is not None:
+                deadlines.append(min(last + self.debounce, first + self.max_delay))
+            if retry_at is not None:
+                deadlines.append(retry_at)
+            if next_periodic is not None:
+                deadlines.append(next_periodic)
+            wait = max(0.01, min(deadlines) - now)
+            for notify in conn.notifies(timeout=wait):
+                if self._accept(notify.payload):
+                    last = time.monotonic()
+                    first = first if first is not None else last
+            now = time.monotonic()
+            reason = None
+            if first is not None and last is not None and (
+                now >= last + self.debounce or now >= first + self.max_delay
+            ):
+                reason = "change"
+            elif retry_at is not None and now >= retry_at:
+                reason = "retry"
+            elif next_periodic is not None and now >= next_periodic:
+                reason = "interval"
+            if reason is None:
+                continue
+            first = last = None
+            if next_periodic is not None and self.interval:
+                next_periodic = now + self.interval
+            unfinished = self._pass(reason)
+            if unfinished:
+                retry_at = time.monotonic() + retry_delay
+                retry_delay = min(retry_delay * 2, self.max_delay)
+            else:
+                retry_at = None
+                retry_delay = max(self.debounce, 1.0)
+
+    def _accept(self, payload: str) -> bool:
+        if payload in self._whitelist:
+            return True
+        if payload not in self._unknown_logged:
+            self._unknown_logged.add(payload)
+            log.warning(
+                "refresh worker: ignoring notification %r on %r: not a view declared on its "
+                "MetaData", payload, self.channel,
+            )
+        return False
+
+    def _pass(self, reason: str) -> bool:
+        """One ``refresh_stale``; True when some view should be retried."""
+        log.debug("refresh worker: %s pass", reason)
+        results = refresh_stale(
+            self.engine,
+            self.metadata,
+            concurrently=self.concurrently,
+            lock=self.lock,
+            lock_timeout=self.lock_timeout,
+            statement_timeout=self.statement_timeout,
+            _should_stop=self._stop.is_set,
+        )
+        self.passes += 1
+        unfinished = False
+        for result in results:
+            if self.on_result is not None:
+                try:
+                    self.on_result(result)
+                except Exception:
+                    log.exception("refresh worker: on_result raised for %s", result.view)
+            if result.status in ("failed", "skipped_locked"):
+                unfinished = True
+            err = result.error
+            if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
+                raise err  # the server went away: reconnect, then catch up
+        return unfinished

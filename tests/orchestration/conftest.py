@@ -1,0 +1,70 @@
+"""Helpers shared by the orchestration tests: a small schema of sources and views."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from sqlalchemy_matview import MaterializedView
+from sqlalchemy_matview.orchestration import tracking
+
+
+@dataclass
+class Shop:
+    metadata: sa.MetaData
+    orders: sa.Table
+    mv_totals: MaterializedView
+    mv_top: MaterializedView
+
+
+def build_shop(*, track: bool = True, unique: bool = True) -> Shop:
+    """orders -> mv_totals (per customer) -> mv_top (customers above 100)."""
+    md = sa.MetaData()
+    orders = sa.Table(
+        "orders",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("customer", sa.Integer, nullable=False),
+        sa.Column("amount", sa.Integer, nullable=False),
+    )
+    totals = sa.select(
+        orders.c.customer, sa.func.sum(orders.c.amount).label("total")
+    ).group_by(orders.c.customer)
+    mv_totals = MaterializedView(
+        "mv_totals",
+        md,
+        totals,
+        columns=[sa.Column("total", sa.BigInteger)],
+        unique_key="customer" if unique else None,
+        track_changes=track,
+    )
+    mv_top = MaterializedView(
+        "mv_top",
+        md,
+        sa.select(mv_totals.c.customer, mv_totals.c.total).where(mv_totals.c.total > 100),
+        unique_key="customer" if unique else None,
+    )
+    if track:
+        tracking.attach(mv_totals)
+    return Shop(md, orders, mv_totals, mv_top)
+
+
+@pytest.fixture
+def shop(engine: Engine) -> Shop:
+    s = build_shop()
+    s.metadata.create_all(engine)
+    return s
+
+
+def rows(engine: Engine, view: MaterializedView) -> list[tuple[object, ...]]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(view.table).order_by(*view.table.c))]
+
+
+@pytest.fixture
+def view_rows() -> Callable[[Engine, MaterializedView], list[tuple[object, ...]]]:
+    return rows
