@@ -68,7 +68,10 @@ def offline_sql(code: str) -> str:
 
     buf = io.StringIO()
     context = MigrationContext.configure(
-        dialect_name="postgresql", opts={"as_sql": True, "output_buffer": buf}
+        dialect_name="postgresql",
+        opts={"as_sql": True, "output_buffer": buf},
+        # As Alembic's env.py templates configure offline mode.
+        dialect_opts={"paramstyle": "named"},
     )
     namespace = {"op": Operations(context), "sa": sa}
     exec(compile(code, "<migration>", "exec"), namespace)
