@@ -631,12 +631,17 @@ def compare_views(
     normalised = _normalise(conn, [(d.columns, definitions[id(d)]) for d in to_probe])
     probe_of = {id(d): text for d, text in zip(to_probe, normalised)}
 
+    edges: list[catalog.Dependency] | None = None
+    if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
+        edges = catalog.dependencies(conn)
+
     changes: list[Change] = []
-    for info in _drop_order(conn, obsolete):
+    for info in _drop_order(obsolete, edges or []):
         key = (norm(info.schema), info.name)
         view_indexes = tuple(indexes.get(key, {}).values())
         if key in tracked_keys:
-            changes.append(DisableTracking(key[0], key[1], None, phase="before"))
+            sources = _db_base_tables(edges or [], info.qualified_name, norm)
+            changes.append(DisableTracking(key[0], key[1], sources, phase="before"))
         changes.extend(DropIndex(key[0], key[1], i, phase="before") for i in view_indexes)
         changes.append(
             DropView(
@@ -688,15 +693,39 @@ def compare_views(
     return changes
 
 
+def _db_base_tables(
+    edges: Sequence[catalog.Dependency],
+    start: tuple[str, str],
+    norm: Callable[[str | None], str | None],
+) -> tuple[tuple[str | None, str], ...]:
+    """What a view in the database reads, looking through materialized views to tables."""
+    reads: dict[tuple[str, str], list[catalog.Dependency]] = {}
+    for edge in edges:
+        reads.setdefault(edge.dependent, []).append(edge)
+    found: dict[tuple[str | None, str], None] = {}
+    seen = {start}
+    stack = [start]
+    while stack:
+        for edge in reads.get(stack.pop(), ()):
+            ref = edge.referenced
+            if edge.referenced_kind == "m":
+                if ref not in seen:
+                    seen.add(ref)
+                    stack.append(ref)
+            else:
+                found[(norm(ref[0]), ref[1])] = None
+    return tuple(sorted(found, key=lambda k: (k[0] or "", k[1])))
+
+
 def _drop_order(
-    conn: Connection,
     obsolete: list[catalog.MaterializedViewInfo],
+    edges: Sequence[catalog.Dependency],
 ) -> list[catalog.MaterializedViewInfo]:
     """Views to drop, each before anything it reads (directly or through plain views)."""
     if len(obsolete) < 2:
         return obsolete
     reads: dict[tuple[str, str], set[tuple[str, str]]] = {}
-    for edge in catalog.dependencies(conn):
+    for edge in edges:
         reads.setdefault(edge.dependent, set()).add(edge.referenced)
     dropping = {info.qualified_name: info for info in obsolete}
 

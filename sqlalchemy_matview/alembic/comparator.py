@@ -97,13 +97,14 @@ def _metadatas(autogen_context: AutogenContext) -> list[sa.MetaData]:
     return list(metadata)
 
 
-def _state_table() -> str | None:
+def _bookkeeping_tables() -> set[str]:
+    """Tables that change tracking creates itself: never for autogenerate to drop."""
     try:
         from ..orchestration import tracking
     except ImportError:
-        return None
-    name = getattr(tracking, "STATE_TABLE", None)
-    return name if isinstance(name, str) else None
+        return set()
+    names = (getattr(tracking, "STATE_TABLE", None), getattr(tracking, "CHANGES_TABLE", None))
+    return {n for n in names if isinstance(n, str)}
 
 
 def _view_table_keys(
@@ -123,14 +124,14 @@ def _view_table_keys(
 def _strip_view_table_ops(
     upgrade_ops: alembic_ops.UpgradeOps,
     keys: set[tuple[str | None, str]],
-    state_table: str | None,
+    bookkeeping: set[str],
     default_schema: str | None,
 ) -> None:
     def unwanted(op: Any) -> bool:
         name = getattr(op, "table_name", None)
         if name is None:
             return False
-        if state_table is not None and name == state_table:
+        if name in bookkeeping:
             return True
         schema = getattr(op, "schema", None)
         return (None if schema == default_schema else schema, name) in keys
@@ -172,7 +173,7 @@ def compare_materialized_views(
 
     changes = compare.compare_views(conn, metadatas, schemas=schemas, include=include)
     _strip_view_table_ops(
-        upgrade_ops, _view_table_keys(metadatas, default_schema), _state_table(), default_schema
+        upgrade_ops, _view_table_keys(metadatas, default_schema), _bookkeeping_tables(), default_schema
     )
     before = [to_operation(c) for c in changes if c.phase == "before"]
     after = [to_operation(c) for c in changes if c.phase != "before"]

@@ -1,0 +1,62 @@
+"""Autogenerate and change tracking: enable after create, disable when no longer wanted."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from matview_alembic_helpers import autogenerate, run_code
+
+from sqlalchemy_matview import MaterializedView
+from sqlalchemy_matview.alembic.ops import (
+    CreateMaterializedViewOp,
+    DisableChangeTrackingOp,
+    EnableChangeTrackingOp,
+)
+from sqlalchemy_matview.orchestration.tracking import tracking_installed
+
+
+def models(track: bool) -> sa.MetaData:
+    md = sa.MetaData()
+    events = sa.Table("events", md, sa.Column("id", sa.Integer, primary_key=True))
+    base = MaterializedView("mv_count", md, sa.select(sa.func.count(events.c.id).label("n")),
+                            track_changes=track)
+    MaterializedView("mv_on_mv", md, sa.select(base.c.n), track_changes=track)
+    return md
+
+
+def test_enable_then_disable_tracking(conn: sa.Connection) -> None:
+    md = models(track=True)
+    generated = autogenerate(conn, md)
+    names = [type(op) for op in generated.upgrade_ops.ops]
+    assert names[-4:] == [
+        CreateMaterializedViewOp, EnableChangeTrackingOp, CreateMaterializedViewOp,
+        EnableChangeTrackingOp,
+    ]
+    assert "op.enable_change_tracking('mv_count', [(None, 'events')])" in generated.upgrade
+    # A view on a view is tracked through the tables underneath.
+    assert "op.enable_change_tracking('mv_on_mv', [(None, 'events')])" in generated.upgrade
+    run_code(conn, generated.upgrade)
+    assert tracking_installed(conn) == {("public", "mv_count"), ("public", "mv_on_mv")}
+    # The tracking state tables are not proposed for drop_table.
+    assert autogenerate(conn, md).empty
+
+    untracked = autogenerate(conn, models(track=False))
+    assert [type(op) for op in untracked.upgrade_ops.ops] == [DisableChangeTrackingOp] * 2
+    run_code(conn, untracked.upgrade)
+    assert tracking_installed(conn) == set()
+    run_code(conn, untracked.downgrade)
+    assert tracking_installed(conn) == {("public", "mv_count"), ("public", "mv_on_mv")}
+
+    run_code(conn, generated.downgrade)
+    assert tracking_installed(conn) == set()
+    assert sa.inspect(conn).get_materialized_view_names() == []
+
+
+def test_dropping_a_tracked_view_disables_tracking_first(conn: sa.Connection) -> None:
+    md = models(track=True)
+    md.create_all(conn)
+    assert tracking_installed(conn)
+    generated = autogenerate(conn, sa.MetaData())
+    ops = generated.upgrade_ops.ops
+    assert isinstance(ops[0], DisableChangeTrackingOp)
+    run_code(conn, generated.upgrade)
+    assert tracking_installed(conn) == set()
