@@ -60,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Definitions are rendered without a driver: "%" must stay "%", as a user would write it.
-_PG_DIALECT = PGDialect(paramstyle="named")
+_PG_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
 
 
 # -- records -------------------------------------------------------------------------------
@@ -95,14 +95,14 @@ class ReflectedIndex:
             sa.MetaData(),
             *(
                 sa.Column(element, sa.types.NullType())
-                for element, column in zip(self.elements, self.is_column)
+                for element, column in zip(self.elements, self.is_column, strict=True)
                 if column
             ),
             schema=self.schema,
         )
         exprs: list[Any] = [
             table.c[element] if column else sa.text(element)
-            for element, column in zip(self.elements, self.is_column)
+            for element, column in zip(self.elements, self.is_column, strict=True)
         ]
         kwargs: dict[str, Any] = {}
         if self.method != "btree":
@@ -338,10 +338,10 @@ def _declared_views(
             by_table[id(table)] = item
 
     for item in declared:
-        view = item.table.info.get(INFO_KEY)
+        owner = item.table.info.get(INFO_KEY)
         sources: Iterable[sa.Table]
-        if isinstance(view, MaterializedView):
-            sources = view.sources
+        if isinstance(owner, MaterializedView):
+            sources = owner.sources
         else:
             sources = [e for e in visitors.iterate(item.definition) if isinstance(e, sa.Table)]
         for source in sources:
@@ -493,7 +493,8 @@ def _normalise(conn: Connection, probes: Sequence[tuple[Sequence[str], str]]) ->
         return []
     names = [f"{_PROBE_PREFIX}{i}" for i in range(len(probes))]
     statements = [
-        _CreateProbeView(name, columns, sql) for name, (columns, sql) in zip(names, probes)
+        _CreateProbeView(name, columns, sql)
+        for name, (columns, sql) in zip(names, probes, strict=True)
     ]
     outer = conn.begin_nested()
     try:
@@ -505,7 +506,7 @@ def _normalise(conn: Connection, probes: Sequence[tuple[Sequence[str], str]]) ->
             outer.rollback()
             outer = conn.begin_nested()
             failed = set()
-            for name, statement in zip(names, statements):
+            for name, statement in zip(names, statements, strict=True):
                 inner = conn.begin_nested()
                 try:
                     conn.execute(statement)
@@ -549,11 +550,13 @@ def _index_matches(declared: sa.Index, reflected: ReflectedIndex) -> bool:
     using = options.get("using")
     if using and str(using).lower() != reflected.method:
         return False
-    for expr, element, column in zip(expressions, reflected.elements, reflected.is_column):
+    for expr, element, column in zip(
+        expressions, reflected.elements, reflected.is_column, strict=True
+    ):
         declared_column = isinstance(expr, sa.Column)
         if declared_column != column:
             return False
-        if declared_column and expr.name != element:
+        if declared_column and getattr(expr, "name", None) != element:
             return False
     return True
 
@@ -612,9 +615,7 @@ def compare_views(
     }
     indexes = _reflected_indexes(conn, schema_names, default_schema)
     tracked = _tracking_installed(conn)
-    tracked_keys = (
-        {(norm(s), n) for s, n in tracked} if tracked is not None else set()
-    )
+    tracked_keys = {(norm(s), n) for s, n in tracked} if tracked is not None else set()
 
     declared_keys = {d.key for d in declared_all}
     obsolete = [
@@ -629,7 +630,7 @@ def compare_views(
     definitions = {id(d): definition_sql(d.definition) for d in declared}
     to_probe = [d for d in declared if d.key in existing]
     normalised = _normalise(conn, [(d.columns, definitions[id(d)]) for d in to_probe])
-    probe_of = {id(d): text for d, text in zip(to_probe, normalised)}
+    probe_of = {id(d): text for d, text in zip(to_probe, normalised, strict=True)}
 
     edges: list[catalog.Dependency] | None = None
     if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
@@ -657,9 +658,9 @@ def compare_views(
     for item in _topological(declared):
         sql = definitions[id(item)]
         columns = item.columns if item.text_definition else None
-        info = existing.get(item.key)
-        declared_indexes = {i.name: i for i in item.table.indexes if i.name}
-        if info is None:
+        found = existing.get(item.key)
+        declared_indexes = {str(i.name): i for i in item.table.indexes if i.name}
+        if found is None:
             changes.append(
                 CreateView(item.schema, item.name, sql, item.with_data, item.comment, columns)
             )
@@ -674,7 +675,7 @@ def compare_views(
                 or not _index_matches(declared_indexes[name], current[name])
             ]
             changes.extend(DropIndex(item.schema, item.name, i) for i in stale)
-            old = normalize_definition(info.definition)
+            old = normalize_definition(found.definition)
             if probe_of[id(item)] != old:
                 changes.append(
                     ReplaceView(item.schema, item.name, sql, old, item.with_data, columns)
@@ -683,8 +684,8 @@ def compare_views(
             for name in sorted(declared_indexes):
                 if name not in current or name in stale_names:
                     changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))
-            if (item.comment or None) != (info.comment or None):
-                changes.append(ChangeComment(item.schema, item.name, item.comment, info.comment))
+            if (item.comment or None) != (found.comment or None):
+                changes.append(ChangeComment(item.schema, item.name, item.comment, found.comment))
         if tracked is not None:
             if item.track_changes and item.key not in tracked_keys:
                 changes.append(EnableTracking(item.schema, item.name, item.base_tables))

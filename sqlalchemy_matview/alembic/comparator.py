@@ -166,14 +166,19 @@ def compare_materialized_views(
             names: Any = {"schema_name": ref.schema}
             if not autogen_context.run_name_filters(ref.name, kind, names):
                 return False
-        table = ref.table if ref.table is not None else sa.Table(
-            ref.name, sa.MetaData(), schema=ref.schema
+        table = (
+            ref.table
+            if ref.table is not None
+            else sa.Table(ref.name, sa.MetaData(), schema=ref.schema)
         )
         return autogen_context.run_object_filters(table, ref.name, kind, ref.reflected, None)
 
     changes = compare.compare_views(conn, metadatas, schemas=schemas, include=include)
     _strip_view_table_ops(
-        upgrade_ops, _view_table_keys(metadatas, default_schema), _bookkeeping_tables(), default_schema
+        upgrade_ops,
+        _view_table_keys(metadatas, default_schema),
+        _bookkeeping_tables(),
+        default_schema,
     )
     before = [to_operation(c) for c in changes if c.phase == "before"]
     after = [to_operation(c) for c in changes if c.phase != "before"]
@@ -202,6 +207,4 @@ def install(target: Any = None) -> None:
         # Before 1.18, comparators run in registration order, after Alembic's own.
         comparators.dispatch_for("schema")(compare_materialized_views)
         return
-    comparators.dispatch_for("schema", priority=DispatchPriority.LAST)(
-        compare_materialized_views
-    )
+    comparators.dispatch_for("schema", priority=DispatchPriority.LAST)(compare_materialized_views)

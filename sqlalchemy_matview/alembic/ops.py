@@ -329,9 +329,7 @@ class RefreshMaterializedViewOp(MigrateOperation):
 
             op.refresh_materialized_view("mv_daily", concurrently=True)
         """
-        operations.invoke(
-            cls(name, schema=schema, concurrently=concurrently, with_data=with_data)
-        )
+        operations.invoke(cls(name, schema=schema, concurrently=concurrently, with_data=with_data))
 
     def reverse(self) -> RefreshMaterializedViewOp:
         return RefreshMaterializedViewOp(
@@ -380,9 +378,7 @@ class SetMaterializedViewCommentOp(MigrateOperation):
 
             op.set_materialized_view_comment("mv_daily", "Events per day, refreshed hourly")
         """
-        operations.invoke(
-            cls(name, comment, schema=schema, existing_comment=existing_comment)
-        )
+        operations.invoke(cls(name, comment, schema=schema, existing_comment=existing_comment))
 
     def reverse(self) -> SetMaterializedViewCommentOp:
         return SetMaterializedViewCommentOp(

@@ -98,7 +98,9 @@ def _indent_tail(text: str) -> str:
     return text.replace("\n", "\n    ")
 
 
-def _sources(sources: Sequence[tuple[str | None, str]] | None) -> list[tuple[str | None, str]] | None:
+def _sources(
+    sources: Sequence[tuple[str | None, str]] | None,
+) -> list[tuple[str | None, str]] | None:
     return None if sources is None else [(s, t) for s, t in sources]
 
 

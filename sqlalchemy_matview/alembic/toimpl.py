@@ -75,7 +75,7 @@ class CreatePlainView(_PlainViewDDL):
     ) -> None:
         super().__init__(name, schema)
         self.definition = _as_definition(definition)
-        self.options = tuple(options)
+        self.view_options = tuple(options)
 
 
 class DropPlainView(_PlainViewDDL):
@@ -106,7 +106,7 @@ _OPTION = re.compile(r"^[a-z_]+=[A-Za-z0-9_]+$")
 @compiles(CreatePlainView, "postgresql")
 def _visit_create_view(element: CreatePlainView, compiler: DDLCompiler, **kw: Any) -> str:
     text = "CREATE VIEW " + compiler.preparer.format_table(element.table)
-    options = [o for o in element.options if _OPTION.match(o)]
+    options = [o for o in element.view_options if _OPTION.match(o)]
     if options:
         text += " WITH (" + ", ".join(options) + ")"
     query = compiler.sql_compiler.process(element.definition, literal_binds=True)
@@ -125,10 +125,11 @@ def _visit_comment_view(element: CommentOnPlainView, compiler: DDLCompiler, **kw
 
 
 @compiles(CatalogStatement, "postgresql")
-def _visit_catalog_statement(
-    element: CatalogStatement, compiler: DDLCompiler, **kw: Any
-) -> str:
-    return compiler.sql_compiler.post_process_text(element.statement)
+def _visit_catalog_statement(element: CatalogStatement, compiler: DDLCompiler, **kw: Any) -> str:
+    text: str = compiler.sql_compiler.post_process_text(  # type: ignore[no-untyped-call]
+        element.statement
+    )
+    return text
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -183,9 +184,7 @@ def refresh_materialized_view(operations: Operations, op: RefreshMaterializedVie
 
 
 @Operations.implementation_for(SetMaterializedViewCommentOp)
-def set_materialized_view_comment(
-    operations: Operations, op: SetMaterializedViewCommentOp
-) -> None:
+def set_materialized_view_comment(operations: Operations, op: SetMaterializedViewCommentOp) -> None:
     operations.execute(CommentOnMaterializedView(op.name, op.comment, schema=op.schema))
 
 
@@ -241,9 +240,7 @@ def _capture(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[st
     return found
 
 
-def _dependents_in_order(
-    conn: Connection, target: tuple[str, str]
-) -> list[tuple[str, str]]:
+def _dependents_in_order(conn: Connection, target: tuple[str, str]) -> list[tuple[str, str]]:
     """Every view reading ``target`` (transitively), each after everything it reads."""
     readers: dict[tuple[str, str], set[tuple[str, str]]] = {}
     reads: dict[tuple[str, str], set[tuple[str, str]]] = {}
@@ -279,7 +276,9 @@ def _restore_extras(operations: Operations, item: _Captured) -> None:
         operations.execute(CatalogStatement(index))
     if item.comment is not None:
         if item.kind == "m":
-            operations.execute(CommentOnMaterializedView(item.name, item.comment, schema=item.schema))
+            operations.execute(
+                CommentOnMaterializedView(item.name, item.comment, schema=item.schema)
+            )
         else:
             operations.execute(CommentOnPlainView(item.name, item.schema, item.comment))
 

@@ -76,5 +76,3 @@ def offline_sql(code: str) -> str:
     namespace = {"op": Operations(context), "sa": sa}
     exec(compile(code, "<migration>", "exec"), namespace)
     return buf.getvalue()
-
-

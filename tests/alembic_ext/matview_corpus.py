@@ -82,8 +82,9 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         "c07_case",
         sa.select(
             events.c.id,
-            sa.case((events.c.amount > 100, "big"), (events.c.amount > 10, "mid"), else_="small")
-            .label("size"),
+            sa.case(
+                (events.c.amount > 100, "big"), (events.c.amount > 10, "mid"), else_="small"
+            ).label("size"),
         ),
     )
     # 8. interval arithmetic
@@ -108,7 +109,7 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     # 12. string literal with quotes and a percent sign
     mv(
         "c12_quotes",
-        sa.select(events.c.id).where(events.c.kind.like("it's 100% \"fine\"")),
+        sa.select(events.c.id).where(events.c.kind.like('it\'s 100% "fine"')),
     )
     # 13. UNION ALL
     union = sa.union_all(
@@ -117,7 +118,11 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     ).subquery()
     mv("c13_union_all", sa.select(union.c.ref, union.c.src))
     # 14. CTE
-    cte = sa.select(events.c.user_id, sa.func.count().label("n")).group_by(events.c.user_id).cte("per_user")
+    cte = (
+        sa.select(events.c.user_id, sa.func.count().label("n"))
+        .group_by(events.c.user_id)
+        .cte("per_user")
+    )
     mv("c14_cte", sa.select(cte.c.user_id, cte.c.n).where(cte.c.n > 1))
     # 15. LATERAL
     lat = (
@@ -133,9 +138,11 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     # 17. schema-qualified source
     mv("c17_schema_src", sa.select(targets.c.kind, targets.c.goal))
     # 18. join across schemas
-    j = sa.select(events.c.kind, sa.func.count().label("n"), targets.c.goal).select_from(
-        events.join(targets, events.c.kind == targets.c.kind)
-    ).group_by(events.c.kind, targets.c.goal)
+    j = (
+        sa.select(events.c.kind, sa.func.count().label("n"), targets.c.goal)
+        .select_from(events.join(targets, events.c.kind == targets.c.kind))
+        .group_by(events.c.kind, targets.c.goal)
+    )
     mv("c18_schema_join", j)
     # 19. view in another schema
     mv("c19_in_schema", sa.select(users.c.id, users.c.name), schema="reports")
@@ -152,7 +159,9 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     # 22. coalesce / nullif
     mv(
         "c22_coalesce",
-        sa.select(events.c.id, sa.func.coalesce(sa.func.nullif(events.c.kind, ""), "none").label("k")),
+        sa.select(
+            events.c.id, sa.func.coalesce(sa.func.nullif(events.c.kind, ""), "none").label("k")
+        ),
     )
     # 23. HAVING + ORDER BY
     mv(
@@ -168,7 +177,10 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         sa.select(users.c.id).where(sa.exists().where(events.c.user_id == users.c.id)),
     )
     # 25. string functions and concatenation
-    mv("c25_concat", sa.select((users.c.name + " <" + sa.cast(users.c.id, sa.Text) + ">").label("label")))
+    mv(
+        "c25_concat",
+        sa.select((users.c.name + " <" + sa.cast(users.c.id, sa.Text) + ">").label("label")),
+    )
     # 26. extract / epoch
     mv("c26_extract", sa.select(events.c.id, sa.extract("epoch", events.c.created_at).label("ts")))
     # 27. text(): CTE, FILTER, casts, interval, quotes
@@ -209,8 +221,8 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     mv(
         "c30_text_lateral",
         sa.text(
-            'SELECT u.id, e.kind FROM users u CROSS JOIN LATERAL '
-            '(SELECT kind FROM events WHERE user_id = u.id LIMIT 1) e '
+            "SELECT u.id, e.kind FROM users u CROSS JOIN LATERAL "
+            "(SELECT kind FROM events WHERE user_id = u.id LIMIT 1) e "
             'UNION ALL SELECT "Id", "MixedCol" FROM "CamelTable"'
         ),
         columns=[sa.Column("id", sa.Integer), sa.Column("kind", sa.Text)],
@@ -232,7 +244,11 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         "c32_text_window",
         "SELECT id, sum(amount) OVER (ORDER BY created_at ROWS BETWEEN 2 PRECEDING AND CURRENT ROW)"
         " AS running, 'a:b' AS label FROM events",
-        columns=[sa.Column("id", sa.Integer), sa.Column("running", sa.Numeric), sa.Column("label", sa.Text)],
+        columns=[
+            sa.Column("id", sa.Integer),
+            sa.Column("running", sa.Numeric),
+            sa.Column("label", sa.Text),
+        ],
         depends_on=[events],
     )
     # 33. view on a text() view, with an index and comment

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from alembic.operations import ops
 from matview_alembic_helpers import autogenerate, run_code
 
 from sqlalchemy_matview import MaterializedView
 from sqlalchemy_matview.alembic.ops import (
-    CreateMaterializedViewOp,
     DropMaterializedViewOp,
     ReplaceMaterializedViewOp,
     SetMaterializedViewCommentOp,
@@ -79,7 +77,9 @@ op.create_materialized_view(
     )
     assert generated.upgrade.startswith("op.create_table('events',")
     assert "create_table('mv_" not in generated.upgrade
-    assert generated.downgrade == """op.drop_materialized_view(
+    assert (
+        generated.downgrade
+        == """op.drop_materialized_view(
     'mv_big',
     definition=(
         'SELECT mv_totals.kind \\n'
@@ -96,6 +96,7 @@ op.drop_materialized_view(
     ),
 )
 op.drop_table('events')"""
+    )
 
 
 def test_round_trip(conn: sa.Connection) -> None:
@@ -146,22 +147,28 @@ def test_index_only_change_does_not_rebuild(conn: sa.Connection) -> None:
     del md2  # the MetaData lives on through the Table
     generated = autogenerate(conn, big.metadata)
     assert [type(op) for op in generated.upgrade_ops.ops] == [ops.CreateIndexOp]
-    assert generated.upgrade == "op.create_index('ix_mv_big_kind', 'mv_big', ['kind'], unique=False)"
+    assert (
+        generated.upgrade == "op.create_index('ix_mv_big_kind', 'mv_big', ['kind'], unique=False)"
+    )
     run_code(conn, generated.upgrade)
     assert autogenerate(conn, big.metadata).empty
     # Removing the declared index drops it, and the downgrade puts it back.
     md3, _ = schema_v1()
     removal = autogenerate(conn, md3)
     assert removal.upgrade == "op.drop_index('ix_mv_big_kind', table_name='mv_big')"
-    assert "op.create_index('ix_mv_big_kind', 'mv_big', ['kind'], unique=False)" in removal.downgrade
+    assert (
+        "op.create_index('ix_mv_big_kind', 'mv_big', ['kind'], unique=False)" in removal.downgrade
+    )
 
 
 def test_obsolete_views_dropped_before_their_sources(conn: sa.Connection) -> None:
     md, _ = schema_v1()
     md.create_all(conn)
     generated = autogenerate(conn, sa.MetaData())
-    kinds = [(type(op).__name__, getattr(op, "name", None) or getattr(op, "table_name", None))
-             for op in generated.upgrade_ops.ops]
+    kinds = [
+        (type(op).__name__, getattr(op, "name", None) or getattr(op, "table_name", None))
+        for op in generated.upgrade_ops.ops
+    ]
     assert kinds == [
         ("DropMaterializedViewOp", "mv_big"),
         ("DropIndexOp", "mv_totals"),
@@ -185,8 +192,9 @@ def test_include_object_unmanaged_and_comments(conn: sa.Connection) -> None:
     conn.execute(sa.text("CREATE MATERIALIZED VIEW ignored_mv AS SELECT 2 AS two"))
 
     md2, _ = schema_v1(comment="per kind")
-    MaterializedView("legacy", md2, "SELECT 1 AS one", columns=[sa.Column("one", sa.Integer)],
-                     managed=False)
+    MaterializedView(
+        "legacy", md2, "SELECT 1 AS one", columns=[sa.Column("one", sa.Integer)], managed=False
+    )
 
     def include_object(obj: Any, name: str, type_: str, reflected: bool, compare_to: Any) -> bool:
         return not (type_ == "materialized_view" and name == "ignored_mv")
@@ -194,7 +202,10 @@ def test_include_object_unmanaged_and_comments(conn: sa.Connection) -> None:
     generated = autogenerate(conn, md2, include_object=include_object)
     assert [type(op) for op in generated.upgrade_ops.ops] == [SetMaterializedViewCommentOp]
     assert generated.upgrade == "op.set_materialized_view_comment('mv_totals', 'per kind')"
-    assert generated.downgrade == "op.set_materialized_view_comment('mv_totals', None, existing_comment='per kind')"
+    assert (
+        generated.downgrade
+        == "op.set_materialized_view_comment('mv_totals', None, existing_comment='per kind')"
+    )
 
     def include_name(name: str, type_: str, parent_names: Any) -> bool:
         return name != "ignored_mv"

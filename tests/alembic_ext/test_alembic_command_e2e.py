@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-MODELS = '''
+MODELS = """
 import sqlalchemy as sa
 from sqlalchemy_matview import MaterializedView
 
@@ -24,7 +24,7 @@ per_kind = MaterializedView(
     sa.select(events.c.kind, sa.func.count().label("n")).group_by(events.c.kind),
     unique_key="kind",
 )
-'''
+"""
 
 
 def _alembic(project: Path, *args: str) -> str:

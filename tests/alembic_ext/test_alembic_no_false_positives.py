@@ -12,7 +12,7 @@ def _prepare(conn: sa.Connection) -> None:
 
 
 def test_corpus_is_large_enough() -> None:
-    md, views = build_corpus()
+    _, views = build_corpus()
     assert len(views) >= 30
     assert sum(isinstance(v.definition, sa.TextClause) for v in views) >= 5
 

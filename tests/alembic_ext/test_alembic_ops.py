@@ -33,7 +33,7 @@ def render(op: object) -> tuple[str, set[str]]:
 def test_offline_sql_of_every_operation() -> None:
     sql = offline_sql(
         "op.create_materialized_view('Mv', \"SELECT 'a%b:c' AS x\", schema='rep', "
-        "with_data=False, comment=\"it's\")\n"
+        'with_data=False, comment="it\'s")\n'
         "op.refresh_materialized_view('Mv', schema='rep', concurrently=True)\n"
         "op.set_materialized_view_comment('Mv', None, schema='rep')\n"
         "op.replace_materialized_view('Mv', 'SELECT 2 AS x', schema='rep')\n"
@@ -42,11 +42,11 @@ def test_offline_sql_of_every_operation() -> None:
     assert [s.strip() for s in sql.split(";") if s.strip()] == [
         "CREATE MATERIALIZED VIEW rep.\"Mv\" AS SELECT 'a%b:c' AS x WITH NO DATA",
         "COMMENT ON MATERIALIZED VIEW rep.\"Mv\" IS 'it''s'",
-        "REFRESH MATERIALIZED VIEW CONCURRENTLY rep.\"Mv\"",
-        "COMMENT ON MATERIALIZED VIEW rep.\"Mv\" IS NULL",
-        "DROP MATERIALIZED VIEW rep.\"Mv\"",
-        "CREATE MATERIALIZED VIEW rep.\"Mv\" AS SELECT 2 AS x WITH DATA",
-        "DROP MATERIALIZED VIEW IF EXISTS rep.\"Mv\" CASCADE",
+        'REFRESH MATERIALIZED VIEW CONCURRENTLY rep."Mv"',
+        'COMMENT ON MATERIALIZED VIEW rep."Mv" IS NULL',
+        'DROP MATERIALIZED VIEW rep."Mv"',
+        'CREATE MATERIALIZED VIEW rep."Mv" AS SELECT 2 AS x WITH DATA',
+        'DROP MATERIALIZED VIEW IF EXISTS rep."Mv" CASCADE',
     ]
 
 
@@ -76,7 +76,11 @@ def test_reverse_pairs() -> None:
     assert isinstance(drop, DropMaterializedViewOp)
     again = drop.reverse()
     assert (again.name, again.definition, again.schema, again.with_data, again.comment) == (
-        "mv", "SELECT 1", "s", False, "c"
+        "mv",
+        "SELECT 1",
+        "s",
+        False,
+        "c",
     )
     replace = ReplaceMaterializedViewOp("mv", "SELECT 2", old_definition="SELECT 1")
     back = replace.reverse()
@@ -108,7 +112,10 @@ def test_rendering() -> None:
     text, imports = render(
         CreateMaterializedViewOp("mv", "SELECT 1 AS one", schema="rep", with_data=False)
     )
-    assert text == "op.create_materialized_view('mv', 'SELECT 1 AS one', schema='rep', with_data=False)"
+    assert (
+        text
+        == "op.create_materialized_view('mv', 'SELECT 1 AS one', schema='rep', with_data=False)"
+    )
     assert imports == {IMPORT}
     text, _ = render(
         DropMaterializedViewOp("mv", definition="SELECT a,\n  b\nFROM t", comment="it's")
@@ -121,7 +128,7 @@ def test_rendering() -> None:
         "        '  b\\n'\n"
         "        'FROM t'\n"
         "    ),\n"
-        "    comment=\"it's\",\n"
+        '    comment="it\'s",\n'
         ")"
     )
     text, _ = render(RefreshMaterializedViewOp("mv", concurrently=True))

@@ -13,13 +13,16 @@ def _setup(conn: sa.Connection) -> None:
     for statement in [
         "CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL, amount int)",
         "INSERT INTO events SELECT g, 'k' || (g % 3), g FROM generate_series(1, 30) g",
-        "CREATE MATERIALIZED VIEW base AS SELECT kind, sum(amount) AS total FROM events GROUP BY kind",
+        "CREATE MATERIALIZED VIEW base AS"
+        " SELECT kind, sum(amount) AS total FROM events GROUP BY kind",
         "CREATE UNIQUE INDEX base_kind ON base (kind)",
         "COMMENT ON MATERIALIZED VIEW base IS 'the base'",
         # A plain view on the materialized view, and a materialized view on that plain view.
-        "CREATE VIEW base_big WITH (security_barrier=true) AS SELECT kind, total FROM base WHERE total > 100",
+        "CREATE VIEW base_big WITH (security_barrier=true) AS"
+        " SELECT kind, total FROM base WHERE total > 100",
         "COMMENT ON VIEW base_big IS 'big ones'",
-        "CREATE MATERIALIZED VIEW top_kind AS SELECT kind FROM base_big ORDER BY total DESC LIMIT 1",
+        "CREATE MATERIALIZED VIEW top_kind AS"
+        " SELECT kind FROM base_big ORDER BY total DESC LIMIT 1",
         "CREATE UNIQUE INDEX top_kind_kind ON top_kind (kind)",
         # A materialized view reading base directly, left unpopulated.
         "CREATE MATERIALIZED VIEW base_copy AS SELECT * FROM base WITH NO DATA",

@@ -17,8 +17,9 @@ from sqlalchemy_matview.orchestration.tracking import tracking_installed
 def models(track: bool) -> sa.MetaData:
     md = sa.MetaData()
     events = sa.Table("events", md, sa.Column("id", sa.Integer, primary_key=True))
-    base = MaterializedView("mv_count", md, sa.select(sa.func.count(events.c.id).label("n")),
-                            track_changes=track)
+    base = MaterializedView(
+        "mv_count", md, sa.select(sa.func.count(events.c.id).label("n")), track_changes=track
+    )
     MaterializedView("mv_on_mv", md, sa.select(base.c.n), track_changes=track)
     return md
 
@@ -28,7 +29,9 @@ def test_enable_then_disable_tracking(conn: sa.Connection) -> None:
     generated = autogenerate(conn, md)
     names = [type(op) for op in generated.upgrade_ops.ops]
     assert names[-4:] == [
-        CreateMaterializedViewOp, EnableChangeTrackingOp, CreateMaterializedViewOp,
+        CreateMaterializedViewOp,
+        EnableChangeTrackingOp,
+        CreateMaterializedViewOp,
         EnableChangeTrackingOp,
     ]
     assert "op.enable_change_tracking('mv_count', [(None, 'events')])" in generated.upgrade
