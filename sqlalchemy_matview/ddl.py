@@ -8,6 +8,7 @@ Each construct is an :class:`~sqlalchemy.sql.ddl.ExecutableDDLElement`, so it ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -75,7 +76,8 @@ class _ViewDDL(ExecutableDDLElement):
 class CreateMaterializedView(_ViewDDL):
     """``CREATE MATERIALIZED VIEW [IF NOT EXISTS] name (columns) AS query WITH [NO] DATA``.
 
-    Built from a declared view, or from a name and a definition (as Alembic operations do)::
+    Built from a declared view, or from a name and a definition (as Alembic operations do;
+    ``columns=`` then names the output columns)::
 
         from sqlalchemy_matview import CreateMaterializedView
         conn.execute(CreateMaterializedView(mv_dashboard, if_not_exists=True))
@@ -96,13 +98,14 @@ class CreateMaterializedView(_ViewDDL):
         schema: str | None = None,
         if_not_exists: bool = False,
         with_data: bool | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         declared = materialized_view_of(view)
         if declared is not None:
-            if definition is not None:
+            if definition is not None or columns is not None:
                 raise TypeError(
-                    f"CreateMaterializedView({declared.fullname!r}): the definition comes from "
-                    "the declared view; do not pass another one"
+                    f"CreateMaterializedView({declared.fullname!r}): the definition and columns "
+                    "come from the declared view; do not pass others"
                 )
             self.table = declared.table
             self.definition: ClauseElement = declared.definition
@@ -116,7 +119,7 @@ class CreateMaterializedView(_ViewDDL):
             self.table = _target_table(view, schema, "CreateMaterializedView")
             self.definition = _as_definition(definition)
             self.with_data = True if with_data is None else with_data
-            self.column_names = None
+            self.column_names = tuple(columns) if columns is not None else None
         self.if_not_exists = if_not_exists
 
 

@@ -142,10 +142,9 @@ def _create(
     with_data: bool,
     columns: Sequence[str] | None,
 ) -> CreateMaterializedView:
-    statement = CreateMaterializedView(name, definition, schema=schema, with_data=with_data)
-    if columns is not None:
-        statement.column_names = tuple(columns)
-    return statement
+    return CreateMaterializedView(
+        name, definition, schema=schema, with_data=with_data, columns=columns
+    )
 
 
 def _bind(operations: Operations, what: str) -> Connection:
