@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
@@ -73,9 +75,9 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     # 6. DISTINCT ON
     mv(
         "c06_distinct_on",
-        sa.select(events.c.user_id, events.c.kind)
-        .distinct(events.c.user_id)
-        .order_by(events.c.user_id, events.c.created_at.desc()),
+        _distinct_on(sa.select(events.c.user_id, events.c.kind), events.c.user_id).order_by(
+            events.c.user_id, events.c.created_at.desc()
+        ),
     )
     # 7. CASE
     mv(
@@ -270,3 +272,12 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         ),
     )
     return md, views
+
+
+def _distinct_on(query: sa.Select[Any], *expressions: Any) -> sa.Select[Any]:
+    # SQLAlchemy 2.1 spells DISTINCT ON as an extension; 2.0 has only .distinct(expr).
+    try:
+        from sqlalchemy.dialects.postgresql import distinct_on
+    except ImportError:
+        return query.distinct(*expressions)
+    return query.ext(distinct_on(*expressions))
