@@ -200,7 +200,7 @@ def _declared_edges(views: Sequence[MaterializedView], current: str) -> list[tup
 
 
 def _resolve(
-    ref: ViewRef, current: str, infos: dict[QName, catalog.MaterializedViewInfo]
+    ref: ViewRef, current: str, infos: dict[QName, _ViewInfo]
 ) -> tuple[QName, MaterializedView | None]:
     declared = materialized_view_of(ref)
     if declared is not None:
@@ -227,6 +227,28 @@ def _check_concurrent_declaration(view: MaterializedView) -> None:
         )
 
 
+# Lighter than catalog.materialized_views(): no pg_get_viewdef / pg_total_relation_size,
+# which take locks on each view and would block planning behind a running plain refresh.
+_VIEWS = sa.text(
+    """
+    SELECT n.nspname AS schema, c.relname AS name, c.relispopulated AS populated,
+           EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                    WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
+                      AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL)
+             AS concurrent_index
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind = 'm'
+    """
+)
+
+
+@dataclass(frozen=True)
+class _ViewInfo:
+    populated: bool
+    concurrent_index: bool
+
+
 def _plan(
     conn: Connection,
     refs: Sequence[ViewRef],
@@ -237,7 +259,10 @@ def _plan(
     want_stale: bool,
 ) -> _Plan:
     current = catalog.current_schema(conn)
-    infos = {info.qualified_name: info for info in catalog.materialized_views(conn)}
+    infos = {
+        (r.schema, r.name): _ViewInfo(bool(r.populated), bool(r.concurrent_index))
+        for r in conn.execute(_VIEWS)
+    }
     declared_views = materialized_views(metadata) if metadata is not None else []
     resolved: list[tuple[QName, MaterializedView | None]] = [
         _resolve(ref, current, infos) for ref in refs

@@ -1,0 +1,175 @@
+"""RefreshWorker: debounce, whitelist, stop, and survival of connection faults."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_matview import RefreshResult, RefreshWorker
+from sqlalchemy_matview.orchestration import tracking
+
+from .conftest import Shop, build_shop, rows
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def stale(engine) -> set[str]:
+    with engine.connect() as conn:
+        return {s.qualified_name for s in tracking.view_states(conn).values() if s.stale}
+
+
+def test_worker_refreshes_after_change_and_stops_promptly(engine, shop: Shop):
+    results: list[RefreshResult] = []
+    worker = RefreshWorker(engine, shop.metadata, debounce=0.2, on_result=results.append)
+    worker.start()
+    try:
+        assert wait_for(lambda: worker.passes >= 1)  # the catch-up pass on connect
+        with engine.begin() as conn:
+            conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 300}])
+        assert wait_for(lambda: rows(engine, shop.mv_top) == [(1, 300)])
+        assert ("public.mv_totals", "refreshed") in [(r.view, r.status) for r in results]
+    finally:
+        started = time.monotonic()
+        assert worker.stop(timeout=5)
+        assert time.monotonic() - started < 2
+    assert not worker.running
+    assert stale(engine) == set()
+
+
+def test_worker_ignores_unknown_payloads(engine, shop: Shop, caplog):
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_matview")
+    with RefreshWorker(engine, shop.metadata, debounce=0.1) as worker:
+        assert wait_for(lambda: worker.passes >= 1)
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_notify('sqlalchemy_matview', 'public.pg_class')"))
+            conn.execute(sa.text("SELECT pg_notify('sqlalchemy_matview', 'x; DROP TABLE orders')"))
+        assert wait_for(
+            lambda: any("x; DROP TABLE orders" in r.getMessage() for r in caplog.records)
+        )
+        time.sleep(0.3)
+        assert worker.passes == 1  # nothing triggered a refresh pass
+    assert any("public.pg_class" in r.getMessage() for r in caplog.records)
+
+
+def test_debounce_is_bounded_by_max_delay(engine, shop: Shop):
+    refreshed_at: list[float] = []
+    worker = RefreshWorker(
+        engine,
+        shop.metadata,
+        debounce=1.0,
+        max_delay=1.5,
+        on_result=lambda r: r.status == "refreshed" and refreshed_at.append(time.monotonic()),
+    )
+    with worker:
+        assert wait_for(lambda: worker.passes >= 1)
+        first_write = time.monotonic()
+        # Writes every 0.2s never leave 1s of quiet: only max_delay can fire.
+        while time.monotonic() - first_write < 3.0 and not refreshed_at:
+            with engine.begin() as conn:
+                conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 1}])
+            time.sleep(0.2)
+        assert refreshed_at, "max_delay did not force a refresh during continuous writes"
+        assert 1.4 <= refreshed_at[0] - first_write < 2.8
+
+
+def test_interval_pass_runs_without_notifications(engine, shop: Shop):
+    worker = RefreshWorker(engine, shop.metadata, debounce=0.1, interval=0.3)
+    with worker:
+        assert wait_for(lambda: worker.passes >= 3, timeout=5)
+
+
+def test_worker_rejects_async_engine_and_bad_timings(pg_url):
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    aeng = create_async_engine(pg_url.set(drivername="postgresql+psycopg_async"))
+    with pytest.raises(TypeError, match="sync Engine"):
+        RefreshWorker(aeng, sa.MetaData())  # type: ignore[arg-type]
+    eng = sa.create_engine(pg_url)
+    with pytest.raises(ValueError, match="debounce"):
+        RefreshWorker(eng, sa.MetaData(), debounce=-1)
+    eng.dispose()
+
+
+def _worker_backends(engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name ="
+                    " 'sqlalchemy_matview worker' AND datname = current_database()"
+                )
+            ).scalars()
+        )
+
+
+@pytest.mark.slow
+def test_worker_survives_terminated_connection(engine, shop: Shop):
+    worker = RefreshWorker(engine, shop.metadata, debounce=0.1, max_backoff=1.0)
+    with worker:
+        assert wait_for(lambda: worker.passes >= 1 and len(_worker_backends(engine)) == 1)
+        [pid] = _worker_backends(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.select(sa.func.pg_terminate_backend(pid)))
+            # Committed while the worker's listener is dead: no notification reaches it.
+            conn.execute(shop.orders.insert(), [{"customer": 9, "amount": 999}])
+        assert wait_for(lambda: worker.connections >= 2)
+        assert wait_for(lambda: rows(engine, shop.mv_top) == [(9, 999)])
+        assert wait_for(lambda: stale(engine) == set())
+
+
+@pytest.mark.slow
+def test_worker_survives_server_restart():
+    from sqlalchemy_matview.testing.launcher import PostgresServer
+
+    with PostgresServer() as server:
+        eng = sa.create_engine(server.url(server.create_database()))
+        try:
+            shop = build_shop()
+            shop.metadata.create_all(eng)
+            # A long debounce: only the reconnect's catch-up pass can refresh in time.
+            worker = RefreshWorker(eng, shop.metadata, debounce=60, max_delay=60, max_backoff=1.0)
+            with worker:
+                assert wait_for(lambda: worker.passes >= 1)
+                with eng.begin() as conn:
+                    conn.execute(shop.orders.insert(), [{"customer": 4, "amount": 400}])
+                assert stale(eng) == {"public.mv_totals"}
+                server.restart()
+                assert wait_for(lambda: worker.connections >= 2, timeout=30)
+                assert wait_for(lambda: stale(eng) == set(), timeout=30)
+                assert rows(eng, shop.mv_top) == [(4, 400)]
+        finally:
+            eng.dispose()
+
+
+def test_two_workers_share_the_work(engine, shop: Shop):
+    seen: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def record(r: RefreshResult) -> None:
+        with lock:
+            seen.append((r.view, r.status))
+
+    w1 = RefreshWorker(engine, shop.metadata, debounce=0.1, on_result=record)
+    w2 = RefreshWorker(engine, shop.metadata, debounce=0.1, on_result=record)
+    with w1, w2:
+        assert wait_for(lambda: w1.passes >= 1 and w2.passes >= 1)
+        seen.clear()
+        with engine.begin() as conn:
+            conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 101}])
+        assert wait_for(lambda: rows(engine, shop.mv_top) == [(1, 101)])
+        time.sleep(0.5)
+    refreshed = [v for v, s in seen if s == "refreshed"]
+    # Each change is refreshed once: the other worker skipped it (locked or already fresh).
+    assert sorted(refreshed) == ["public.mv_top", "public.mv_totals"]
