@@ -13,6 +13,7 @@ commits.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -115,7 +116,8 @@ def _require_pg_cron(conn: Connection) -> tuple[int, ...]:
             "shared_preload_libraries, then run CREATE EXTENSION pg_cron in the database "
             "named by cron.database_name, and connect there to schedule refreshes"
         )
-    return tuple(int(p) for p in str(row[0]).split(".") if p.isdigit())
+    # extversion looks like "1.4-1" (Debian) or "1.6": the leading numbers are what count.
+    return tuple(int(p) for p in re.findall(r"\d+", str(row[0]))[:2])
 
 
 def schedule_refresh(
