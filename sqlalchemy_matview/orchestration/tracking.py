@@ -464,7 +464,7 @@ _RECORD = sa.text(
         DELETE FROM {STATE_SCHEMA}.{CHANGES_TABLE} c
          USING {STATE_SCHEMA}.{STATE_TABLE} s
          WHERE s.view_schema = :schema AND s.view_name = :name AND c.view_id = s.id
-           AND (txid_visible_in_snapshot(c.txid, CAST(:snapshot AS txid_snapshot))
+           AND (txid_visible_in_snapshot(c.txid, CAST(CAST(:snapshot AS text) AS txid_snapshot))
                 OR c.txid = txid_current_if_assigned())
      RETURNING c.id)
     UPDATE {STATE_SCHEMA}.{STATE_TABLE}
