@@ -212,6 +212,11 @@ class MaterializedView:
                 if source.metadata is metadata and source is not self.table:
                     self.table.add_is_dependent_on(source)
             _compat.install_ddl(self)
+            if track_changes:
+                # create_all installs the triggers, drop_all removes them (issue 4).
+                from .orchestration import tracking
+
+                tracking.attach(self)
         registry[key] = self
         from . import readonly
 
