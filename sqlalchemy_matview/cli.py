@@ -513,6 +513,12 @@ def _progress(console: Console, message: str) -> Iterator[None]:
             logger.setLevel(old_level)
 
 
+def _print_now(console: Console, text: str) -> None:
+    # A long-running command's output goes to logs through pipes: never hold it in a buffer.
+    console.print(text, highlight=False)
+    console.file.flush()
+
+
 _CONCURRENTLY = {"auto": "auto", "always": True, "never": False}
 
 
@@ -717,12 +723,16 @@ def watch(
                 interval=interval,
                 channel=channel,
                 lock=lock,
-                on_result=lambda r: console.print(format_result(r), highlight=False),
+                on_result=lambda r: (
+                    _print_now(console, format_result(r))
+                    if verbose or r.status != "skipped_fresh"
+                    else None
+                ),
             )
-            console.print(
+            _print_now(
+                console,
                 f"Watching {db_url.render_as_string(hide_password=True)} "
                 f"(channel {channel!r}); Ctrl-C to stop.",
-                highlight=False,
             )
             worker.run()
     finally:

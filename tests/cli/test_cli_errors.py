@@ -92,9 +92,7 @@ def test_bad_metadata_path(url_text: str, path: str, message: str) -> None:
     assert message in _one_error_line(out)
 
 
-def test_metadata_module_that_raises(
-    url_text: str, models_module: Callable[..., str]
-) -> None:
+def test_metadata_module_that_raises(url_text: str, models_module: Callable[..., str]) -> None:
     name = models_module("raise RuntimeError('models are broken')\n")
     code, out = _run("status", "--url", url_text, "--metadata", f"{name}:metadata")
     assert code == 1
@@ -103,8 +101,7 @@ def test_metadata_module_that_raises(
 
 def test_declarative_base_is_accepted(url_text: str, models_module: Callable[..., str]) -> None:
     name = models_module(
-        "from sqlalchemy.orm import DeclarativeBase\n"
-        "class Base(DeclarativeBase):\n    pass\n"
+        "from sqlalchemy.orm import DeclarativeBase\nclass Base(DeclarativeBase):\n    pass\n"
     )
     code, out = _run("status", "--url", url_text, "--metadata", f"{name}:Base", "--json")
     assert (code, out.strip()) == (0, "[]")

@@ -30,7 +30,7 @@ def test_status_json_reports_catalog_facts(engine: sa.Engine, url_text: str) -> 
         conn.execute(sa.text("CREATE SCHEMA reports"))
         conn.execute(sa.text("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 500) g"))
         conn.execute(sa.text("CREATE VIEW v AS SELECT id FROM t WHERE id > 10"))
-        conn.execute(sa.text("CREATE MATERIALIZED VIEW reports.\"Big View\" AS SELECT id FROM v"))
+        conn.execute(sa.text('CREATE MATERIALIZED VIEW reports."Big View" AS SELECT id FROM v'))
         conn.execute(sa.text('CREATE UNIQUE INDEX big_id ON reports."Big View" (id)'))
         conn.execute(sa.text("CREATE MATERIALIZED VIEW empty_mv AS SELECT 1 AS x WITH NO DATA"))
         conn.execute(sa.text('ANALYZE reports."Big View"'))

@@ -77,8 +77,7 @@ def _runnable_pages() -> list[Path]:
     return [
         page
         for page in _pages()
-        if page.is_file()
-        and any(b.language == "python" for b in extract_blocks(page.read_text()))
+        if page.is_file() and any(b.language == "python" for b in extract_blocks(page.read_text()))
     ]
 
 
@@ -88,9 +87,7 @@ def _page_id(page: Path) -> str:
 
 def _page_traceback(exc: BaseException, filename: str) -> str:
     frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if frame.filename == filename
+        frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == filename
     ]
     where = "".join(traceback.format_list(frames))
     return where + "".join(traceback.format_exception_only(type(exc), exc))
