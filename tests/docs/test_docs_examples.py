@@ -107,15 +107,17 @@ def run_page(page: Path, engine: sa.Engine, url: sa.URL) -> int:
                 continue
             # Padding keeps the page's own line numbers in tracebacks.
             source = "\n" * (block.line - 1) + block.source
+            failure: str | None = None
             try:
                 code = compile(source, rel, "exec")
                 exec(code, module.__dict__)
+            except (KeyboardInterrupt, SystemExit):
+                raise
             except BaseException as exc:
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
+                failure = _page_traceback(exc, rel)
+            if failure is not None:
                 pytest.fail(
-                    f"{rel}:{block.line}: the python block starting here failed:\n"
-                    + _page_traceback(exc, rel),
+                    f"{rel}:{block.line}: the python block starting here failed:\n{failure}",
                     pytrace=False,
                 )
             ran += 1
