@@ -23,7 +23,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
@@ -32,6 +32,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy_matview import RefreshResult, RefreshWorker, refresh_stale
 
 from .models import events, metadata, mv_dashboard
+
+
+def get_engine(request: Request) -> sa.Engine:
+    """The application's engine, made in the lifespan."""
+    engine: sa.Engine = request.app.state.engine
+    return engine
+
+
+EngineDep = Annotated[sa.Engine, Depends(get_engine)]
 
 
 class DayOut(BaseModel):
@@ -88,19 +97,15 @@ def create_app(
 
     app = FastAPI(title="Dashboard", lifespan=lifespan)
 
-    def get_engine(request: Request) -> sa.Engine:
-        engine: sa.Engine = request.app.state.engine
-        return engine
-
     # Plain `def` endpoints: FastAPI runs them in a thread pool, fine for a sync engine.
     @app.get("/dashboard", response_model=list[DayOut])
-    def dashboard(days: int = 30, engine: sa.Engine = Depends(get_engine)) -> list[Any]:
+    def dashboard(days: int = 30, engine: EngineDep) -> list[Any]:
         query = sa.select(mv_dashboard.table).order_by(mv_dashboard.c.day.desc()).limit(days)
         with engine.connect() as conn:
             return [row._asdict() for row in conn.execute(query)]
 
     @app.post("/events", status_code=201)
-    def add_event(event: EventIn, engine: sa.Engine = Depends(get_engine)) -> dict[str, int]:
+    def add_event(event: EventIn, engine: EngineDep) -> dict[str, int]:
         with engine.begin() as conn:
             new_id = conn.execute(
                 events.insert().returning(events.c.id), event.model_dump()
@@ -108,7 +113,7 @@ def create_app(
         return {"id": new_id}
 
     @app.post("/refresh", response_model=list[RefreshOut])
-    def refresh_now(engine: sa.Engine = Depends(get_engine)) -> list[Any]:
+    def refresh_now(engine: EngineDep) -> list[Any]:
         """Refresh what is stale right now (the worker would, after its debounce)."""
         return [
             RefreshOut(

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
