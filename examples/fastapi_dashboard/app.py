@@ -99,7 +99,7 @@ def create_app(
 
     # Plain `def` endpoints: FastAPI runs them in a thread pool, fine for a sync engine.
     @app.get("/dashboard", response_model=list[DayOut])
-    def dashboard(days: int = 30, engine: EngineDep) -> list[Any]:
+    def dashboard(engine: EngineDep, days: int = 30) -> list[Any]:
         query = sa.select(mv_dashboard.table).order_by(mv_dashboard.c.day.desc()).limit(days)
         with engine.connect() as conn:
             return [row._asdict() for row in conn.execute(query)]
