@@ -1,3 +1,4 @@
+# ruff: noqa: E501
 """Refresh orchestration costs, measured side by side on a throwaway server.
 
     python benchmarks/bench_refresh.py [--rows 1000000] [--view-rows 200000]
@@ -41,7 +42,8 @@ def main() -> None:
 
     md = sa.MetaData()
     events = sa.Table(
-        "events", md,
+        "events",
+        md,
         sa.Column("id", sa.BigInteger, primary_key=True),
         sa.Column("grp", sa.Integer, nullable=False),
         sa.Column("v", sa.Integer, nullable=False),
@@ -50,22 +52,32 @@ def main() -> None:
         events.c.grp, sa.func.count().label("n"), sa.func.sum(events.c.v).label("total")
     ).group_by(events.c.grp)
     mv = MaterializedView(
-        "mv_groups", md, per_group,
+        "mv_groups",
+        md,
+        per_group,
         columns=[sa.Column("n", sa.BigInteger), sa.Column("total", sa.BigInteger)],
-        unique_key="grp", track_changes=True,
+        unique_key="grp",
+        track_changes=True,
     )
     tracking.attach(mv)
     plain_t = sa.Table("bulk_plain", md, sa.Column("id", sa.BigInteger), sa.Column("v", sa.Integer))
-    tracked_t = sa.Table("bulk_tracked", md, sa.Column("id", sa.BigInteger), sa.Column("v", sa.Integer))
+    tracked_t = sa.Table(
+        "bulk_tracked", md, sa.Column("id", sa.BigInteger), sa.Column("v", sa.Integer)
+    )
     mv_bulk = MaterializedView(
-        "mv_bulk", md, sa.select(sa.func.count().label("n")).select_from(tracked_t),
-        columns=[sa.Column("n", sa.BigInteger)], track_changes=True,
+        "mv_bulk",
+        md,
+        sa.select(sa.func.count().label("n")).select_from(tracked_t),
+        columns=[sa.Column("n", sa.BigInteger)],
+        track_changes=True,
     )
     tracking.attach(mv_bulk)
 
     with PostgresServer(settings={"shared_buffers": "128MB", "work_mem": "64MB"}) as server:
         engine = sa.create_engine(server.url(server.create_database()))
-        print(f"PostgreSQL {server.version}; source {args.rows:,} rows, view {args.view_rows:,} rows")
+        print(
+            f"PostgreSQL {server.version}; source {args.rows:,} rows, view {args.view_rows:,} rows"
+        )
         with engine.begin() as conn:
             events.create(conn)
             conn.execute(
@@ -107,7 +119,9 @@ def main() -> None:
         print("\n2. 100 statements x 1,000 rows (one transaction each), median of 5")
         print(f"   untracked table:          {plain_w * 1000:9.1f} ms")
         print(f"   tracked table:            {tracked_w * 1000:9.1f} ms")
-        print(f"   overhead:                 {(tracked_w / plain_w - 1) * 100:9.1f} % (target <= 15 %)")
+        print(
+            f"   overhead:                 {(tracked_w / plain_w - 1) * 100:9.1f} % (target <= 15 %)"
+        )
 
         # 3. plain vs concurrent, with a reader loop
         def with_reader(concurrently: bool) -> tuple[float, float, float]:
@@ -136,10 +150,14 @@ def main() -> None:
         plain = with_reader(False)
         conc = with_reader(True)
         print("\n3. refresh time and the worst reader latency during it")
-        print(f"   plain REFRESH:            {plain[0] * 1000:9.1f} ms; reader worst {plain[1] * 1000:8.1f} ms"
-              f" (baseline {plain[2] * 1000:.2f} ms)")
-        print(f"   REFRESH CONCURRENTLY:     {conc[0] * 1000:9.1f} ms; reader worst {conc[1] * 1000:8.1f} ms"
-              f" (baseline {conc[2] * 1000:.2f} ms)")
+        print(
+            f"   plain REFRESH:            {plain[0] * 1000:9.1f} ms; reader worst {plain[1] * 1000:8.1f} ms"
+            f" (baseline {plain[2] * 1000:.2f} ms)"
+        )
+        print(
+            f"   REFRESH CONCURRENTLY:     {conc[0] * 1000:9.1f} ms; reader worst {conc[1] * 1000:8.1f} ms"
+            f" (baseline {conc[2] * 1000:.2f} ms)"
+        )
         engine.dispose()
 
 

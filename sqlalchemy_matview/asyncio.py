@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -34,7 +34,7 @@ __all__ = [
     "unschedule_refresh",
 ]
 
-AsyncBind = Union[AsyncEngine, AsyncConnection, AsyncSession]
+AsyncBind: TypeAlias = AsyncEngine | AsyncConnection | AsyncSession
 T = TypeVar("T")
 
 
@@ -76,8 +76,13 @@ async def refresh_views(
     return await _run(
         bind,
         _call(
-            runner.refresh_views, *views, cascade=cascade, concurrently=concurrently,
-            lock=lock, lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+            runner.refresh_views,
+            *views,
+            cascade=cascade,
+            concurrently=concurrently,
+            lock=lock,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
         ),
         per_view_commit=True,
     )
@@ -102,8 +107,13 @@ async def refresh_all(
     return await _run(
         bind,
         _call(
-            runner.refresh_all, metadata, cascade=cascade, concurrently=concurrently,
-            lock=lock, lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+            runner.refresh_all,
+            metadata,
+            cascade=cascade,
+            concurrently=concurrently,
+            lock=lock,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
         ),
         per_view_commit=True,
     )
@@ -128,8 +138,13 @@ async def refresh_stale(
     return await _run(
         bind,
         _call(
-            runner.refresh_stale, metadata, cascade=cascade, concurrently=concurrently,
-            lock=lock, lock_timeout=lock_timeout, statement_timeout=statement_timeout,
+            runner.refresh_stale,
+            metadata,
+            cascade=cascade,
+            concurrently=concurrently,
+            lock=lock,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
         ),
         per_view_commit=True,
     )
@@ -149,8 +164,13 @@ async def schedule_refresh(
     return await _run(
         bind,
         lambda target: cron.schedule_refresh(
-            target, view, schedule, concurrently=concurrently, job_name=job_name,
-            schema=schema, database=database,
+            target,
+            view,
+            schedule,
+            concurrently=concurrently,
+            job_name=job_name,
+            schema=schema,
+            database=database,
         ),
         per_view_commit=False,
     )

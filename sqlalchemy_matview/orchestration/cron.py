@@ -31,7 +31,7 @@ __all__ = ["job_name_for", "refresh_command", "schedule_refresh", "unschedule_re
 
 # The command is stored as data and run by pg_cron, not by our driver: compile it with a
 # paramstyle that leaves '%' in identifiers alone.
-_COMMAND_DIALECT = PGDialect(paramstyle="named")
+_COMMAND_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
 
 
 @contextmanager
@@ -85,7 +85,8 @@ def refresh_command(
     schema-qualified (jobs run with pg_cron's own search_path). For example
     ``refresh_command("Daily Stats", concurrently=False)`` is::
 
-        SELECT pg_catalog.pg_advisory_xact_lock(<key>); REFRESH MATERIALIZED VIEW "public"."Daily Stats"
+        SELECT pg_catalog.pg_advisory_xact_lock(<key>);
+        REFRESH MATERIALIZED VIEW public."Daily Stats"
     """
     view_schema, name = _qname(view, schema)
     declared = materialized_view_of(view)
@@ -145,7 +146,9 @@ def schedule_refresh(
         unschedule_refresh(engine, mv_daily)
     """
     if not isinstance(schedule, str) or not schedule.strip():
-        raise ValueError(f"schedule must be a cron expression such as '*/5 * * * *', got {schedule!r}")
+        raise ValueError(
+            f"schedule must be a cron expression such as '*/5 * * * *', got {schedule!r}"
+        )
     command = refresh_command(view, schema=schema, concurrently=concurrently)
     name = job_name or job_name_for(view, schema=schema, database=database)
     with _conn(bind) as conn:
@@ -186,7 +189,10 @@ def unschedule_refresh(
         unschedule_refresh(engine, "nightly dashboard refresh")
     """
     if isinstance(view_or_job_name, str):
-        candidates = [view_or_job_name, job_name_for(view_or_job_name, schema=schema, database=database)]
+        candidates = [
+            view_or_job_name,
+            job_name_for(view_or_job_name, schema=schema, database=database),
+        ]
     else:
         candidates = [job_name_for(view_or_job_name, schema=schema, database=database)]
     with _conn(bind) as conn:

@@ -69,9 +69,7 @@ def lock_key(
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key(mv_daily))))
     """
     view_schema, name = _qualified(view, schema)
-    digest = hashlib.sha256(
-        _PREFIX + view_schema.encode() + b"\x00" + name.encode()
-    ).digest()
+    digest = hashlib.sha256(_PREFIX + view_schema.encode() + b"\x00" + name.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 

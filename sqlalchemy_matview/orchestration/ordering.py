@@ -1,8 +1,9 @@
 """Dependency order of materialized views, from the catalog and the declarations.
 
-The catalog (``pg_depend`` / ``pg_rewrite``, through :func:`sqlalchemy_matview.catalog.dependencies`)
-is the truth about what exists, including dependencies that cross plain views
-(``mv_a -> v_mid -> mv_b``). Declarations add edges the catalog cannot know yet.
+The catalog (``pg_depend`` / ``pg_rewrite``, through
+:func:`sqlalchemy_matview.catalog.dependencies`) is the truth about what exists,
+including dependencies that cross plain views (``mv_a -> v_mid -> mv_b``).
+Declarations add edges the catalog cannot know yet.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal, Union
+from typing import Literal, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -52,13 +52,13 @@ __all__ = [
 
 log = logging.getLogger("sqlalchemy_matview")
 
-Bind = Union[Engine, Connection, Session]
+Bind: TypeAlias = Engine | Connection | Session
 #: A view: the declaration, its ``Table``, an ORM class mapped to it, a name, or
 #: ``(schema, name)``.
-ViewRef = Union[MaterializedView, sa.Table, type, str, tuple[Union[str, None], str]]
-LockMode = Literal["skip", "wait", "none"]
+ViewRef: TypeAlias = MaterializedView | sa.Table | type | str | tuple[str | None, str]
+LockMode: TypeAlias = Literal["skip", "wait", "none"]
 #: Seconds (``int`` / ``float``), a ``timedelta``, or a PostgreSQL duration string ("5s").
-Timeout = Union[float, int, timedelta, str, None]
+Timeout: TypeAlias = float | int | timedelta | str | None
 
 
 class RefreshOptionError(MaterializedViewError, ValueError):
@@ -100,9 +100,7 @@ def _options(
     statement_timeout: Timeout,
 ) -> _Options:
     if concurrently not in (True, False, "auto"):
-        raise RefreshOptionError(
-            f"concurrently={concurrently!r}: pass 'auto', True or False"
-        )
+        raise RefreshOptionError(f"concurrently={concurrently!r}: pass 'auto', True or False")
     if lock not in ("skip", "wait", "none"):
         raise RefreshOptionError(
             f"lock={lock!r}: pass 'skip' (skip views another process is refreshing), "
@@ -401,9 +399,7 @@ def _refresh_one(
             elif opts.lock == "wait":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
             phase = "refresh"
-            if only_if_stale and not (
-                plan.tracking_on and tracking.is_stale(conn, schema, name)
-            ):
+            if only_if_stale and not (plan.tracking_on and tracking.is_stale(conn, schema, name)):
                 outcome = "skipped_fresh"
                 _restore_timeouts(conn, saved)
             else:
@@ -468,8 +464,7 @@ def _execute(
             )
             log.warning("refresh of %s skipped: a view it reads failed", item.label)
         elif stale_only and not (
-            item.qname in plan.stale
-            or any(status.get(u) == "refreshed" for u in upstream)
+            item.qname in plan.stale or any(status.get(u) == "refreshed" for u in upstream)
         ):
             res = RefreshResult(view=item.label, status="skipped_fresh")
         else:
@@ -558,8 +553,12 @@ def refresh_all(
     """
     opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
     return _run(
-        bind, materialized_views(metadata, managed=True), metadata, opts,
-        strict=False, stale_only=False,
+        bind,
+        materialized_views(metadata, managed=True),
+        metadata,
+        opts,
+        strict=False,
+        stale_only=False,
     )
 
 
@@ -590,6 +589,11 @@ def refresh_stale(
     """
     opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
     return _run(
-        bind, materialized_views(metadata, managed=True), metadata, opts,
-        strict=False, stale_only=True, should_stop=_should_stop,
+        bind,
+        materialized_views(metadata, managed=True),
+        metadata,
+        opts,
+        strict=False,
+        stale_only=True,
+        should_stop=_should_stop,
     )

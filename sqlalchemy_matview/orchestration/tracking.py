@@ -26,7 +26,7 @@ view stale: no change is ever lost. The change rows' ids are the view's *version
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -179,13 +179,19 @@ def state_tables_exist(conn: Connection) -> bool:
     )
 
 
+def _constant(text: str) -> Callable[[IdentifierPreparer], str]:
+    return lambda _preparer: text
+
+
 def ensure_state_tables(conn: Connection) -> None:
     """Create the bookkeeping tables and trigger function if missing (safe to race)."""
     if state_tables_exist(conn):
         return
-    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.literal(_SETUP_LOCK_KEY, sa.BigInteger))))
+    conn.execute(
+        sa.select(sa.func.pg_advisory_xact_lock(sa.literal(_SETUP_LOCK_KEY, sa.BigInteger)))
+    )
     for statement in _setup_statements(conn.dialect.identifier_preparer):
-        conn.execute(PreparedDDL(lambda _p, s=statement: s))
+        conn.execute(PreparedDDL(_constant(statement)))
 
 
 # -- installing and removing triggers -----------------------------------------------------
@@ -293,7 +299,8 @@ def install_tracking(
         )
     conn.execute(
         sa.text(
-            f"INSERT INTO {STATE_SCHEMA}.{STATE_TABLE} (view_schema, view_name, tracked, source_oids)"
+            f"INSERT INTO {STATE_SCHEMA}.{STATE_TABLE}"
+            " (view_schema, view_name, tracked, source_oids)"
             " VALUES (:schema, :name, true, CAST(:oids AS oid[]))"
             " ON CONFLICT (view_schema, view_name) DO UPDATE"
             " SET tracked = true, source_oids = EXCLUDED.source_oids"

@@ -153,12 +153,12 @@ class RefreshWorker:
                 self._stop.set()
 
             for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, handler)
+                previous[int(sig)] = signal.signal(sig, handler)
         try:
             self._loop()
         finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            for signum, old in previous.items():
+                signal.signal(signum, old)
 
     def __enter__(self) -> RefreshWorker:
         return self.start()
@@ -206,7 +206,9 @@ class RefreshWorker:
                 delay = min(self.max_backoff, 0.5 * 2**attempt)
                 attempt += 1
                 log.warning(
-                    "refresh worker: %s; reconnecting in %.1fs", exc.__class__.__name__, delay,
+                    "refresh worker: %s; reconnecting in %.1fs",
+                    exc.__class__.__name__,
+                    delay,
                     exc_info=exc,
                 )
                 self._close()
@@ -238,8 +240,10 @@ class RefreshWorker:
                     first = first if first is not None else last
             now = time.monotonic()
             reason = None
-            if first is not None and last is not None and (
-                now >= last + self.debounce or now >= first + self.max_delay
+            if (
+                first is not None
+                and last is not None
+                and (now >= last + self.debounce or now >= first + self.max_delay)
             ):
                 reason = "change"
             elif retry_at is not None and now >= retry_at:
@@ -266,7 +270,9 @@ class RefreshWorker:
             self._unknown_logged.add(payload)
             log.warning(
                 "refresh worker: ignoring notification %r on %r: not a view declared on its "
-                "MetaData", payload, self.channel,
+                "MetaData",
+                payload,
+                self.channel,
             )
         return False
 

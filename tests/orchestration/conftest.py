@@ -31,9 +31,9 @@ def build_shop(*, track: bool = True, unique: bool = True) -> Shop:
         sa.Column("customer", sa.Integer, nullable=False),
         sa.Column("amount", sa.Integer, nullable=False),
     )
-    totals = sa.select(
-        orders.c.customer, sa.func.sum(orders.c.amount).label("total")
-    ).group_by(orders.c.customer)
+    totals = sa.select(orders.c.customer, sa.func.sum(orders.c.amount).label("total")).group_by(
+        orders.c.customer
+    )
     mv_totals = MaterializedView(
         "mv_totals",
         md,

@@ -48,7 +48,11 @@ def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
                 sa.text("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
             )
         # Second-granularity schedules arrived in pg_cron 1.5; older ones wait for a minute.
-        every = "1 seconds" if tuple(map(int, version.split("-")[0].split("."))) >= (1, 5) else "* * * * *"
+        every = (
+            "1 seconds"
+            if tuple(map(int, version.split("-")[0].split("."))) >= (1, 5)
+            else "* * * * *"
+        )
         job = schedule_refresh(cron_engine, mv, every, database=db)
         assert isinstance(job, int)
         with cron_engine.connect() as conn:
@@ -70,18 +74,28 @@ def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
             time.sleep(0.3)
         assert count == 2, "the pg_cron job did not refresh the view"
         with cron_engine.connect() as conn:
-            failures = conn.execute(
-                sa.text(
-                    "SELECT return_message FROM cron.job_run_details"
-                    " WHERE jobid = :j AND status = 'failed'"
-                ),
-                {"j": job},
-            ).scalars().all()
+            failures = (
+                conn.execute(
+                    sa.text(
+                        "SELECT return_message FROM cron.job_run_details"
+                        " WHERE jobid = :j AND status = 'failed'"
+                    ),
+                    {"j": job},
+                )
+                .scalars()
+                .all()
+            )
         assert failures == []
         assert unschedule_refresh(cron_engine, mv, database=db) is True
         assert unschedule_refresh(cron_engine, mv, database=db) is False
-        named = schedule_refresh(cron_engine, "Odd \"Name\"", "0 3 * * *", job_name="nightly",
-                                 concurrently=False, database=db)
+        named = schedule_refresh(
+            cron_engine,
+            'Odd "Name"',
+            "0 3 * * *",
+            job_name="nightly",
+            concurrently=False,
+            database=db,
+        )
         assert unschedule_refresh(cron_engine, "nightly") is True
         assert named != job
     finally:

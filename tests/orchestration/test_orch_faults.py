@@ -81,8 +81,9 @@ def test_eight_processes_never_refresh_at_once(engine, slow_view):
 def test_terminated_lock_holder_lets_the_next_refresh(engine):
     with engine.begin() as conn:
         conn.execute(
-            sa.text("CREATE MATERIALIZED VIEW mv_hold AS SELECT 1 AS x FROM pg_sleep(30)"
-                    " WITH NO DATA")
+            sa.text(
+                "CREATE MATERIALIZED VIEW mv_hold AS SELECT 1 AS x FROM pg_sleep(30) WITH NO DATA"
+            )
         )
     holder_result: list[str] = []
     holder = threading.Thread(

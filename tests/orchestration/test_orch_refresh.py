@@ -99,7 +99,7 @@ def test_concurrently_true_misuse(engine):
     mv_noidx = MaterializedView("mv_noidx", md, sa.select(t.c.id))
     mv_empty = MaterializedView("mv_empty", md, sa.select(t.c.id), unique_key="id", with_data=False)
     md.create_all(engine)
-    with pytest.raises(ConcurrentRefreshError, match="mv_noidx.*unique_key"):
+    with pytest.raises(ConcurrentRefreshError, match=r"mv_noidx.*unique_key"):
         refresh_views(engine, mv_noidx, concurrently=True)
     [result] = refresh_views(engine, mv_empty, concurrently=True)
     assert result.status == "failed"
@@ -136,7 +136,11 @@ def test_failure_is_reported_and_dependents_skipped(engine, shop: Shop, caplog):
     # demand it through a name (no declaration to check) -> reported, not raised.
     with engine.begin() as conn:
         conn.execute(sa.text("DROP INDEX mv_totals_unique_key"))
-        conn.execute(sa.text("CREATE UNIQUE INDEX mv_totals_partial ON mv_totals (customer) WHERE customer > 0"))
+        conn.execute(
+            sa.text(
+                "CREATE UNIQUE INDEX mv_totals_partial ON mv_totals (customer) WHERE customer > 0"
+            )
+        )
     caplog.set_level(logging.INFO, logger="sqlalchemy_matview")
     results = refresh_views(engine, "mv_totals", "mv_top", "mv_ok", concurrently=True)
     by = {r.view: r for r in results}
@@ -209,9 +213,7 @@ def test_statement_timeout_applies_to_refresh_only(engine):
             )
         )
         conn.execute(sa.text("DROP MATERIALIZED VIEW mv_slow"))
-        conn.execute(
-            sa.text("CREATE MATERIALIZED VIEW mv_slow AS SELECT pg_sleep(1) IS NULL AS x")
-        )
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_slow AS SELECT pg_sleep(1) IS NULL AS x"))
     [result] = refresh_views(engine, "mv_slow", statement_timeout=0.1)
     assert result.status == "failed" and "statement timeout" in str(result.error)
     with engine.connect() as conn:

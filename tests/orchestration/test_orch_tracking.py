@@ -20,10 +20,7 @@ def test_create_all_installs_statement_triggers(engine, shop: Shop):
     with engine.connect() as conn:
         assert tracking.tracking_installed(conn) == {("public", "mv_totals")}
         trig = conn.execute(
-            sa.text(
-                "SELECT tgtype, tgrelid::regclass::text FROM pg_trigger"
-                " WHERE tgname = :n"
-            ),
+            sa.text("SELECT tgtype, tgrelid::regclass::text FROM pg_trigger WHERE tgname = :n"),
             {"n": tracking.TRIGGER_NAME},
         ).all()
     assert [t[1] for t in trig] == ["orders"]
@@ -177,14 +174,19 @@ def test_plain_view_sources_are_looked_through_and_install_is_idempotent(engine)
         tracking.uninstall_tracking(conn, None, "mv_v")
         tracking.uninstall_tracking(conn, None, "mv_v")
         assert tracking.tracking_installed(conn) == set()
-        assert conn.scalar(sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-                           {"n": tracking.TRIGGER_NAME}) == 0
+        assert (
+            conn.scalar(
+                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
+                {"n": tracking.TRIGGER_NAME},
+            )
+            == 0
+        )
 
 
 def test_missing_source_raises_naming_view(engine):
     import pytest
 
-    with engine.begin() as conn, pytest.raises(tracking.TrackingError, match="mv_x.*nosuch"):
+    with engine.begin() as conn, pytest.raises(tracking.TrackingError, match=r"mv_x.*nosuch"):
         tracking.install_tracking(conn, None, "mv_x", [(None, "nosuch")])
 
 
@@ -201,16 +203,29 @@ def test_drop_all_removes_triggers_but_keeps_other_views_tracking(engine):
     tracking.attach(second)
     md.create_all(engine)
     with engine.begin() as conn:
-        assert tracking.tracking_installed(conn) == {("public", "mv_totals"), ("public", "mv_count")}
+        assert tracking.tracking_installed(conn) == {
+            ("public", "mv_totals"),
+            ("public", "mv_count"),
+        }
         tracking.uninstall_tracking(conn, None, "mv_totals")
         # mv_count still needs the trigger on orders.
-        assert conn.scalar(sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-                           {"n": tracking.TRIGGER_NAME}) == 1
+        assert (
+            conn.scalar(
+                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
+                {"n": tracking.TRIGGER_NAME},
+            )
+            == 1
+        )
     md.drop_all(engine)
     with engine.connect() as conn:
         assert tracking.tracking_installed(conn) == set()
-        assert conn.scalar(sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-                           {"n": tracking.TRIGGER_NAME}) == 0
+        assert (
+            conn.scalar(
+                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
+                {"n": tracking.TRIGGER_NAME},
+            )
+            == 0
+        )
 
 
 def test_untracked_database_has_no_state(engine):
