@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 import sqlalchemy as sa
@@ -307,9 +307,9 @@ def collect_status(
             depends_on=sorted(deps.get(key, [])),
         )
         if metadata is not None:
-            view = declared.get(key)
+            found = declared.get(key)
             row.declared = (
-                "undeclared" if view is None else ("managed" if view.managed else "unmanaged")
+                "undeclared" if found is None else ("managed" if found.managed else "unmanaged")
             )
         _apply_state(row, states.get(key))
         rows.append(row)
@@ -457,8 +457,8 @@ def _resolve(
                 f"unknown materialized view {raw!r}{hint}; the database has: {listing}"
             )
         key = candidates[0]
-        view = declared.get(key)
-        targets.append(view if view is not None else key)
+        match = declared.get(key)
+        targets.append(match if match is not None else key)
     return targets
 
 
@@ -518,6 +518,12 @@ def _print_now(console: Console, text: str) -> None:
     console.print(text, highlight=False)
     console.file.flush()
 
+
+_LOCKS: dict[str, Literal["skip", "wait", "none"]] = {
+    "skip": "skip",
+    "wait": "wait",
+    "none": "none",
+}
 
 _CONCURRENTLY = {"auto": "auto", "always": True, "never": False}
 
@@ -607,7 +613,7 @@ def refresh(
     options: dict[str, Any] = {
         "cascade": cascade,
         "concurrently": _CONCURRENTLY[concurrently],
-        "lock": lock,
+        "lock": _LOCKS[lock],
         "lock_timeout": lock_timeout,
         "statement_timeout": statement_timeout,
     }
@@ -722,7 +728,7 @@ def watch(
                 max_delay=max_delay,
                 interval=interval,
                 channel=channel,
-                lock=lock,
+                lock=_LOCKS[lock],
                 on_result=lambda r: (
                     _print_now(console, format_result(r))
                     if verbose or r.status != "skipped_fresh"

@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +384,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
 
-def _print_rows(console: Console, title: str, rows: list[Any]) -> None:
+def _print_rows(console: Console, title: str, rows: Sequence[Any]) -> None:
     table = Table(title=title, title_justify="left")
     for name in ("day", "events", "unique_users", "revenue"):
         table.add_column(name, justify="left" if name == "day" else "right")
