@@ -537,7 +537,7 @@ def main() -> None:
     """See, refresh and watch PostgreSQL materialized views (sqlalchemy-matview)."""
 
 
-@main.command()
+@main.command(short_help="Show every materialized view and its state.")
 @_common
 @click.option("--schema", "schemas", multiple=True, help="Only these schemas (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
@@ -560,7 +560,7 @@ def status(
         render_status(rows, make_console())
 
 
-@main.command()
+@main.command(short_help="Refresh views by name, --all, or --stale.")
 @_common
 @click.argument("views", nargs=-1, metavar="[VIEW]...")
 @click.option("--all", "all_", is_flag=True, help="Every materialized view.")
@@ -649,7 +649,7 @@ def refresh(
         raise CommandError(f"{failed} of {len(results)} refresh(es) failed")
 
 
-@main.command()
+@main.command(short_help="Refresh stale views as their sources change.")
 @_common
 @click.option(
     "--debounce",
@@ -747,7 +747,7 @@ def watch(
     console.print("Stopped.")
 
 
-@main.command()
+@main.command(short_help="The dashboard story on a throwaway server.")
 @click.option(
     "--url",
     envvar=URL_ENV,
