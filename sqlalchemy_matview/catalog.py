@@ -33,8 +33,9 @@ class MaterializedViewInfo:
 
     schema: str
     name: str
-    #: ``pg_get_viewdef`` text: PostgreSQL's normalised form of the query.
-    definition: str
+    #: ``pg_get_viewdef`` text (PostgreSQL's normalised form of the query), or ``None`` when
+    #: not asked for.
+    definition: str | None
     populated: bool
     comment: str | None
     #: Name of a unique index that allows ``REFRESH ... CONCURRENTLY``, if any.
@@ -43,6 +44,8 @@ class MaterializedViewInfo:
     extension_owned: bool
     #: ``pg_class.reltuples``: the planner's row estimate (-1 or 0 before ANALYZE).
     row_estimate: int
+    #: Pages of the view, its indexes and TOAST times the block size, from ``pg_class``
+    #: statistics (as of the last VACUUM, ANALYZE or index build).
     size_bytes: int
 
     @property
@@ -50,16 +53,18 @@ class MaterializedViewInfo:
         return (self.schema, self.name)
 
 
-_MATVIEWS = sa.text(
-    """
+# Only catalog rows and statistics are read, except for pg_get_viewdef (asked for separately):
+# functions such as pg_total_relation_size lock each view, and would wait behind a plain
+# REFRESH holding ACCESS EXCLUSIVE on it.
+_MATVIEWS = """
     SELECT n.nspname AS schema, c.relname AS name,
-           pg_catalog.pg_get_viewdef(c.oid) AS definition,
+           {definition} AS definition,
            c.relispopulated AS populated,
            pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
            (SELECT ic.relname
               FROM pg_catalog.pg_index i
               JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
-             WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
+             WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indimmediate
                AND i.indpred IS NULL AND i.indexprs IS NULL
              ORDER BY i.indnatts, ic.relname
              LIMIT 1) AS concurrent_index,
@@ -67,7 +72,13 @@ _MATVIEWS = sa.text(
                     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
                       AND d.deptype = 'e') AS extension_owned,
            c.reltuples::bigint AS row_estimate,
-           pg_catalog.pg_total_relation_size(c.oid) AS size_bytes
+           ((c.relpages::bigint
+             + COALESCE((SELECT sum(ic.relpages) FROM pg_catalog.pg_index i
+                          JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+                         WHERE i.indrelid = c.oid), 0)
+             + COALESCE((SELECT t.relpages FROM pg_catalog.pg_class t
+                          WHERE t.oid = c.reltoastrelid), 0))
+            * current_setting('block_size')::bigint)::bigint AS size_bytes
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relkind = 'm'
@@ -76,7 +87,10 @@ _MATVIEWS = sa.text(
        AND (CAST(:all_schemas AS boolean) OR n.nspname = ANY (:schemas))
      ORDER BY n.nspname, c.relname
     """
+_MATVIEWS_WITH_DEFINITIONS = sa.text(
+    _MATVIEWS.format(definition="pg_catalog.pg_get_viewdef(c.oid)")
 )
+_MATVIEWS_WITHOUT_DEFINITIONS = sa.text(_MATVIEWS.format(definition="NULL::text"))
 
 
 def _schema_params(schemas: Sequence[str] | None) -> dict[str, object]:
@@ -88,10 +102,16 @@ def _schema_params(schemas: Sequence[str] | None) -> dict[str, object]:
 
 
 def materialized_views(
-    conn: Connection, schemas: Sequence[str] | None = None
+    conn: Connection, schemas: Sequence[str] | None = None, *, definitions: bool = True
 ) -> list[MaterializedViewInfo]:
-    """Every materialized view in ``schemas`` (default: all non-system schemas), in one query."""
-    rows = conn.execute(_MATVIEWS, _schema_params(schemas)).mappings()
+    """Every materialized view in ``schemas`` (default: all non-system schemas), in one query.
+
+    ``definitions=False`` leaves out the views' SQL: ``pg_get_viewdef`` locks each view, so
+    without it the query never waits behind a running plain ``REFRESH`` (monitoring and
+    refresh planning use that).
+    """
+    query = _MATVIEWS_WITH_DEFINITIONS if definitions else _MATVIEWS_WITHOUT_DEFINITIONS
+    rows = conn.execute(query, _schema_params(schemas)).mappings()
     return [MaterializedViewInfo(**row) for row in rows]
 
 

@@ -648,7 +648,7 @@ def compare_views(
             DropView(
                 schema=key[0],
                 name=key[1],
-                definition=normalize_definition(info.definition),
+                definition=normalize_definition(info.definition or ""),
                 with_data=info.populated,
                 comment=info.comment,
                 indexes=view_indexes,
@@ -675,7 +675,7 @@ def compare_views(
                 or not _index_matches(declared_indexes[name], current[name])
             ]
             changes.extend(DropIndex(item.schema, item.name, i) for i in stale)
-            old = normalize_definition(found.definition)
+            old = normalize_definition(found.definition or "")
             if probe_of[id(item)] != old:
                 changes.append(
                     ReplaceView(item.schema, item.name, sql, old, item.with_data, columns)

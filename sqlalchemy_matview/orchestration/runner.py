@@ -198,7 +198,7 @@ def _declared_edges(views: Sequence[MaterializedView], current: str) -> list[tup
 
 
 def _resolve(
-    ref: ViewRef, current: str, infos: dict[QName, _ViewInfo]
+    ref: ViewRef, current: str, infos: dict[QName, catalog.MaterializedViewInfo]
 ) -> tuple[QName, MaterializedView | None]:
     declared = materialized_view_of(ref)
     if declared is not None:
@@ -225,28 +225,6 @@ def _check_concurrent_declaration(view: MaterializedView) -> None:
         )
 
 
-# Lighter than catalog.materialized_views(): no pg_get_viewdef / pg_total_relation_size,
-# which take locks on each view and would block planning behind a running plain refresh.
-_VIEWS = sa.text(
-    """
-    SELECT n.nspname AS schema, c.relname AS name, c.relispopulated AS populated,
-           EXISTS (SELECT 1 FROM pg_catalog.pg_index i
-                    WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
-                      AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL)
-             AS concurrent_index
-      FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.relkind = 'm'
-    """
-)
-
-
-@dataclass(frozen=True)
-class _ViewInfo:
-    populated: bool
-    concurrent_index: bool
-
-
 def _plan(
     conn: Connection,
     refs: Sequence[ViewRef],
@@ -257,9 +235,10 @@ def _plan(
     want_stale: bool,
 ) -> _Plan:
     current = catalog.current_schema(conn)
+    # Without definitions the catalog query takes no locks, so planning never waits behind
+    # a plain refresh that is running elsewhere.
     infos = {
-        (r.schema, r.name): _ViewInfo(bool(r.populated), bool(r.concurrent_index))
-        for r in conn.execute(_VIEWS)
+        info.qualified_name: info for info in catalog.materialized_views(conn, definitions=False)
     }
     declared_views = materialized_views(metadata) if metadata is not None else []
     resolved: list[tuple[QName, MaterializedView | None]] = [

@@ -248,3 +248,20 @@ def test_catalog_dependencies_see_through_plain_views(
             (d.dependent[1], d.referenced[1], d.dependent_kind) for d in catalog.dependencies(conn)
         }
     assert edges == {("a", "base", "m"), ("pv", "a", "v"), ("c", "pv", "m")}
+
+
+def test_catalog_without_definitions_does_not_wait_behind_a_plain_refresh(
+    engine: Engine, md: sa.MetaData, events: sa.Table, dashboard: MaterializedView
+) -> None:
+    md.create_all(engine)
+    with engine.connect() as refresher, engine.connect() as monitor:
+        refresher.execute(refresh(dashboard, concurrently=False))  # ACCESS EXCLUSIVE until commit
+        monitor.execute(sa.text("SET lock_timeout = '500ms'"))
+        (info,) = catalog.materialized_views(monitor, definitions=False)
+        assert info.name == "mv_dashboard" and info.definition is None
+        assert info.concurrent_index == "mv_dashboard_unique_key" and info.size_bytes > 0
+        monitor.rollback()
+        monitor.execute(sa.text("SET lock_timeout = '500ms'"))
+        with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
+            catalog.materialized_views(monitor)  # pg_get_viewdef must lock the view
+        refresher.rollback()
