@@ -283,7 +283,7 @@ def collect_status(
     With ``metadata``, declared views missing from the database are listed too, and each
     row says whether the view is declared and managed.
     """
-    infos = catalog.materialized_views(conn, schemas)
+    infos = catalog.materialized_views(conn, schemas, definitions=False)
     deps: dict[tuple[str, str], list[str]] = {}
     for dep in catalog.dependencies(conn):
         deps.setdefault(dep.dependent, []).append(".".join(dep.referenced))
@@ -427,7 +427,7 @@ def _resolve(
     conn: Connection, names: Sequence[str], metadata: sa.MetaData | None
 ) -> list[MaterializedView | tuple[str, str]]:
     """Map command-line names to what ``refresh_views`` takes, or fail listing the known ones."""
-    infos = catalog.materialized_views(conn)
+    infos = catalog.materialized_views(conn, definitions=False)
     current = catalog.current_schema(conn)
     known = {info.qualified_name for info in infos}
     declared: dict[tuple[str, str], MaterializedView] = {}
@@ -632,7 +632,8 @@ def refresh(
                 with engine.connect() as conn:
                     if all_:
                         targets: list[MaterializedView | tuple[str, str]] = [
-                            info.qualified_name for info in catalog.materialized_views(conn)
+                            info.qualified_name
+                            for info in catalog.materialized_views(conn, definitions=False)
                         ]
                     else:
                         targets = _resolve(conn, views, metadata)

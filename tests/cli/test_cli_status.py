@@ -89,3 +89,16 @@ def test_status_with_metadata_shows_declared_missing_and_tracking(
     code, out = _status("--url", url_text, "--metadata", f"{name}:metadata")
     assert code == 0, out
     assert "missing" in out and "undeclared" in out and "ago" in out
+
+
+def test_status_does_not_wait_behind_a_plain_refresh(engine: sa.Engine, url_text: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_busy AS SELECT 1 AS one"))
+    with engine.connect() as refresher:
+        # ACCESS EXCLUSIVE on mv_busy until rollback: anything that locks the view would hang.
+        refresher.execute(sa.text("REFRESH MATERIALIZED VIEW mv_busy"))
+        runner = CliRunner(env={"PGOPTIONS": "-c lock_timeout=2s"})
+        result = runner.invoke(main, ["status", "--url", url_text, "--json"])
+        refresher.rollback()
+    assert result.exit_code == 0, result.output
+    assert [row["view"] for row in json.loads(result.output)] == ["public.mv_busy"]
