@@ -13,13 +13,14 @@ Installed once, the first time a view is declared or a refresh is built, never a
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import dml
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -64,6 +65,21 @@ def _refuse(view: MaterializedView, verb: str) -> ReadOnlyMaterializedViewError:
     )
 
 
+# Mapper -> the view it maps (or None). Looked up once per mapper: this runs on every flush.
+_mapped_views: weakref.WeakKeyDictionary[Mapper[Any], MaterializedView | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _view_of_mapper(mapper: Mapper[Any]) -> MaterializedView | None:
+    try:
+        return _mapped_views[mapper]
+    except KeyError:
+        views = (_view_of_table(t) for t in mapper.tables)
+        found = _mapped_views[mapper] = next((v for v in views if v is not None), None)
+        return found
+
+
 def _refuse_view_writes(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
     for verb, objects in (
         ("insert into", session.new),
@@ -71,14 +87,10 @@ def _refuse_view_writes(session: Session, flush_context: UOWTransaction, instanc
         ("update", session.dirty),
     ):
         for obj in objects:
-            mapper = sa.inspect(obj).mapper
-            for table in mapper.tables:
-                view = _view_of_table(table)
-                if view is None:
-                    continue
-                if verb == "update" and not session.is_modified(obj):
-                    continue
-                raise _refuse(view, verb)
+            view = _view_of_mapper(sa.inspect(obj).mapper)
+            if view is None or (verb == "update" and not session.is_modified(obj)):
+                continue
+            raise _refuse(view, verb)
 
 
 def _flush_before_refresh(state: ORMExecuteState) -> None:

@@ -151,3 +151,25 @@ def test_date_typed_view_round_trip(engine: Engine) -> None:
         conn.execute(t.insert(), [{"at": dt.datetime(2026, 3, 1, h)} for h in range(3)])
         conn.execute(refresh(mv))
         assert conn.scalars(sa.select(mv.c.day)).all() == [dt.date(2026, 3, 1)]
+
+
+def test_guard_leaves_dialect_dml_intact(db: Engine) -> None:
+    from sqlalchemy.dialects.postgresql import insert
+
+    upsert = insert(orders).values(id=1, user_id=1, total=7)
+    upsert = upsert.on_conflict_do_update(index_elements=[orders.c.id], set_={"total": 7})
+    with db.begin() as conn:
+        conn.execute(upsert)
+        returned = conn.execute(
+            sa.update(orders).where(orders.c.id == 1).values(total=8).returning(orders.c.total)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(orders).from_select(
+                ["id", "user_id", "total"],
+                sa.select(orders.c.id + 1000, orders.c.user_id, orders.c.total),
+            )
+        )
+        copied = conn.scalar(sa.select(sa.func.count()).where(orders.c.id > 1000))
+    assert (returned, copied) == (8, 4)
+    with db.begin() as conn, pytest.raises(ReadOnlyMaterializedViewError):
+        conn.execute(insert(user_totals.table).values(user_id=1).on_conflict_do_nothing())
