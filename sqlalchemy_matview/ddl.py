@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
-from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.elements import ClauseElement
 
 from .errors import ConcurrentRefreshError, UnsupportedDialectError
 from .schema import (
@@ -327,8 +327,3 @@ def _label(statement: _ViewDDL) -> str:
     table = statement.table
     schema = getattr(table, "schema", None)
     return repr(f"{schema}.{table.name}" if schema else table.name)
-
-
-def is_text_definition(definition: ClauseElement) -> bool:
-    """True when a view is defined by SQL text rather than by a ``select()``."""
-    return isinstance(definition, TextClause)

@@ -9,7 +9,7 @@ honour ``checkfirst``, and lets the ORM map it like any other table.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import sqlalchemy as sa
@@ -457,16 +457,3 @@ def _table_of(target: object) -> sa.Table | None:
         if isinstance(local, sa.Table):
             return local
     return None
-
-
-def iter_view_tables(tables: Iterable[sa.Table]) -> Iterator[tuple[sa.Table, MaterializedView]]:
-    """The tables among ``tables`` that are materialized views of ours, with their views."""
-    for table in tables:
-        view = table.info.get(INFO_KEY)
-        if isinstance(view, MaterializedView):
-            yield table, view
-
-
-def columns_by_name(view: MaterializedView) -> Mapping[str, sa.Column[Any]]:
-    """Map of column name to column (names, not keys, since views have no attribute keys)."""
-    return {c.name: c for c in view.table.c}
