@@ -3,7 +3,8 @@
 This module knows nothing of Alembic. :func:`compare_views` reads the catalog and returns plain
 records (:class:`CreateView`, :class:`DropView`, :class:`ReplaceView`, :class:`CreateIndex`,
 :class:`DropIndex`, :class:`ChangeComment`, :class:`EnableTracking`,
-:class:`DisableTracking`) in an order that can be executed as is. The Alembic comparator
+:class:`DisableTracking`, :class:`DetachView`, :class:`AttachView`) in an order that can be
+executed as is. The Alembic comparator
 (:mod:`sqlalchemy_matview.alembic.comparator`) turns them into operations; other tools (a
 ``matview diff`` command, a test) can use them directly.
 
@@ -16,7 +17,18 @@ means an equal definition, without any hand-written SQL normalisation.
 
 The number of queries is fixed, whatever the number of views: the materialized views, their
 indexes, the default schema, the probes' definitions, the installed change tracking, and
-(only when several views are dropped) the dependency graph.
+(only when several views are dropped, or a changed view reads an altered table) the
+dependency graph and the state of the views to re-create.
+
+Splitting a replace around table changes: a changed view whose current definition reads a
+table that the same migration alters in a way the view would block (``DROP COLUMN``, a column
+type change or rename, ``DROP TABLE``) cannot be replaced after those changes, because
+PostgreSQL refuses them while the old view exists. Such a view is *detached* instead: the view
+and every view depending on it are dropped before the table changes (:class:`DetachView`,
+carrying what is needed to re-create each of them) and created again after them
+(:class:`CreateView` with the new definition, :class:`AttachView` for the dependents). What the
+dependents look like is read from the catalog when the comparison runs, so that the migration
+shows it and ``--sql`` can print it.
 """
 
 from __future__ import annotations
@@ -40,10 +52,13 @@ from . import catalog
 from .schema import INFO_KEY, MaterializedView, _as_definition, materialized_views
 
 __all__ = [
+    "AttachView",
+    "CapturedView",
     "Change",
     "ChangeComment",
     "CreateIndex",
     "CreateView",
+    "DetachView",
     "DisableTracking",
     "DropIndex",
     "DropView",
@@ -52,6 +67,7 @@ __all__ = [
     "ReflectedIndex",
     "ReplaceView",
     "ViewRef",
+    "capture_views",
     "compare_views",
     "definition_sql",
     "normalize_definition",
@@ -206,6 +222,50 @@ class DisableTracking:
     phase: str = "after"
 
 
+@dataclass(frozen=True)
+class CapturedView:
+    """A view or materialized view as the catalog describes it: enough to create it again."""
+
+    schema: str
+    name: str
+    #: ``pg_class.relkind``: ``'m'`` (materialized view) or ``'v'`` (view).
+    kind: str
+    #: ``pg_get_viewdef`` text, without the final semicolon.
+    definition: str
+    populated: bool
+    comment: str | None
+    #: ``reloptions`` of a plain view (``security_barrier=true``, ``check_option=local``).
+    options: tuple[str, ...]
+    #: ``pg_get_indexdef`` of each index: complete ``CREATE INDEX`` statements, naming the
+    #: view without its schema when the ``search_path`` finds it.
+    indexes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DetachView:
+    """Drop a view (or a view depending on it) before table changes that it would block.
+
+    It is re-created after those changes: by a :class:`CreateView` with the new definition
+    for a changed view, by an :class:`AttachView` for a dependent.
+    """
+
+    #: ``None``: the default schema.
+    schema: str | None
+    name: str
+    view: CapturedView
+    phase = "before"
+
+
+@dataclass(frozen=True)
+class AttachView:
+    """Re-create a dependent view dropped by a :class:`DetachView`, as it was."""
+
+    schema: str | None
+    name: str
+    view: CapturedView
+    phase = "after"
+
+
 Change = (
     CreateView
     | DropView
@@ -215,6 +275,8 @@ Change = (
     | ChangeComment
     | EnableTracking
     | DisableTracking
+    | DetachView
+    | AttachView
 )
 
 
@@ -249,6 +311,8 @@ class _Declared:
     table: sa.Table
     track_changes: bool = False
     reads: set[tuple[str | None, str]] = field(default_factory=set)
+    #: Tables (not views) that the declared definition reads directly.
+    tables: set[tuple[str | None, str]] = field(default_factory=set)
     base_tables: tuple[tuple[str | None, str], ...] = ()
 
     @property
@@ -349,6 +413,8 @@ def _declared_views(
                 continue
             if id(source) in by_table:
                 item.reads.add(by_table[id(source)].key)
+            elif not is_view_table(source):
+                item.tables.add((norm(source.schema), source.name))
     for item in declared:
         item.base_tables = tuple(_base_tables(item, by_table, norm))
     return declared, unmanaged
@@ -535,6 +601,60 @@ def _tracking_installed(conn: Connection) -> set[tuple[str, str]] | None:
     return set(installed(conn))
 
 
+# Pretty-printed index statements name the view as the definitions name their sources:
+# unqualified when the search_path finds it, so that a migration written against one schema
+# can run against another (schema-per-tenant).
+_CAPTURE = sa.text(
+    """
+    SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
+           pg_catalog.pg_get_viewdef(c.oid) AS definition, c.relispopulated AS populated,
+           pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
+           COALESCE(c.reloptions, '{}')::text[] AS options,
+           ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid, 0, true)
+                   FROM pg_catalog.pg_index i
+                  WHERE i.indrelid = c.oid ORDER BY 1) AS indexes
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      JOIN unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS w(schema, name)
+        ON w.schema = n.nspname AND w.name = c.relname
+     WHERE c.relkind IN ('v', 'm')
+    """
+)
+
+
+def capture_views(
+    conn: Connection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], CapturedView]:
+    """The views and materialized views named by ``(schema, name)`` keys, in one query.
+
+    Keys that name no view are left out of the result.
+
+    Example::
+
+        captured = capture_views(conn, [("public", "mv_daily")])
+        print(captured["public", "mv_daily"].indexes)
+    """
+    if not keys:
+        return {}
+    rows = conn.execute(
+        _CAPTURE, {"schemas": [k[0] for k in keys], "names": [k[1] for k in keys]}
+    ).mappings()
+    found: dict[tuple[str, str], CapturedView] = {}
+    for row in rows:
+        item = CapturedView(
+            schema=row["schema"],
+            name=row["name"],
+            kind=row["kind"],
+            definition=normalize_definition(row["definition"] or ""),
+            populated=bool(row["populated"]),
+            comment=row["comment"],
+            options=tuple(row["options"]),
+            indexes=tuple(row["indexes"]),
+        )
+        found[(item.schema, item.name)] = item
+    return found
+
+
 # -- index comparison ------------------------------------------------------------------------
 
 
@@ -570,6 +690,7 @@ def compare_views(
     *,
     schemas: Iterable[str | None] | None = None,
     include: IncludeFilter | None = None,
+    altered_tables: Iterable[tuple[str | None, str]] = (),
 ) -> list[Change]:
     """What must change in the database for it to match the views declared in ``metadata``.
 
@@ -580,11 +701,18 @@ def compare_views(
     :param schemas: schemas to compare, ``None`` standing for the default schema (default:
         only the default schema). Views elsewhere are neither created nor dropped.
     :param include: a filter; views for which it returns ``False`` are left alone.
+    :param altered_tables: ``(schema, table)`` of the tables that the same migration changes
+        in a way an existing view reading them would block: a dropped table, a dropped
+        column, a column whose type or name changes. A changed view whose definition (old or
+        new) reads one of them is detached instead of replaced (see the module docstring):
+        :class:`DetachView` records come before those table changes, the :class:`CreateView`
+        and :class:`AttachView` records after them.
 
     Views declared ``managed=False`` and views owned by an extension are never touched. The
     records come in execution order: drops of obsolete views first (dependents before what
     they read), then, view by view in dependency order, index drops, the create or replace,
-    index creates, comment and change-tracking changes.
+    index creates, comment and change-tracking changes. The caller puts the records whose
+    ``phase`` is ``"before"`` before its own table changes and the others after them.
 
     Example::
 
@@ -636,6 +764,27 @@ def compare_views(
     if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
         edges = catalog.dependencies(conn)
 
+    def changed(item: _Declared) -> bool:
+        found = existing.get(item.key)
+        if found is None:
+            return False
+        return probe_of[id(item)] != normalize_definition(found.definition or "")
+
+    split: _Split | None = None
+    altered = {(norm(s), t) for s, t in altered_tables}
+    replaced = [d for d in declared if changed(d)]
+    if altered and replaced:
+        if edges is None:
+            edges = catalog.dependencies(conn)
+        split = _Split.plan(
+            conn,
+            replaced,
+            altered,
+            edges,
+            {(norm(i.schema), i.name) for i in obsolete},
+            default_schema,
+        )
+
     changes: list[Change] = []
     for info in _drop_order(obsolete, edges or []):
         key = (norm(info.schema), info.name)
@@ -655,12 +804,24 @@ def compare_views(
             )
         )
 
+    if split is not None:
+        changes.extend(split.detach)
+
     for item in _topological(declared):
         sql = definitions[id(item)]
         columns = item.columns if item.text_definition else None
         found = existing.get(item.key)
         declared_indexes = {str(i.name): i for i in item.table.indexes if i.name}
-        if found is None:
+        if split is not None and item.key in split.views:
+            # Detached before the table changes: created anew, with every declared index
+            # and the declared comment; then the dependents that only waited for it.
+            changes.append(
+                CreateView(item.schema, item.name, sql, item.with_data, item.comment, columns)
+            )
+            for name in sorted(declared_indexes):
+                changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))
+            changes.extend(split.attach_ready(item.key))
+        elif found is None:
             changes.append(
                 CreateView(item.schema, item.name, sql, item.with_data, item.comment, columns)
             )
@@ -691,7 +852,136 @@ def compare_views(
                 changes.append(EnableTracking(item.schema, item.name, item.base_tables))
             elif not item.track_changes and item.key in tracked_keys:
                 changes.append(DisableTracking(item.schema, item.name, item.base_tables))
+    if split is not None:
+        changes.extend(split.attach_rest())
     return changes
+
+
+Key = tuple[str | None, str]
+FullKey = tuple[str, str]
+
+
+@dataclass
+class _Split:
+    """Changed views detached around table changes, and the views that depend on them."""
+
+    #: The changed views (``None`` schema for the default one) that are detached.
+    views: set[Key]
+    #: Drops, readers before what they read.
+    detach: list[DetachView]
+    #: Dependents to re-create, in dependency order, each with what it reads among the
+    #: detached views and dependents.
+    pending: list[tuple[AttachView, set[Key]]]
+    done: set[Key] = field(default_factory=set)
+
+    @classmethod
+    def plan(
+        cls,
+        conn: Connection,
+        replaced: Sequence[_Declared],
+        altered: set[Key],
+        edges: Sequence[catalog.Dependency],
+        dropped: set[Key],
+        default_schema: str | None,
+    ) -> _Split | None:
+        def full(key: Key) -> FullKey:
+            return (key[0] or default_schema or "public", key[1])
+
+        def short(key: FullKey) -> Key:
+            return (None if key[0] == default_schema else key[0], key[1])
+
+        reads: dict[FullKey, set[FullKey]] = {}
+        readers: dict[FullKey, set[FullKey]] = {}
+        for edge in edges:
+            reads.setdefault(edge.dependent, set()).add(edge.referenced)
+            readers.setdefault(edge.referenced, set()).add(edge.dependent)
+        altered_full = {full(k) for k in altered}
+
+        views: set[FullKey] = set()
+        for item in replaced:
+            key = full(item.key)
+            now = reads.get(key, set()) | {full(t) for t in item.tables}
+            if now & altered_full:
+                views.add(key)
+        if not views:
+            return None
+        # A changed view that reads a detached one (directly or through other views) is
+        # detached too: re-created from its old definition, it might not fit the new one.
+        for item in replaced:
+            key = full(item.key)
+            if key not in views and _reachable(reads, key) & views:
+                views.add(key)
+
+        dependents: set[FullKey] = set()
+        for key in views:
+            dependents |= _reachable(readers, key)
+        dependents -= views
+        dependents -= {full(k) for k in dropped}
+        members = views | dependents
+        captured = capture_views(conn, sorted(members))
+        members &= set(captured)
+        order = _creation_order(members, reads)
+
+        detach = [DetachView(*short(key), captured[key]) for key in reversed(order)]
+        pending = [
+            (
+                AttachView(*short(key), captured[key]),
+                {short(ref) for ref in reads.get(key, ()) if ref in members},
+            )
+            for key in order
+            if key in dependents
+        ]
+        return cls({short(k) for k in views}, detach, pending)
+
+    def attach_ready(self, created: Key) -> list[AttachView]:
+        """After ``created``: the dependents whose every detached source now exists."""
+        self.done.add(created)
+        ready: list[AttachView] = []
+        progress = True
+        while progress:
+            progress = False
+            for entry in list(self.pending):
+                attach, needs = entry
+                if needs <= self.done:
+                    self.pending.remove(entry)
+                    self.done.add((attach.schema, attach.name))
+                    ready.append(attach)
+                    progress = True
+        return ready
+
+    def attach_rest(self) -> list[AttachView]:
+        rest = [attach for attach, _ in self.pending]
+        self.pending.clear()
+        return rest
+
+
+def _reachable(graph: dict[FullKey, set[FullKey]], start: FullKey) -> set[FullKey]:
+    seen: set[FullKey] = set()
+    stack = [start]
+    while stack:
+        for nxt in graph.get(stack.pop(), ()):
+            if nxt not in seen and nxt != start:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _creation_order(members: set[FullKey], reads: dict[FullKey, set[FullKey]]) -> list[FullKey]:
+    """``members``, each after every member it reads (directly or through others)."""
+    ordered: list[FullKey] = []
+    done: set[FullKey] = set()
+
+    def visit(key: FullKey) -> None:
+        if key in done:
+            return
+        done.add(key)
+        for ref in sorted(_reachable(reads, key) & members):
+            visit(ref)
+        ordered.append(key)
+
+    for key in sorted(members):
+        visit(key)
+    return ordered
 
 
 def _db_base_tables(

@@ -8,7 +8,11 @@ registration order on older versions), so that it can
   unmanaged one or a SQLAlchemy 2.1 ``CreateView(..., materialized=True)``, and for the
   change-tracking state table;
 * put view drops before everything else (before the drops of the tables they read) and view
-  creates after everything else (after the tables they read are created).
+  creates after everything else (after the tables they read are created);
+* tell :func:`~sqlalchemy_matview.compare.compare_views` which tables Alembic's operations drop
+  or change columns of (dropped, type changed, renamed), so that a changed view reading one
+  is dropped before those operations and created after them instead of being replaced after
+  them, which PostgreSQL would refuse.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from ..compare import Change, ViewRef
 from ..schema import materialized_views
 from .ops import (
     CreateMaterializedViewOp,
+    CreatePlainViewOp,
     DisableChangeTrackingOp,
     DropMaterializedViewOp,
+    DropPlainViewOp,
     EnableChangeTrackingOp,
     ReplaceMaterializedViewOp,
     SetMaterializedViewCommentOp,
@@ -72,6 +78,42 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             with_data=change.with_data,
             old_definition=change.old_definition,
             columns=change.columns,
+        )
+    if isinstance(change, compare.DetachView):
+        view = change.view
+        if view.kind == "v":
+            return DropPlainViewOp(
+                change.name,
+                schema=change.schema,
+                definition=view.definition,
+                comment=view.comment,
+                options=view.options or None,
+            )
+        return DropMaterializedViewOp(
+            change.name,
+            schema=change.schema,
+            definition=view.definition,
+            with_data=view.populated,
+            comment=view.comment,
+            indexes=view.indexes or None,
+        )
+    if isinstance(change, compare.AttachView):
+        view = change.view
+        if view.kind == "v":
+            return CreatePlainViewOp(
+                change.name,
+                view.definition,
+                schema=change.schema,
+                comment=view.comment,
+                options=view.options or None,
+            )
+        return CreateMaterializedViewOp(
+            change.name,
+            view.definition,
+            schema=change.schema,
+            with_data=view.populated,
+            comment=view.comment,
+            indexes=view.indexes or None,
         )
     if isinstance(change, compare.CreateIndex):
         return alembic_ops.CreateIndexOp.from_index(change.index)
@@ -119,6 +161,22 @@ def _view_table_keys(
             schema = None if view.schema == default_schema else view.schema
             keys.add((schema, view.name))
     return keys
+
+
+def _altered_tables(upgrade_ops: alembic_ops.UpgradeOps) -> set[tuple[str | None, str]]:
+    """Tables whose operations an existing view reading them would make PostgreSQL refuse."""
+    found: set[tuple[str | None, str]] = set()
+    for op in upgrade_ops.ops:
+        if isinstance(op, alembic_ops.DropTableOp):
+            found.add((op.schema, op.table_name))
+        elif isinstance(op, alembic_ops.ModifyTableOps):
+            for sub in op.ops:
+                if isinstance(sub, alembic_ops.DropColumnOp) or (
+                    isinstance(sub, alembic_ops.AlterColumnOp)
+                    and (sub.modify_type is not None or sub.modify_name is not None)
+                ):
+                    found.add((op.schema, op.table_name))
+    return found
 
 
 def _strip_view_table_ops(
@@ -173,13 +231,15 @@ def compare_materialized_views(
         )
         return autogen_context.run_object_filters(table, ref.name, kind, ref.reflected, None)
 
-    changes = compare.compare_views(conn, metadatas, schemas=schemas, include=include)
-    _strip_view_table_ops(
-        upgrade_ops,
-        _view_table_keys(metadatas, default_schema),
-        _bookkeeping_tables(),
-        default_schema,
+    view_keys = _view_table_keys(metadatas, default_schema)
+    altered = {
+        (None if schema == default_schema else schema, name)
+        for schema, name in _altered_tables(upgrade_ops)
+    }
+    changes = compare.compare_views(
+        conn, metadatas, schemas=schemas, include=include, altered_tables=altered - view_keys
     )
+    _strip_view_table_ops(upgrade_ops, view_keys, _bookkeeping_tables(), default_schema)
     before = [to_operation(c) for c in changes if c.phase == "before"]
     after = [to_operation(c) for c in changes if c.phase != "before"]
     for change in changes:

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CreateMaterializedViewOp",
+    "CreatePlainViewOp",
     "DisableChangeTrackingOp",
     "DropMaterializedViewOp",
+    "DropPlainViewOp",
     "EnableChangeTrackingOp",
     "IrreversibleOperationError",
     "RefreshMaterializedViewOp",
@@ -64,6 +66,7 @@ class CreateMaterializedViewOp(MigrateOperation):
         with_data: bool = True,
         comment: str | None = None,
         columns: Sequence[str] | None = None,
+        indexes: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.definition = definition
@@ -71,6 +74,7 @@ class CreateMaterializedViewOp(MigrateOperation):
         self.with_data = with_data
         self.comment = comment
         self.columns = tuple(columns) if columns is not None else None
+        self.indexes = tuple(indexes) if indexes is not None else None
 
     @classmethod
     def create_materialized_view(
@@ -83,12 +87,16 @@ class CreateMaterializedViewOp(MigrateOperation):
         with_data: bool = True,
         comment: str | None = None,
         columns: Sequence[str] | None = None,
+        indexes: Sequence[str] | None = None,
     ) -> None:
         """Create a materialized view.
 
         ``definition`` is SQL text (as autogenerate writes it), a ``text()`` or a ``select()``.
         ``columns`` names the view's columns when they should differ from the query's own;
-        ``comment`` is set with ``COMMENT ON MATERIALIZED VIEW``.
+        ``comment`` is set with ``COMMENT ON MATERIALIZED VIEW``. ``indexes`` are complete
+        ``CREATE INDEX`` statements run after the view is created: autogenerate uses them
+        to re-create, exactly as the catalog printed them, the indexes of a view it dropped
+        and creates again around table changes.
 
         Example::
 
@@ -107,6 +115,7 @@ class CreateMaterializedViewOp(MigrateOperation):
                 with_data=with_data,
                 comment=comment,
                 columns=columns,
+                indexes=indexes,
             )
         )
 
@@ -118,6 +127,7 @@ class CreateMaterializedViewOp(MigrateOperation):
             with_data=self.with_data,
             comment=self.comment,
             columns=self.columns,
+            indexes=self.indexes,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -139,6 +149,7 @@ class DropMaterializedViewOp(MigrateOperation):
         with_data: bool = True,
         comment: str | None = None,
         columns: Sequence[str] | None = None,
+        indexes: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
@@ -148,6 +159,7 @@ class DropMaterializedViewOp(MigrateOperation):
         self.with_data = with_data
         self.comment = comment
         self.columns = tuple(columns) if columns is not None else None
+        self.indexes = tuple(indexes) if indexes is not None else None
 
     @classmethod
     def drop_materialized_view(
@@ -162,11 +174,13 @@ class DropMaterializedViewOp(MigrateOperation):
         with_data: bool = True,
         comment: str | None = None,
         columns: Sequence[str] | None = None,
+        indexes: Sequence[str] | None = None,
     ) -> None:
         """Drop a materialized view.
 
-        ``definition`` (with ``with_data``, ``comment`` and ``columns``) is not used to drop;
-        it is what makes the operation reversible, and autogenerate always fills it in.
+        ``definition`` (with ``with_data``, ``comment``, ``columns`` and ``indexes``, the
+        ``CREATE INDEX`` statements of its indexes) is not used to drop; it is what makes the
+        operation reversible, and autogenerate always fills it in.
 
         Example::
 
@@ -182,6 +196,7 @@ class DropMaterializedViewOp(MigrateOperation):
                 with_data=with_data,
                 comment=comment,
                 columns=columns,
+                indexes=indexes,
             )
         )
 
@@ -198,6 +213,7 @@ class DropMaterializedViewOp(MigrateOperation):
             with_data=self.with_data,
             comment=self.comment,
             columns=self.columns,
+            indexes=self.indexes,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -471,6 +487,122 @@ class DisableChangeTrackingOp(MigrateOperation):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("disable_change_tracking", self.schema, self.name)
+
+
+@Operations.register_operation("create_plain_view")
+class CreatePlainViewOp(MigrateOperation):
+    """``CREATE VIEW``: see :meth:`create_plain_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        definition: Definition,
+        *,
+        schema: str | None = None,
+        comment: str | None = None,
+        options: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.definition = definition
+        self.schema = schema
+        self.comment = comment
+        self.options = tuple(options) if options is not None else None
+
+    @classmethod
+    def create_plain_view(
+        cls,
+        operations: Operations,
+        name: str,
+        definition: Definition,
+        *,
+        schema: str | None = None,
+        comment: str | None = None,
+        options: Sequence[str] | None = None,
+    ) -> None:
+        """Create a plain (not materialized) view.
+
+        Autogenerate writes it to re-create a view that reads a materialized view it drops
+        and creates again around table changes; it does not manage plain views otherwise.
+        ``options`` are the view's ``key=value`` options, such as ``security_barrier=true``.
+
+        Example::
+
+            op.create_plain_view(
+                "big_totals", "SELECT kind, n FROM mv_totals WHERE n > 10",
+                options=["security_barrier=true"],
+            )
+        """
+        operations.invoke(cls(name, definition, schema=schema, comment=comment, options=options))
+
+    def reverse(self) -> DropPlainViewOp:
+        return DropPlainViewOp(
+            self.name,
+            schema=self.schema,
+            definition=self.definition,
+            comment=self.comment,
+            options=self.options,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("create_plain_view", self.schema, self.name, _sql(self.definition))
+
+
+@Operations.register_operation("drop_plain_view")
+class DropPlainViewOp(MigrateOperation):
+    """``DROP VIEW``: see :meth:`drop_plain_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schema: str | None = None,
+        definition: Definition | None = None,
+        comment: str | None = None,
+        options: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.schema = schema
+        self.definition = definition
+        self.comment = comment
+        self.options = tuple(options) if options is not None else None
+
+    @classmethod
+    def drop_plain_view(
+        cls,
+        operations: Operations,
+        name: str,
+        *,
+        schema: str | None = None,
+        definition: Definition | None = None,
+        comment: str | None = None,
+        options: Sequence[str] | None = None,
+    ) -> None:
+        """Drop a plain view; ``definition``, ``comment`` and ``options`` make it reversible.
+
+        Example::
+
+            op.drop_plain_view("big_totals", definition="SELECT kind, n FROM mv_totals")
+        """
+        operations.invoke(
+            cls(name, schema=schema, definition=definition, comment=comment, options=options)
+        )
+
+    def reverse(self) -> CreatePlainViewOp:
+        if self.definition is None:
+            raise IrreversibleOperationError(
+                f"drop_plain_view({self.name!r}) cannot be reversed: it does not know the "
+                "view's definition; pass definition='SELECT ...'"
+            )
+        return CreatePlainViewOp(
+            self.name,
+            self.definition,
+            schema=self.schema,
+            comment=self.comment,
+            options=self.options,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("drop_plain_view", self.schema, self.name)
 
 
 # The implementations register themselves against the classes above.

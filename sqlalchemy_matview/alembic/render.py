@@ -17,8 +17,10 @@ from sqlalchemy.sql.elements import ClauseElement
 from ..compare import definition_sql
 from .ops import (
     CreateMaterializedViewOp,
+    CreatePlainViewOp,
     DisableChangeTrackingOp,
     DropMaterializedViewOp,
+    DropPlainViewOp,
     EnableChangeTrackingOp,
     RefreshMaterializedViewOp,
     ReplaceMaterializedViewOp,
@@ -98,6 +100,14 @@ def _indent_tail(text: str) -> str:
     return text.replace("\n", "\n    ")
 
 
+def _statements(statements: Sequence[str] | None) -> str | None:
+    """A list of SQL statements, one item per line."""
+    if statements is None:
+        return None
+    items = "".join(f"    {_indent_tail(render_sql(sql))},\n" for sql in statements)
+    return f"[\n{items}]" if items else "[]"
+
+
 def _sources(
     sources: Sequence[tuple[str | None, str]] | None,
 ) -> list[tuple[str | None, str]] | None:
@@ -115,6 +125,7 @@ def _render_create(autogen_context: AutogenContext, op: CreateMaterializedViewOp
             ("with_data", op.with_data, True),
             ("comment", op.comment, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),
+            ("*indexes", _statements(op.indexes), None),
         ],
     )
 
@@ -134,6 +145,37 @@ def _render_drop(autogen_context: AutogenContext, op: DropMaterializedViewOp) ->
             ("with_data", op.with_data, True),
             ("comment", op.comment, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),
+            ("*indexes", _statements(op.indexes), None),
+        ],
+    )
+
+
+@renderers.dispatch_for(CreatePlainViewOp)
+def _render_create_plain(autogen_context: AutogenContext, op: CreatePlainViewOp) -> str:
+    return _call(
+        autogen_context,
+        "create_plain_view",
+        [repr(op.name), render_sql(_definition(op.definition))],
+        [
+            ("schema", op.schema, None),
+            ("comment", op.comment, None),
+            ("options", list(op.options) if op.options else None, None),
+        ],
+    )
+
+
+@renderers.dispatch_for(DropPlainViewOp)
+def _render_drop_plain(autogen_context: AutogenContext, op: DropPlainViewOp) -> str:
+    definition = None if op.definition is None else render_sql(_definition(op.definition))
+    return _call(
+        autogen_context,
+        "drop_plain_view",
+        [repr(op.name)],
+        [
+            ("schema", op.schema, None),
+            ("*definition", definition, None),
+            ("comment", op.comment, None),
+            ("options", list(op.options) if op.options else None, None),
         ],
     )
 

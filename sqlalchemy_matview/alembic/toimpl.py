@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -23,6 +22,7 @@ from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 
 from .. import catalog
+from ..compare import CapturedView, capture_views
 from ..ddl import (
     CommentOnMaterializedView,
     CreateMaterializedView,
@@ -33,8 +33,10 @@ from ..errors import MaterializedViewError
 from ..schema import _as_definition
 from .ops import (
     CreateMaterializedViewOp,
+    CreatePlainViewOp,
     DisableChangeTrackingOp,
     DropMaterializedViewOp,
+    DropPlainViewOp,
     EnableChangeTrackingOp,
     RefreshMaterializedViewOp,
     ReplaceMaterializedViewOp,
@@ -71,7 +73,7 @@ class CreatePlainView(_PlainViewDDL):
     """``CREATE VIEW name [WITH (options)] AS query``, for re-creating a dependent view."""
 
     def __init__(
-        self, name: str, schema: str | None, definition: str, options: Sequence[str] = ()
+        self, name: str, schema: str | None, definition: Definition, options: Sequence[str] = ()
     ) -> None:
         super().__init__(name, schema)
         self.definition = _as_definition(definition)
@@ -164,6 +166,8 @@ def create_materialized_view(operations: Operations, op: CreateMaterializedViewO
     operations.execute(_create(op.name, op.definition, op.schema, op.with_data, op.columns))
     if op.comment is not None:
         operations.execute(CommentOnMaterializedView(op.name, op.comment, schema=op.schema))
+    for index in op.indexes or ():
+        operations.execute(CatalogStatement(index))
 
 
 @Operations.implementation_for(DropMaterializedViewOp)
@@ -171,6 +175,18 @@ def drop_materialized_view(operations: Operations, op: DropMaterializedViewOp) -
     operations.execute(
         DropMaterializedView(op.name, schema=op.schema, if_exists=op.if_exists, cascade=op.cascade)
     )
+
+
+@Operations.implementation_for(CreatePlainViewOp)
+def create_plain_view(operations: Operations, op: CreatePlainViewOp) -> None:
+    operations.execute(CreatePlainView(op.name, op.schema, op.definition, op.options or ()))
+    if op.comment is not None:
+        operations.execute(CommentOnPlainView(op.name, op.schema, op.comment))
+
+
+@Operations.implementation_for(DropPlainViewOp)
+def drop_plain_view(operations: Operations, op: DropPlainViewOp) -> None:
+    operations.execute(DropPlainView(op.name, op.schema))
 
 
 @Operations.implementation_for(RefreshMaterializedViewOp)
@@ -188,55 +204,6 @@ def set_materialized_view_comment(operations: Operations, op: SetMaterializedVie
 
 
 # -- replace -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Captured:
-    schema: str
-    name: str
-    kind: str
-    definition: str
-    populated: bool
-    comment: str | None
-    options: tuple[str, ...]
-    indexes: tuple[str, ...]
-
-
-_CAPTURE = sa.text(
-    """
-    SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS kind,
-           pg_catalog.pg_get_viewdef(c.oid) AS definition, c.relispopulated AS populated,
-           pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
-           COALESCE(c.reloptions, '{}')::text[] AS options,
-           ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid)
-                   FROM pg_catalog.pg_index i
-                  WHERE i.indrelid = c.oid ORDER BY i.indexrelid) AS indexes
-      FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      JOIN unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS w(schema, name)
-        ON w.schema = n.nspname AND w.name = c.relname
-    """
-)
-
-
-def _capture(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], _Captured]:
-    rows = conn.execute(
-        _CAPTURE, {"schemas": [k[0] for k in keys], "names": [k[1] for k in keys]}
-    ).mappings()
-    found: dict[tuple[str, str], _Captured] = {}
-    for row in rows:
-        item = _Captured(
-            schema=row["schema"],
-            name=row["name"],
-            kind=row["kind"],
-            definition=row["definition"].strip().rstrip(";").strip(),
-            populated=bool(row["populated"]),
-            comment=row["comment"],
-            options=tuple(row["options"]),
-            indexes=tuple(row["indexes"]),
-        )
-        found[(item.schema, item.name)] = item
-    return found
 
 
 def _dependents_in_order(conn: Connection, target: tuple[str, str]) -> list[tuple[str, str]]:
@@ -270,7 +237,7 @@ def _dependents_in_order(conn: Connection, target: tuple[str, str]) -> list[tupl
     return ordered
 
 
-def _restore_extras(operations: Operations, item: _Captured) -> None:
+def _restore_extras(operations: Operations, item: CapturedView) -> None:
     for index in item.indexes:
         operations.execute(CatalogStatement(index))
     if item.comment is not None:
@@ -295,7 +262,7 @@ def replace_materialized_view(operations: Operations, op: ReplaceMaterializedVie
     conn = operations.get_bind()
     target = (op.schema or catalog.current_schema(conn), op.name)
     dependents = _dependents_in_order(conn, target)
-    captured = _capture(conn, [target, *dependents])
+    captured = capture_views(conn, [target, *dependents])
     own = captured.get(target)
     if own is None or own.kind != "m":
         raise MaterializedViewError(
