@@ -17,16 +17,18 @@ means an equal definition, without any hand-written SQL normalisation.
 
 The number of queries is fixed, whatever the number of views: the materialized views, their
 indexes, the default schema, the probes' definitions, the installed change tracking, and
-(only when several views are dropped, or a changed view reads an altered table) the
-dependency graph and the state of the views to re-create.
+(only when several views are dropped, or views must be detached around table changes) the
+dependency graph, the views reading columns whose type changes, and the state of the views to
+re-create.
 
-Splitting a replace around table changes: a changed view whose current definition reads a
-table that the same migration alters in a way the view would block (``DROP COLUMN``, a column
-type change or rename, ``DROP TABLE``) cannot be replaced after those changes, because
-PostgreSQL refuses them while the old view exists. Such a view is *detached* instead: the view
-and every view depending on it are dropped before the table changes (:class:`DetachView`,
-carrying what is needed to re-create each of them) and created again after them
-(:class:`CreateView` with the new definition, :class:`AttachView` for the dependents). What the
+Detaching views around table changes: a changed view whose definition reads a table that the
+same migration alters in a way the old view would block (``DROP COLUMN``, a column type
+change, ``DROP TABLE``) cannot be replaced after those changes, because PostgreSQL refuses
+them while the old view exists; nor can an unchanged view stay in place while the type of a
+column it reads changes. Such a view is *detached*: the view and every view depending on it
+are dropped before the table changes (:class:`DetachView`, carrying what is needed to
+re-create each of them) and created again after them (:class:`CreateView` with the declared
+definition, :class:`AttachView` for the dependents). What the
 dependents look like is read from the catalog when the comparison runs, so that the migration
 shows it and ``--sql`` can print it.
 """
@@ -691,6 +693,7 @@ def compare_views(
     schemas: Iterable[str | None] | None = None,
     include: IncludeFilter | None = None,
     altered_tables: Iterable[tuple[str | None, str]] = (),
+    retyped_columns: Iterable[tuple[str | None, str, str]] = (),
 ) -> list[Change]:
     """What must change in the database for it to match the views declared in ``metadata``.
 
@@ -703,10 +706,13 @@ def compare_views(
     :param include: a filter; views for which it returns ``False`` are left alone.
     :param altered_tables: ``(schema, table)`` of the tables that the same migration changes
         in a way an existing view reading them would block: a dropped table, a dropped
-        column, a column whose type or name changes. A changed view whose definition (old or
-        new) reads one of them is detached instead of replaced (see the module docstring):
+        column, a column whose type changes. A changed view whose definition (old or new)
+        reads one of them is detached instead of replaced (see the module docstring):
         :class:`DetachView` records come before those table changes, the :class:`CreateView`
         and :class:`AttachView` records after them.
+    :param retyped_columns: ``(schema, table, column)`` of the columns whose type the same
+        migration changes. A declared view that reads one (as ``pg_depend`` records it) is
+        detached and created again even if its definition did not change.
 
     Views declared ``managed=False`` and views owned by an extension are never touched. The
     records come in execution order: drops of obsolete views first (dependents before what
@@ -773,12 +779,22 @@ def compare_views(
     split: _Split | None = None
     altered = {(norm(s), t) for s, t in altered_tables}
     replaced = [d for d in declared if changed(d)]
-    if altered and replaced:
+    rebuilt: list[_Declared] = []
+    retyped = [(s or default_schema or "public", t, c) for s, t, c in retyped_columns]
+    if retyped:
+        readers = _column_readers(conn, retyped)
+        rebuilt = [
+            d
+            for d in declared
+            if d.key in existing and (d.schema or default_schema, d.name) in readers
+        ]
+    if (altered and replaced) or rebuilt:
         if edges is None:
             edges = catalog.dependencies(conn)
         split = _Split.plan(
             conn,
             replaced,
+            rebuilt,
             altered,
             edges,
             {(norm(i.schema), i.name) for i in obsolete},
@@ -879,6 +895,7 @@ class _Split:
         cls,
         conn: Connection,
         replaced: Sequence[_Declared],
+        rebuilt: Sequence[_Declared],
         altered: set[Key],
         edges: Sequence[catalog.Dependency],
         dropped: set[Key],
@@ -897,7 +914,7 @@ class _Split:
             readers.setdefault(edge.referenced, set()).add(edge.dependent)
         altered_full = {full(k) for k in altered}
 
-        views: set[FullKey] = set()
+        views: set[FullKey] = {full(item.key) for item in rebuilt}
         for item in replaced:
             key = full(item.key)
             now = reads.get(key, set()) | {full(t) for t in item.tables}
@@ -953,6 +970,40 @@ class _Split:
         rest = [attach for attach, _ in self.pending]
         self.pending.clear()
         return rest
+
+
+_COLUMN_READERS = sa.text(
+    """
+    SELECT DISTINCT vn.nspname AS schema, v.relname AS name
+      FROM pg_catalog.pg_depend d
+      JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+      JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+      JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace
+      JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
+      JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
+      JOIN unnest(CAST(:schemas AS text[]), CAST(:tables AS text[]), CAST(:columns AS text[]))
+           AS w(schema, tab, col)
+        ON w.schema = tn.nspname AND w.tab = t.relname AND w.col = a.attname
+     WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
+       AND d.refclassid = 'pg_catalog.pg_class'::regclass
+       AND d.refobjsubid > 0
+       AND v.relkind = 'm'
+    """
+)
+
+
+def _column_readers(conn: Connection, columns: Sequence[tuple[str, str, str]]) -> set[FullKey]:
+    """Materialized views whose query reads one of the ``(schema, table, column)``."""
+    rows = conn.execute(
+        _COLUMN_READERS,
+        {
+            "schemas": [c[0] for c in columns],
+            "tables": [c[1] for c in columns],
+            "columns": [c[2] for c in columns],
+        },
+    )
+    return {(str(row[0]), str(row[1])) for row in rows}
 
 
 def _reachable(graph: dict[FullKey, set[FullKey]], start: FullKey) -> set[FullKey]:

@@ -10,9 +10,9 @@ registration order on older versions), so that it can
 * put view drops before everything else (before the drops of the tables they read) and view
   creates after everything else (after the tables they read are created);
 * tell :func:`~sqlalchemy_matview.compare.compare_views` which tables Alembic's operations drop
-  or change columns of (dropped, type changed, renamed), so that a changed view reading one
-  is dropped before those operations and created after them instead of being replaced after
-  them, which PostgreSQL would refuse.
+  or drop columns of, and which columns they give a new type, so that a changed view reading
+  one (and an unchanged view reading a retyped column) is dropped before those operations and
+  created after them, instead of blocking them.
 """
 
 from __future__ import annotations
@@ -163,20 +163,31 @@ def _view_table_keys(
     return keys
 
 
-def _altered_tables(upgrade_ops: alembic_ops.UpgradeOps) -> set[tuple[str | None, str]]:
-    """Tables whose operations an existing view reading them would make PostgreSQL refuse."""
-    found: set[tuple[str | None, str]] = set()
+def _altered_tables(
+    upgrade_ops: alembic_ops.UpgradeOps,
+) -> tuple[set[tuple[str | None, str]], set[tuple[str | None, str, str]]]:
+    """Tables and retyped columns whose changes an existing view reading them would block.
+
+    PostgreSQL refuses to drop a table or a column, or to change a column's type, while a view
+    reads it. Adding a column, or renaming one (views follow renames), is never blocked.
+    """
+    tables: set[tuple[str | None, str]] = set()
+    columns: set[tuple[str | None, str, str]] = set()
     for op in upgrade_ops.ops:
         if isinstance(op, alembic_ops.DropTableOp):
-            found.add((op.schema, op.table_name))
+            tables.add((op.schema, op.table_name))
         elif isinstance(op, alembic_ops.ModifyTableOps):
             for sub in op.ops:
-                if isinstance(sub, alembic_ops.DropColumnOp) or (
-                    isinstance(sub, alembic_ops.AlterColumnOp)
-                    and (sub.modify_type is not None or sub.modify_name is not None)
-                ):
-                    found.add((op.schema, op.table_name))
-    return found
+                if isinstance(sub, alembic_ops.DropColumnOp):
+                    tables.add((op.schema, op.table_name))
+                elif isinstance(sub, alembic_ops.AlterColumnOp) and sub.modify_type is not None:
+                    tables.add((op.schema, op.table_name))
+                    columns.add((op.schema, op.table_name, sub.column_name))
+    return tables, columns
+
+
+def _short(key: tuple[str | None, str], default_schema: str | None) -> tuple[str | None, str]:
+    return (None if key[0] == default_schema else key[0], key[1])
 
 
 def _strip_view_table_ops(
@@ -232,12 +243,16 @@ def compare_materialized_views(
         return autogen_context.run_object_filters(table, ref.name, kind, ref.reflected, None)
 
     view_keys = _view_table_keys(metadatas, default_schema)
-    altered = {
-        (None if schema == default_schema else schema, name)
-        for schema, name in _altered_tables(upgrade_ops)
-    }
+    tables, columns = _altered_tables(upgrade_ops)
     changes = compare.compare_views(
-        conn, metadatas, schemas=schemas, include=include, altered_tables=altered - view_keys
+        conn,
+        metadatas,
+        schemas=schemas,
+        include=include,
+        altered_tables=[t for t in tables if _short(t, default_schema) not in view_keys],
+        retyped_columns=[
+            c for c in columns if _short((c[0], c[1]), default_schema) not in view_keys
+        ],
     )
     _strip_view_table_ops(upgrade_ops, view_keys, _bookkeeping_tables(), default_schema)
     before = [to_operation(c) for c in changes if c.phase == "before"]

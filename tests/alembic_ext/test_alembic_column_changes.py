@@ -390,3 +390,34 @@ def test_plain_view_ops_run_offline_and_online(conn: sa.Connection) -> None:
     assert conn.scalar(sa.text("SELECT one FROM v")) == 1
     run_code(conn, "op.drop_plain_view('v')")
     assert conn.scalar(sa.text("SELECT to_regclass('v')")) is None
+
+
+def test_unchanged_view_reading_a_retyped_column_is_rebuilt(conn: sa.Connection) -> None:
+    # The definition is the same, but ALTER COLUMN ... TYPE is refused while the view reads
+    # the column: the view and its dependents are dropped around it and come back as they were.
+    v1 = _v1(conn, total_of="amount", dependents=True)
+    v2 = schema(amount=sa.BigInteger, total_of="amount", dependents=True)
+    generated = _round_trip(conn, v1, v2)
+    assert _op_names(generated) == [
+        ("DropMaterializedViewOp", "mv_top"),
+        ("DropMaterializedViewOp", "mv_copy"),
+        ("DropPlainViewOp", "big_totals"),
+        ("DropMaterializedViewOp", "mv_totals"),
+        ("ModifyTableOps", "events"),
+        ("CreateMaterializedViewOp", "mv_totals"),
+        ("CreateIndexOp", "mv_totals"),
+        ("CreatePlainViewOp", "big_totals"),
+        ("CreateMaterializedViewOp", "mv_copy"),
+        ("CreateMaterializedViewOp", "mv_top"),
+    ]
+    # sum(bigint) is numeric: the view's column type followed the table's.
+    assert "total numeric" in snapshot(conn)["mv_totals"]["columns"]
+    assert conn.scalar(sa.text("SELECT count(*) FROM mv_top")) == 3
+
+
+def test_retyped_column_the_views_do_not_read(conn: sa.Connection) -> None:
+    _v1(conn, dependents=True)
+    generated = autogenerate(conn, schema(amount=sa.BigInteger, dependents=True))
+    assert _op_names(generated) == [("ModifyTableOps", "events")]
+    run_code(conn, generated.upgrade)
+    assert autogenerate(conn, schema(amount=sa.BigInteger, dependents=True)).empty
