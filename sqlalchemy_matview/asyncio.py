@@ -54,10 +54,6 @@ async def _run(bind: AsyncBind, fn: Callable[[Any], T], *, per_view_commit: bool
     )
 
 
-def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Callable[[Any], T]:
-    return lambda target: fn(target, *args, **kwargs)
-
-
 async def refresh_views(
     bind: AsyncBind,
     *views: ViewRef,
@@ -73,18 +69,9 @@ async def refresh_views(
 
         results = await refresh_views(async_engine, mv_daily)
     """
+    opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
     return await _run(
-        bind,
-        _call(
-            runner.refresh_views,
-            *views,
-            cascade=cascade,
-            concurrently=concurrently,
-            lock=lock,
-            lock_timeout=lock_timeout,
-            statement_timeout=statement_timeout,
-        ),
-        per_view_commit=True,
+        bind, lambda target: runner.run_views(target, views, opts), per_view_commit=True
     )
 
 
@@ -104,19 +91,8 @@ async def refresh_all(
 
         results = await refresh_all(async_engine, metadata)
     """
-    return await _run(
-        bind,
-        _call(
-            runner.refresh_all,
-            metadata,
-            cascade=cascade,
-            concurrently=concurrently,
-            lock=lock,
-            lock_timeout=lock_timeout,
-            statement_timeout=statement_timeout,
-        ),
-        per_view_commit=True,
-    )
+    opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return await _run_metadata(bind, metadata, opts, stale_only=False)
 
 
 async def refresh_stale(
@@ -135,17 +111,16 @@ async def refresh_stale(
 
         results = await refresh_stale(async_engine, metadata)
     """
+    opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return await _run_metadata(bind, metadata, opts, stale_only=True)
+
+
+async def _run_metadata(
+    bind: AsyncBind, metadata: sa.MetaData, opts: runner.RunOptions, *, stale_only: bool
+) -> list[RefreshResult]:
     return await _run(
         bind,
-        _call(
-            runner.refresh_stale,
-            metadata,
-            cascade=cascade,
-            concurrently=concurrently,
-            lock=lock,
-            lock_timeout=lock_timeout,
-            statement_timeout=statement_timeout,
-        ),
+        lambda target: runner.run_metadata(target, metadata, opts, stale_only=stale_only),
         per_view_commit=True,
     )
 
@@ -160,7 +135,12 @@ async def schedule_refresh(
     schema: str | None = None,
     database: str | None = None,
 ) -> int:
-    """Async :func:`sqlalchemy_matview.schedule_refresh`."""
+    """Async :func:`sqlalchemy_matview.schedule_refresh`.
+
+    Example::
+
+        job_id = await schedule_refresh(async_engine, mv_daily, "*/10 * * * *")
+    """
     return await _run(
         bind,
         lambda target: cron.schedule_refresh(
@@ -183,7 +163,12 @@ async def unschedule_refresh(
     schema: str | None = None,
     database: str | None = None,
 ) -> bool:
-    """Async :func:`sqlalchemy_matview.unschedule_refresh`."""
+    """Async :func:`sqlalchemy_matview.unschedule_refresh`.
+
+    Example::
+
+        await unschedule_refresh(async_engine, mv_daily)
+    """
     return await _run(
         bind,
         lambda target: cron.unschedule_refresh(

@@ -1,14 +1,16 @@
 """Scheduling refreshes inside PostgreSQL with the ``pg_cron`` extension.
 
-A job's command takes the view's advisory lock first (waiting for it), so a cron refresh
-never overlaps one made by :func:`~sqlalchemy_matview.refresh_views` or a
-:class:`~sqlalchemy_matview.RefreshWorker`::
+A job's command calls the same database function every refresh of this library runs
+(:func:`~sqlalchemy_matview.orchestration.tracking.refresh_call`)::
 
-    SELECT pg_catalog.pg_advisory_xact_lock(<lock_key>);
-    REFRESH MATERIALIZED VIEW CONCURRENTLY "schema"."view"
+    SELECT public.sqlalchemy_matview_refresh('public', 'mv_daily', <lock_key>, true, 'skip', false)
 
-pg_cron runs both statements in one transaction, so the lock is held until the refresh
-commits.
+It takes the view's transaction-level advisory lock and does nothing when another refresher
+holds it, so a cron refresh never overlaps one made by
+:func:`~sqlalchemy_matview.refresh_views` or a :class:`~sqlalchemy_matview.RefreshWorker`;
+then it refreshes, clears the staleness marks the refresh covered, records the refresh in
+the state table (``matview status`` shows it) and marks the views reading it stale.
+:func:`schedule_refresh` installs the function in the view's database when it is missing.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ..ddl import RefreshMaterializedView, refresh
+from ..ddl import refresh
 from ..errors import ExtensionNotInstalledError
 from ..schema import MaterializedView, materialized_view_of
-from .locking import DEFAULT_SCHEMA, lock_key
+from . import tracking
+from .locking import DEFAULT_SCHEMA
 
 __all__ = ["job_name_for", "refresh_command", "schedule_refresh", "unschedule_refresh"]
 
@@ -81,26 +84,46 @@ def refresh_command(
     schema: str | None = None,
     concurrently: bool = True,
 ) -> str:
-    """The SQL a job runs: the view's advisory lock, then its refresh, quoted and
-    schema-qualified (jobs run with pg_cron's own search_path). For example
-    ``refresh_command("Daily Stats", concurrently=False)`` is::
+    """The SQL a job runs: one call of the refresh function with the view's schema and
+    name as quoted literals (identifiers are quoted inside it, with ``format('%I')``).
+    For example ``refresh_command("Daily Stats", concurrently=False)`` is::
 
-        SELECT pg_catalog.pg_advisory_xact_lock(<key>);
-        REFRESH MATERIALIZED VIEW public."Daily Stats"
+        SELECT public.sqlalchemy_matview_refresh('public', 'Daily Stats', <lock_key>,
+                                                 false, 'skip', false) AS ...
     """
     view_schema, name = _qname(view, schema)
     declared = materialized_view_of(view)
     if declared is not None:
         refresh(declared, concurrently=concurrently)  # checks the unique key, before any SQL
-    statement = RefreshMaterializedView(name, schema=view_schema, concurrently=concurrently)
-    lock = sa.select(
-        sa.func.pg_catalog.pg_advisory_xact_lock(
-            sa.literal(lock_key((view_schema, name)), sa.BigInteger)
-        )
-    )
-    lock_sql = str(lock.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
-    refresh_sql = str(statement.compile(dialect=_COMMAND_DIALECT))
-    return f"{lock_sql}; {refresh_sql}"
+    call = tracking.refresh_call(view_schema, name, concurrently=concurrently, lock="skip")
+    return str(call.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
+
+
+def _ensure_refresh_function(conn: Connection, database: str | None) -> None:
+    """Install the bookkeeping (and the refresh function) in the database holding the view.
+
+    With ``database`` naming another database than ``conn``'s, a short-lived connection
+    is made there with ``conn``'s URL (a sync driver for an async engine).
+    """
+    current = conn.execute(sa.text("SELECT current_database()")).scalar_one()
+    if database is None or database == current:
+        tracking.ensure_state_tables(conn)
+        return
+    url = conn.engine.url.set(database=database)
+    if conn.dialect.is_async:
+        url = url.set(drivername="postgresql+psycopg")
+    other = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with other.begin() as target:
+            tracking.ensure_state_tables(target)
+    except sa.exc.DBAPIError as exc:
+        raise tracking.TrackingError(
+            f"cannot install the refresh function in database {database!r} ({exc.orig}); "
+            "run sqlalchemy_matview.orchestration.tracking.ensure_state_tables() there "
+            "(or metadata.create_all() with a track_changes view), then schedule again"
+        ) from exc
+    finally:
+        other.dispose()
 
 
 def _require_pg_cron(conn: Connection) -> tuple[int, ...]:
@@ -140,6 +163,13 @@ def schedule_refresh(
     job. Raises :class:`~sqlalchemy_matview.errors.ExtensionNotInstalledError` when
     pg_cron is missing.
 
+    The job refreshes like :func:`~sqlalchemy_matview.refresh_views` does: it skips a
+    run while another process holds the view's advisory lock, clears the view's
+    staleness marks, records the refresh (``view_states``, ``matview status``) and marks
+    the views reading it stale. The bookkeeping tables and the refresh function are
+    installed in the view's database if missing (a connection is made there with the
+    bind's URL when ``database`` is another one).
+
     Example::
 
         job_id = schedule_refresh(engine, mv_daily, "*/10 * * * *")
@@ -153,14 +183,15 @@ def schedule_refresh(
     name = job_name or job_name_for(view, schema=schema, database=database)
     with _conn(bind) as conn:
         version = _require_pg_cron(conn)
+        if database is not None and version < (1, 4):
+            raise ExtensionNotInstalledError(
+                f"pg_cron {'.'.join(map(str, version))} cannot schedule into another "
+                "database (cron.schedule_in_database needs 1.4+); upgrade pg_cron or "
+                "install it in the view's database"
+            )
+        _ensure_refresh_function(conn, database)
         params = {"name": name, "schedule": schedule, "command": command}
         if database is not None:
-            if version < (1, 4):
-                raise ExtensionNotInstalledError(
-                    f"pg_cron {'.'.join(map(str, version))} cannot schedule into another "
-                    "database (cron.schedule_in_database needs 1.4+); upgrade pg_cron or "
-                    "install it in the view's database"
-                )
             job = conn.execute(
                 sa.text("SELECT cron.schedule_in_database(:name, :schedule, :command, :database)"),
                 {**params, "database": database},

@@ -1,15 +1,19 @@
 """Refreshing views: :func:`refresh_views`, :func:`refresh_all`, :func:`refresh_stale`.
 
 Each view is refreshed in its own transaction (or savepoint, inside a caller's
-transaction) which, in order:
+transaction) which applies ``lock_timeout`` / ``statement_timeout`` with
+``set_config(..., is_local)`` and then, where the bookkeeping tables exist, runs the
+database function ``public.sqlalchemy_matview_refresh()`` (the one pg_cron jobs run, see
+:func:`~sqlalchemy_matview.orchestration.tracking.refresh_call`), which in order:
 
-1. applies ``lock_timeout`` / ``statement_timeout`` with ``set_config(..., is_local)``;
-2. takes the view's advisory lock (:func:`~sqlalchemy_matview.lock_key`), or skips;
-3. for :func:`refresh_stale`, checks again under the lock that the view is still stale
+1. takes the view's advisory lock (:func:`~sqlalchemy_matview.lock_key`), or skips;
+2. for :func:`refresh_stale`, checks again under the lock that the view is still stale
    (another process may have refreshed it a moment ago);
-4. runs ``REFRESH MATERIALIZED VIEW [CONCURRENTLY]``;
-5. when change tracking is set up, clears the changes that the refresh's snapshot covered,
-   records when and how long, and marks the views that read this one stale.
+3. runs ``REFRESH MATERIALIZED VIEW [CONCURRENTLY]``;
+4. clears the changes that the refresh's snapshot covered, records when and how long, and
+   marks the materialized views that read this one stale.
+
+Without the bookkeeping tables (no view tracks changes) steps 1 and 3 run from Python.
 
 Nothing is raised for a refresh that fails: it is reported as a :class:`RefreshResult`,
 logged on the ``sqlalchemy_matview`` logger, and the views depending on it are skipped.
@@ -43,11 +47,15 @@ __all__ = [
     "Bind",
     "LockMode",
     "RefreshOptionError",
+    "RunOptions",
     "Timeout",
     "ViewRef",
     "refresh_all",
     "refresh_stale",
     "refresh_views",
+    "run_metadata",
+    "run_options",
+    "run_views",
 ]
 
 log = logging.getLogger("sqlalchemy_matview")
@@ -66,7 +74,9 @@ class RefreshOptionError(MaterializedViewError, ValueError):
 
 
 @dataclass(frozen=True)
-class _Options:
+class RunOptions:
+    """The validated options of one run (built by :func:`run_options`)."""
+
     cascade: bool
     concurrently: bool | Literal["auto"]
     lock: LockMode
@@ -92,13 +102,14 @@ def _timeout(name: str, value: Timeout) -> str | None:
     )
 
 
-def _options(
+def run_options(
     cascade: bool,
     concurrently: bool | Literal["auto"],
     lock: str,
     lock_timeout: Timeout,
     statement_timeout: Timeout,
-) -> _Options:
+) -> RunOptions:
+    """Validate the options shared by every refresh function, before any SQL is sent."""
     if concurrently not in (True, False, "auto"):
         raise RefreshOptionError(f"concurrently={concurrently!r}: pass 'auto', True or False")
     if lock not in ("skip", "wait", "none"):
@@ -106,7 +117,7 @@ def _options(
             f"lock={lock!r}: pass 'skip' (skip views another process is refreshing), "
             "'wait' (wait for it, bounded by lock_timeout) or 'none' (take no lock)"
         )
-    return _Options(
+    return RunOptions(
         cascade=bool(cascade),
         concurrently=concurrently,
         lock=lock,  # type: ignore[arg-type]
@@ -229,7 +240,7 @@ def _plan(
     conn: Connection,
     refs: Sequence[ViewRef],
     metadata: sa.MetaData | None,
-    opts: _Options,
+    opts: RunOptions,
     *,
     strict: bool,
     want_stale: bool,
@@ -288,7 +299,7 @@ _SET = sa.text("SELECT set_config(:name, :value, true)")
 _GET = sa.text("SELECT current_setting(:name)")
 
 
-def _set_timeouts(conn: Connection, opts: _Options) -> dict[str, str]:
+def _set_timeouts(conn: Connection, opts: RunOptions) -> dict[str, str]:
     saved: dict[str, str] = {}
     for name, value in (
         ("lock_timeout", opts.lock_timeout),
@@ -306,7 +317,7 @@ def _restore_timeouts(conn: Connection, saved: dict[str, str]) -> None:
         conn.execute(_SET, {"name": name, "value": value})
 
 
-def _use_concurrently(item: _Item, opts: _Options) -> bool | ConcurrentRefreshError:
+def _use_concurrently(item: _Item, opts: RunOptions) -> bool | ConcurrentRefreshError:
     possible = item.populated and item.concurrent_index
     if opts.concurrently == "auto":
         return possible
@@ -331,12 +342,47 @@ def _is_lock_timeout(exc: BaseException) -> bool:
     return code == "55P03"
 
 
+def _refresh_untracked(conn: Connection, item: _Item, concurrently: bool, lock: LockMode) -> str:
+    """Lock and refresh where the bookkeeping (and its refresh function) is not installed.
+
+    The same steps as ``tracking.REFRESH_FUNCTION`` minus the recording; a timed-out wait
+    for the lock is told apart from a timed-out REFRESH by the statement that raised.
+    """
+    key = sa.literal(lock_key(item.qname), sa.BigInteger)
+    if lock == "skip":
+        if not conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key))).scalar():
+            return "skipped_locked"
+    elif lock == "wait":
+        try:
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+        except sa.exc.DBAPIError as exc:
+            if _is_lock_timeout(exc):
+                raise _LockWaitTimeout(exc) from exc
+            raise
+    schema, name = item.qname
+    conn.execute(RefreshMaterializedView(name, schema=schema, concurrently=concurrently))
+    return "refreshed"
+
+
+_OUTCOMES: dict[str, RefreshStatus] = {
+    "refreshed": "refreshed",
+    "skipped_locked": "skipped_locked",
+    "skipped_fresh": "skipped_fresh",
+}
+
+
+class _LockWaitTimeout(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _refresh_one(
     conn: Connection,
     owned: bool,
     item: _Item,
     plan: _Plan,
-    opts: _Options,
+    opts: RunOptions,
     *,
     only_if_stale: bool,
 ) -> RefreshResult:
@@ -365,46 +411,35 @@ def _refresh_one(
     if isinstance(concurrently, ConcurrentRefreshError):
         return result("failed", error=concurrently)
     schema, name = item.qname
-    phase = "lock"
-    outcome: RefreshStatus = "refreshed"
     try:
         with _transaction(conn, owned):
             saved = _set_timeouts(conn, opts)
-            key = sa.literal(lock_key(item.qname), sa.BigInteger)
-            if opts.lock == "skip":
-                if not conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key))).scalar():
-                    _restore_timeouts(conn, saved)
-                    return result("skipped_locked", concurrently)
-            elif opts.lock == "wait":
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-            phase = "refresh"
-            if only_if_stale and not (plan.tracking_on and tracking.is_stale(conn, schema, name)):
-                outcome = "skipped_fresh"
-                _restore_timeouts(conn, saved)
-            else:
-                snap = tracking.snapshot(conn) if plan.tracking_on else ""
-                t0 = time.perf_counter()
-                conn.execute(
-                    RefreshMaterializedView(name, schema=schema, concurrently=concurrently)
+            if plan.tracking_on:
+                # Lock, staleness check, refresh and bookkeeping in one statement: the same
+                # function pg_cron jobs run.
+                status = tracking.refresh_and_record(
+                    conn,
+                    schema,
+                    name,
+                    concurrently=concurrently,
+                    lock=opts.lock,
+                    only_if_stale=only_if_stale,
                 )
-                spent = time.perf_counter() - t0
-                _restore_timeouts(conn, saved)
-                if plan.tracking_on:
-                    tracking.record_refresh(
-                        conn,
-                        schema,
-                        name,
-                        snap,
-                        spent,
-                        concurrently,
-                        plan.graph.matview_dependents(item.qname),
-                    )
+            elif only_if_stale:
+                status = "skipped_fresh"
+            else:
+                status = _refresh_untracked(conn, item, concurrently, opts.lock)
+            _restore_timeouts(conn, saved)
+    except _LockWaitTimeout as exc:
+        log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
+        return result("skipped_locked", concurrently, exc.error)
     except Exception as exc:
-        if phase == "lock" and _is_lock_timeout(exc):
+        if tracking.is_lock_wait_timeout(exc):
             log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
             return result("skipped_locked", concurrently, exc)
         log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
         return result("failed", concurrently, exc)
+    outcome = _OUTCOMES[status]
     done = result(outcome, concurrently)
     if outcome == "refreshed":
         log.info(
@@ -423,7 +458,7 @@ def _execute(
     conn: Connection,
     owned: bool,
     plan: _Plan,
-    opts: _Options,
+    opts: RunOptions,
     *,
     stale_only: bool,
     should_stop: Callable[[], bool] | None = None,
@@ -457,7 +492,7 @@ def _run(
     bind: Bind | OwnedConnection,
     refs: Sequence[ViewRef],
     metadata: sa.MetaData | None,
-    opts: _Options,
+    opts: RunOptions,
     *,
     strict: bool,
     stale_only: bool,
@@ -470,6 +505,34 @@ def _run(
         else:
             plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
         return _execute(conn, owned, plan, opts, stale_only=stale_only, should_stop=should_stop)
+
+
+def run_views(
+    bind: Bind | OwnedConnection, views: Sequence[ViewRef], opts: RunOptions
+) -> list[RefreshResult]:
+    """:func:`refresh_views` with validated options (shared with the async twins)."""
+    return _run(bind, views, None, opts, strict=True, stale_only=False)
+
+
+def run_metadata(
+    bind: Bind | OwnedConnection,
+    metadata: sa.MetaData,
+    opts: RunOptions,
+    *,
+    stale_only: bool,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[RefreshResult]:
+    """:func:`refresh_all` (or, with ``stale_only``, :func:`refresh_stale`) with validated
+    options (shared with the async twins)."""
+    return _run(
+        bind,
+        materialized_views(metadata, managed=True),
+        metadata,
+        opts,
+        strict=False,
+        stale_only=stale_only,
+        should_stop=should_stop,
+    )
 
 
 def refresh_views(
@@ -506,8 +569,8 @@ def refresh_views(
         results = refresh_views(engine, mv_daily, cascade=True, lock_timeout=5)
         failed = [r for r in results if r.status == "failed"]
     """
-    opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
-    return _run(bind, views, None, opts, strict=True, stale_only=False)
+    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return run_views(bind, views, opts)
 
 
 def refresh_all(
@@ -530,15 +593,8 @@ def refresh_all(
         for result in refresh_all(engine, metadata):
             print(result.view, result.status, f"{result.duration:.2f}s")
     """
-    opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
-    return _run(
-        bind,
-        materialized_views(metadata, managed=True),
-        metadata,
-        opts,
-        strict=False,
-        stale_only=False,
-    )
+    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return run_metadata(bind, metadata, opts, stale_only=False)
 
 
 def refresh_stale(
@@ -566,13 +622,5 @@ def refresh_stale(
         results = refresh_stale(engine, metadata)
         refreshed = [r.view for r in results if r.status == "refreshed"]
     """
-    opts = _options(cascade, concurrently, lock, lock_timeout, statement_timeout)
-    return _run(
-        bind,
-        materialized_views(metadata, managed=True),
-        metadata,
-        opts,
-        strict=False,
-        stale_only=True,
-        should_stop=_should_stop,
-    )
+    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    return run_metadata(bind, metadata, opts, stale_only=True, should_stop=_should_stop)

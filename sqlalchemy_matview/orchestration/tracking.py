@@ -14,19 +14,25 @@ A statement-level trigger on each source table runs
 table (view names are data, never code), adds a change row for every view tracking it and
 calls ``pg_notify('sqlalchemy_matview', '<schema>.<view>')``.
 
+Every refresh made through this library, and every pg_cron job of
+:func:`~sqlalchemy_matview.schedule_refresh`, runs ``public.sqlalchemy_matview_refresh()``
+(:data:`REFRESH_FUNCTION`, see :func:`refresh_call`): it takes the view's advisory lock,
+refreshes, clears the changes covered, records the refresh and marks dependents stale, in
+the caller's transaction.
+
 Why a change log and not a boolean or a counter on the state row: a counter needs an
 ``UPDATE`` of one row per write, so every writing transaction on a tracked table would hold
 that row's lock until it commits, and concurrent writers would queue behind each other. An
 ``INSERT ... ON CONFLICT DO NOTHING`` keyed by the writer's transaction id never waits on
 another writer. A refresh clears exactly the change rows its own snapshot could see
-(``txid_visible_in_snapshot``), so a write committed while the refresh ran keeps the
+(``pg_visible_in_snapshot``), so a write committed while the refresh ran keeps the
 view stale: no change is ever lost. The change rows' ids are the view's *version*.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,10 +44,12 @@ from sqlalchemy.sql.compiler import IdentifierPreparer
 from ..errors import MaterializedViewError
 from ..schema import MaterializedView
 from ._sql import PreparedDDL
+from .locking import lock_key
 
 __all__ = [
     "CHANGES_TABLE",
     "CHANNEL",
+    "REFRESH_FUNCTION",
     "STATE_SCHEMA",
     "STATE_TABLE",
     "TRIGGER_FUNCTION",
@@ -51,6 +59,10 @@ __all__ = [
     "attach",
     "ensure_state_tables",
     "install_tracking",
+    "is_lock_wait_timeout",
+    "refresh_and_record",
+    "refresh_call",
+    "stale_views",
     "state_tables_exist",
     "tracking_installed",
     "uninstall_tracking",
@@ -71,6 +83,13 @@ TRIGGER_FUNCTION = "sqlalchemy_matview_mark_stale"
 TRIGGER_NAME = "sqlalchemy_matview_track"
 #: The ``NOTIFY`` channel; the payload is the view's ``schema.name``.
 CHANNEL = "sqlalchemy_matview"
+#: The function refreshing one view and recording it (see :func:`refresh_call`).
+REFRESH_FUNCTION = "sqlalchemy_matview_refresh"
+#: Starts the message of a refresh that timed out waiting for another refresher's lock.
+ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
+
+# The refresh function's argument types, as to_regprocedure() wants them.
+_REFRESH_ARGS = "text, text, bigint, boolean, text, boolean"
 
 # Serialises creation of the bookkeeping objects among concurrent create_all() calls:
 # CREATE TABLE IF NOT EXISTS alone can still fail on the pg_type unique index.
@@ -139,7 +158,7 @@ def _setup_statements(preparer: IdentifierPreparer) -> list[str]:
         " UNIQUE (view_schema, view_name))",
         f"CREATE TABLE IF NOT EXISTS {changes} ("
         " view_id integer NOT NULL,"
-        " txid bigint NOT NULL,"
+        " txid xid8 NOT NULL,"
         " id bigserial NOT NULL,"
         " changed_at timestamptz NOT NULL DEFAULT now(),"
         " PRIMARY KEY (view_id, txid))",
@@ -153,27 +172,167 @@ def _setup_statements(preparer: IdentifierPreparer) -> list[str]:
         " BEGIN"
         f"  FOR r IN SELECT id, view_schema, view_name FROM {state}"
         "   WHERE TG_RELID = ANY (source_oids) LOOP"
-        f"   INSERT INTO {changes} (view_id, txid) VALUES (r.id, txid_current())"
+        f"   INSERT INTO {changes} (view_id, txid) VALUES (r.id, pg_current_xact_id())"
         "    ON CONFLICT DO NOTHING;"
         f"   PERFORM pg_notify('{CHANNEL}', r.view_schema || '.' || r.view_name);"
         "  END LOOP;"
         "  RETURN NULL;"
         " END $body$",
+        _refresh_function(preparer, state, changes),
     ]
 
 
+def _refresh_function(preparer: IdentifierPreparer, state: str, changes: str) -> str:
+    """``CREATE FUNCTION`` of :data:`REFRESH_FUNCTION` (see :func:`refresh_and_record`)."""
+    return _REFRESH_FUNCTION_TEMPLATE.format(
+        func=_q(preparer, STATE_SCHEMA, REFRESH_FUNCTION),
+        state=state,
+        changes=changes,
+        channel=CHANNEL,
+        mark=ADVISORY_TIMEOUT_MARK,
+    )
+
+
+# The one implementation of "refresh one view and record it", shared by the runner
+# (refresh_views and friends, the worker) and pg_cron jobs, so that a scheduled refresh
+# clears the staleness marks and records itself like any other.
+#
+# Not SECURITY DEFINER: the refresh must run with the caller's privileges (only the view's
+# owner may refresh it), and callers already write the bookkeeping tables themselves. No
+# pinned search_path either, so the view's own functions resolve as in a bare REFRESH;
+# everything here is schema-qualified instead. Names arrive as arguments and reach SQL
+# only through quote_ident() (what format('%I') does; a percent sign here would be taken
+# for a placeholder by pyformat drivers when the function is created).
+_REFRESH_FUNCTION_TEMPLATE = """
+CREATE OR REPLACE FUNCTION {func}(
+    target_schema text, target_name text, lock_key bigint,
+    refresh_concurrently boolean DEFAULT false, lock_mode text DEFAULT 'skip',
+    only_if_stale boolean DEFAULT false)
+RETURNS text LANGUAGE plpgsql VOLATILE AS $body$
+DECLARE
+    target text := pg_catalog.quote_ident(target_schema) || '.'
+                   || pg_catalog.quote_ident(target_name);
+    target_oid oid;
+    view_snapshot pg_catalog.pg_snapshot;
+    started timestamptz;
+    spent double precision;
+    dep_schemas text[];
+    dep_names text[];
+BEGIN
+    IF lock_mode = 'skip' THEN
+        IF NOT pg_catalog.pg_try_advisory_xact_lock(lock_key) THEN
+            RETURN 'skipped_locked';
+        END IF;
+    ELSIF lock_mode = 'wait' THEN
+        BEGIN
+            PERFORM pg_catalog.pg_advisory_xact_lock(lock_key);
+        EXCEPTION WHEN lock_not_available THEN
+            -- Tells the caller the wait for another refresher timed out, not the REFRESH.
+            RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+                MESSAGE = '{mark} ' || target,
+                HINT = 'another process is refreshing it; raise lock_timeout or skip it';
+        END;
+    ELSIF lock_mode IS DISTINCT FROM 'none' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'lock_mode ' || pg_catalog.quote_nullable(lock_mode)
+                      || ': pass skip, wait or none';
+    END IF;
+    -- Checked under the lock: another process may have refreshed it a moment ago.
+    IF only_if_stale AND NOT EXISTS (
+        SELECT 1 FROM {state} s JOIN {changes} c ON c.view_id = s.id
+         WHERE s.view_schema = target_schema AND s.view_name = target_name) THEN
+        RETURN 'skipped_fresh';
+    END IF;
+    -- Taken before the REFRESH, whose own snapshot is later and so sees at least as much:
+    -- every change visible here is in the refreshed data.
+    view_snapshot := pg_catalog.pg_current_snapshot();
+    started := pg_catalog.clock_timestamp();
+    IF refresh_concurrently THEN
+        EXECUTE 'REFRESH MATERIALIZED VIEW CONCURRENTLY ' || target;
+    ELSE
+        EXECUTE 'REFRESH MATERIALIZED VIEW ' || target;
+    END IF;
+    spent := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - started);
+    target_oid := pg_catalog.to_regclass(target);
+    INSERT INTO {state} (view_schema, view_name) VALUES (target_schema, target_name)
+        ON CONFLICT (view_schema, view_name) DO NOTHING;
+    -- A change committed while the refresh ran is invisible to view_snapshot: its row
+    -- stays, and so does the view's staleness.
+    WITH covered AS (
+        DELETE FROM {changes} c USING {state} s
+         WHERE s.view_schema = target_schema AND s.view_name = target_name
+           AND c.view_id = s.id
+           AND (pg_catalog.pg_visible_in_snapshot(c.txid, view_snapshot)
+                OR c.txid = pg_catalog.pg_current_xact_id_if_assigned())
+        RETURNING c.id)
+    UPDATE {state}
+       SET refreshed_version = GREATEST(refreshed_version,
+                                        COALESCE((SELECT max(id) FROM covered), 0)),
+           last_refreshed_at = pg_catalog.clock_timestamp(),
+           last_duration = spent,
+           last_concurrently = refresh_concurrently,
+           refresh_count = refresh_count + 1
+     WHERE view_schema = target_schema AND view_name = target_name;
+    -- The materialized views reading this one, directly or through plain views only.
+    SELECT pg_catalog.array_agg(deps.nspname ORDER BY deps.nspname, deps.relname),
+           pg_catalog.array_agg(deps.relname ORDER BY deps.nspname, deps.relname)
+      INTO dep_schemas, dep_names
+      FROM (WITH RECURSIVE readers(oid, relkind) AS (
+                SELECT r.ev_class, c.relkind
+                  FROM pg_catalog.pg_depend d
+                  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+                  JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+                 WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                   AND d.deptype = 'n' AND d.refobjid = target_oid
+                   AND r.ev_class <> target_oid
+              UNION
+                SELECT r.ev_class, c.relkind
+                  FROM readers
+                  JOIN pg_catalog.pg_depend d ON d.refobjid = readers.oid
+                  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+                  JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+                 WHERE readers.relkind = 'v'
+                   AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                   AND d.deptype = 'n' AND r.ev_class <> readers.oid)
+            SELECT DISTINCT n.nspname::text AS nspname, c.relname::text AS relname
+              FROM readers
+              JOIN pg_catalog.pg_class c ON c.oid = readers.oid
+              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE readers.relkind = 'm' AND readers.oid <> target_oid) AS deps;
+    IF dep_names IS NOT NULL THEN
+        INSERT INTO {state} (view_schema, view_name)
+            SELECT * FROM unnest(dep_schemas, dep_names)
+            ON CONFLICT (view_schema, view_name) DO NOTHING;
+        INSERT INTO {changes} (view_id, txid)
+            SELECT s.id, pg_catalog.pg_current_xact_id()
+              FROM {state} s
+              JOIN unnest(dep_schemas, dep_names) AS d(sch, nam)
+                ON s.view_schema = d.sch AND s.view_name = d.nam
+            ON CONFLICT DO NOTHING;
+        PERFORM pg_catalog.pg_notify('{channel}', d.sch || '.' || d.nam)
+           FROM unnest(dep_schemas, dep_names) AS d(sch, nam);
+    END IF;
+    RETURN 'refreshed';
+END
+$body$
+"""
+
+
 def state_tables_exist(conn: Connection) -> bool:
-    """True when the state table, the change log and the trigger function all exist."""
+    """True when the state table, the change log and both functions all exist."""
     return bool(
         conn.execute(
             sa.text(
                 "SELECT to_regclass(:state) IS NOT NULL AND to_regclass(:changes) IS NOT NULL"
-                " AND to_regprocedure(:func) IS NOT NULL"
+                " AND to_regprocedure(:func) IS NOT NULL AND to_regprocedure(:refresh) IS NOT NULL"
             ),
             {
                 "state": f"{STATE_SCHEMA}.{STATE_TABLE}",
                 "changes": f"{STATE_SCHEMA}.{CHANGES_TABLE}",
                 "func": f"{STATE_SCHEMA}.{TRIGGER_FUNCTION}()",
+                "refresh": f"{STATE_SCHEMA}.{REFRESH_FUNCTION}({_REFRESH_ARGS})",
             },
         ).scalar_one()
     )
@@ -438,96 +597,72 @@ _STALE = sa.text(
     f" WHERE EXISTS (SELECT 1 FROM {STATE_SCHEMA}.{CHANGES_TABLE} c WHERE c.view_id = s.id)"
 )
 
-_IS_STALE = sa.text(
-    f"SELECT EXISTS (SELECT 1 FROM {STATE_SCHEMA}.{STATE_TABLE} s"
-    f" JOIN {STATE_SCHEMA}.{CHANGES_TABLE} c ON c.view_id = s.id"
-    " WHERE s.view_schema = :schema AND s.view_name = :name)"
-)
-
 
 def stale_views(conn: Connection) -> set[tuple[str, str]]:
     """``(schema, name)`` of every view with uncovered changes (one query)."""
     return {(r.view_schema, r.view_name) for r in conn.execute(_STALE)}
 
 
-def is_stale(conn: Connection, schema: str, name: str) -> bool:
-    return bool(conn.execute(_IS_STALE, {"schema": schema, "name": name}).scalar())
+def refresh_call(
+    schema: str,
+    name: str,
+    *,
+    concurrently: bool,
+    lock: str = "skip",
+    only_if_stale: bool = False,
+) -> sa.Select[tuple[str]]:
+    """``SELECT public.sqlalchemy_matview_refresh(...)`` for one view.
 
+    The runner executes it; :func:`~sqlalchemy_matview.schedule_refresh` compiles it with
+    literal values into a pg_cron job's command. The function takes the view's advisory
+    lock (``lock``: ``"skip"``, ``"wait"`` or ``"none"``), returns ``"skipped_locked"`` or,
+    with ``only_if_stale``, ``"skipped_fresh"`` when there is nothing to do, and otherwise
+    refreshes the view, clears the changes its snapshot covered, records the refresh and
+    marks the materialized views reading it stale, returning ``"refreshed"``.
 
-def snapshot(conn: Connection) -> str:
-    """The snapshot the next statement of this transaction can at least see."""
-    return str(conn.execute(sa.text("SELECT CAST(txid_current_snapshot() AS text)")).scalar_one())
+    Example::
 
-
-_ENSURE_ROWS = sa.text(
-    f"INSERT INTO {STATE_SCHEMA}.{STATE_TABLE} (view_schema, view_name)"
-    " SELECT * FROM unnest(CAST(:schemas AS text[]), CAST(:names AS text[]))"
-    " ON CONFLICT (view_schema, view_name) DO NOTHING"
-)
-
-_RECORD = sa.text(
-    f"""
-    WITH covered AS (
-        DELETE FROM {STATE_SCHEMA}.{CHANGES_TABLE} c
-         USING {STATE_SCHEMA}.{STATE_TABLE} s
-         WHERE s.view_schema = :schema AND s.view_name = :name AND c.view_id = s.id
-           AND (txid_visible_in_snapshot(c.txid, CAST(CAST(:snapshot AS text) AS txid_snapshot))
-                OR c.txid = txid_current_if_assigned())
-     RETURNING c.id)
-    UPDATE {STATE_SCHEMA}.{STATE_TABLE}
-       SET refreshed_version = GREATEST(refreshed_version,
-                                        COALESCE((SELECT max(id) FROM covered), 0)),
-           last_refreshed_at = clock_timestamp(),
-           last_duration = :duration,
-           last_concurrently = :concurrently,
-           refresh_count = refresh_count + 1
-     WHERE view_schema = :schema AND view_name = :name
+        status = conn.scalar(refresh_call("public", "mv_daily", concurrently=True))
     """
-)
-
-_MARK = sa.text(
-    f"""
-    WITH marked AS (
-        INSERT INTO {STATE_SCHEMA}.{CHANGES_TABLE} (view_id, txid)
-        SELECT s.id, txid_current() FROM {STATE_SCHEMA}.{STATE_TABLE} s
-          JOIN unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS d(sch, nam)
-            ON s.view_schema = d.sch AND s.view_name = d.nam
-        ON CONFLICT DO NOTHING)
-    SELECT pg_notify(:channel, sch || '.' || nam)
-      FROM unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS d(sch, nam)
-    """
-)
+    call = getattr(sa.func, STATE_SCHEMA)
+    return sa.select(
+        getattr(call, REFRESH_FUNCTION)(
+            sa.literal(schema, sa.Text),
+            sa.literal(name, sa.Text),
+            sa.literal(lock_key((schema, name)), sa.BigInteger),
+            sa.literal(bool(concurrently), sa.Boolean),
+            sa.literal(lock, sa.Text),
+            sa.literal(bool(only_if_stale), sa.Boolean),
+            type_=sa.Text,
+        )
+    )
 
 
-def record_refresh(
+def refresh_and_record(
     conn: Connection,
     schema: str,
     name: str,
-    snap: str,
-    duration: float,
+    *,
     concurrently: bool,
-    dependents: Iterable[tuple[str, str]],
-) -> None:
-    """Clear the changes ``snap`` covered, record the refresh, mark ``dependents`` stale."""
-    deps = sorted(set(dependents))
-    schemas = [schema] + [d[0] for d in deps]
-    names = [name] + [d[1] for d in deps]
-    conn.execute(_ENSURE_ROWS, {"schemas": schemas, "names": names})
-    conn.execute(
-        _RECORD,
-        {
-            "schema": schema,
-            "name": name,
-            "snapshot": snap,
-            "duration": duration,
-            "concurrently": concurrently,
-        },
+    lock: str = "skip",
+    only_if_stale: bool = False,
+) -> str:
+    """Run :func:`refresh_call` in the caller's transaction; returns the status.
+
+    A wait for another refresher's lock that runs into ``lock_timeout`` raises an error
+    for which :func:`is_lock_wait_timeout` is true.
+    """
+    call = refresh_call(
+        schema, name, concurrently=concurrently, lock=lock, only_if_stale=only_if_stale
     )
-    if deps:
-        conn.execute(
-            _MARK,
-            {"schemas": schemas[1:], "names": names[1:], "channel": CHANNEL},
-        )
+    return str(conn.execute(call).scalar_one())
+
+
+def is_lock_wait_timeout(exc: BaseException) -> bool:
+    """True for the error of a ``lock="wait"`` refresh that gave up waiting for the lock."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code == "55P03" and ADVISORY_TIMEOUT_MARK in str(exc)
 
 
 # -- create_all / drop_all -------------------------------------------------------------------

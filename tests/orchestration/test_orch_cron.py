@@ -10,10 +10,22 @@ import sqlalchemy as sa
 from sqlalchemy_matview import (
     ConcurrentRefreshError,
     MaterializedView,
+    lock_key,
+    refresh_stale,
+    refresh_views,
     schedule_refresh,
     unschedule_refresh,
 )
 from sqlalchemy_matview.errors import ExtensionNotInstalledError
+from sqlalchemy_matview.orchestration import tracking
+from sqlalchemy_matview.orchestration.cron import refresh_command
+
+from .conftest import Shop, rows
+
+
+def _states(engine):
+    with engine.connect() as conn:
+        return tracking.view_states(conn)
 
 
 def test_missing_extension_is_a_clear_error(engine):
@@ -29,6 +41,71 @@ def test_concurrently_needs_unique_key_before_any_sql():
         schedule_refresh(sa.create_engine("postgresql+psycopg://"), mv, "* * * * *")
 
 
+def test_job_command_refreshes_and_records_like_refresh_views(engine, shop: Shop):
+    """The job's SQL, run here by hand, does what refresh_views does for one view."""
+    command = refresh_command(shop.mv_totals)
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 150}])
+    with engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key(shop.mv_totals))))
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql(command).scalar() == "skipped_locked"
+        holder.rollback()
+    assert rows(engine, shop.mv_totals) == []
+    assert _states(engine)[("public", "mv_totals")].stale
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(command).scalar() == "refreshed"
+    assert rows(engine, shop.mv_totals) == [(1, 150)]
+    states = _states(engine)
+    totals, top = states[("public", "mv_totals")], states[("public", "mv_top")]
+    assert not totals.stale and totals.refresh_count == 1
+    assert totals.last_concurrently is True and totals.last_duration is not None
+    assert totals.last_refreshed_at is not None
+    assert top.stale  # the refresh marked the view reading it stale, as refresh_views does
+    # So refresh_stale has only the dependent left to do.
+    assert {r.view: r.status for r in refresh_stale(engine, shop.metadata)} == {
+        "public.mv_totals": "skipped_fresh",
+        "public.mv_top": "refreshed",
+    }
+    # And refresh_views records the same way, through the same function.
+    [again] = refresh_views(engine, shop.mv_totals, concurrently=False)
+    assert again.status == "refreshed"
+    totals = _states(engine)[("public", "mv_totals")]
+    assert totals.refresh_count == 2 and totals.last_concurrently is False
+
+
+def test_job_command_quotes_names_as_literals():
+    command = refresh_command('it\'s "odd"', schema="S c", concurrently=False)
+    assert command.startswith("SELECT public.sqlalchemy_matview_refresh(")
+    assert "'S c', 'it''s \"odd\"', " in command
+    key = lock_key(("S c", 'it\'s "odd"'))
+    assert f"{key}, false, 'skip', false)" in command
+
+
+def test_schedule_installs_the_refresh_function(pg_cron_server):
+    db = pg_cron_server.create_database()
+    cron_engine = sa.create_engine(pg_cron_server.url("postgres"))
+    app = sa.create_engine(pg_cron_server.url(db))
+    try:
+        with cron_engine.begin() as conn:
+            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_cron"))
+        with app.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+            conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_plain AS SELECT id FROM t"))
+            assert not tracking.state_tables_exist(conn)
+        job = schedule_refresh(
+            cron_engine, "mv_plain", "0 3 * * *", concurrently=False, database=db
+        )
+        with app.connect() as conn:
+            assert tracking.state_tables_exist(conn)
+        assert unschedule_refresh(cron_engine, "mv_plain", database=db) is True
+        assert isinstance(job, int)
+    finally:
+        app.dispose()
+        cron_engine.dispose()
+        pg_cron_server.drop_database(db)
+
+
 @pytest.mark.slow
 def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
     db = pg_cron_server.create_database()
@@ -39,10 +116,14 @@ def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
             conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_cron"))
         md = sa.MetaData()
         src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
-        mv = MaterializedView('Odd "Name"', md, sa.select(src.c.id), unique_key="id")
+        mv = MaterializedView(
+            'Odd "Name"', md, sa.select(src.c.id), unique_key="id", track_changes=True
+        )
+        MaterializedView("mv_reader", md, sa.select(mv.c.id))
         md.create_all(app)
         with app.begin() as conn:
             conn.execute(src.insert(), [{"id": 1}, {"id": 2}])
+        assert _states(app)[("public", 'Odd "Name"')].stale
         with cron_engine.connect() as conn:
             version = conn.scalar(
                 sa.text("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
@@ -60,8 +141,10 @@ def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
                 sa.text("SELECT command, database FROM cron.job WHERE jobid = :j"), {"j": job}
             ).one()
         assert database == db
-        assert 'REFRESH MATERIALIZED VIEW CONCURRENTLY public."Odd ""Name"""' in command
-        assert "pg_advisory_xact_lock" in command
+        assert command.startswith(
+            "SELECT public.sqlalchemy_matview_refresh('public', 'Odd \"Name\"', "
+        )
+        assert f"{lock_key(mv)}, true, 'skip', false)" in command
         # Rescheduling under the same name replaces the job.
         assert schedule_refresh(cron_engine, mv, every, database=db) == job
         deadline = time.monotonic() + 75
@@ -73,6 +156,14 @@ def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
                 break
             time.sleep(0.3)
         assert count == 2, "the pg_cron job did not refresh the view"
+        # The job recorded itself and cleared the marks, as refresh_views would have.
+        states = _states(app)
+        state = states[("public", 'Odd "Name"')]
+        assert not state.stale and state.refresh_count >= 1
+        assert state.last_refreshed_at is not None and state.last_duration is not None
+        assert state.last_concurrently is True
+        assert states[("public", "mv_reader")].stale
+        assert [r.status for r in refresh_stale(app, md)] == ["skipped_fresh", "refreshed"]
         with cron_engine.connect() as conn:
             failures = (
                 conn.execute(

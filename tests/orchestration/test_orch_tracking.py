@@ -16,6 +16,13 @@ def _statuses(results):
     return {r.view: r.status for r in results}
 
 
+def _trigger_count(conn) -> int:
+    return conn.scalar(
+        sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
+        {"n": tracking.TRIGGER_NAME},
+    )
+
+
 def test_create_all_installs_statement_triggers(engine, shop: Shop):
     with engine.connect() as conn:
         assert tracking.tracking_installed(conn) == {("public", "mv_totals")}
@@ -174,13 +181,7 @@ def test_plain_view_sources_are_looked_through_and_install_is_idempotent(engine)
         tracking.uninstall_tracking(conn, None, "mv_v")
         tracking.uninstall_tracking(conn, None, "mv_v")
         assert tracking.tracking_installed(conn) == set()
-        assert (
-            conn.scalar(
-                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-                {"n": tracking.TRIGGER_NAME},
-            )
-            == 0
-        )
+        assert _trigger_count(conn) == 0
 
 
 def test_missing_source_raises_naming_view(engine):
@@ -209,23 +210,11 @@ def test_drop_all_removes_triggers_but_keeps_other_views_tracking(engine):
         }
         tracking.uninstall_tracking(conn, None, "mv_totals")
         # mv_count still needs the trigger on orders.
-        assert (
-            conn.scalar(
-                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-                {"n": tracking.TRIGGER_NAME},
-            )
-            == 1
-        )
+        assert _trigger_count(conn) == 1
     md.drop_all(engine)
     with engine.connect() as conn:
         assert tracking.tracking_installed(conn) == set()
-        assert (
-            conn.scalar(
-                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-                {"n": tracking.TRIGGER_NAME},
-            )
-            == 0
-        )
+        assert _trigger_count(conn) == 0
 
 
 def test_untracked_database_has_no_state(engine):
