@@ -23,6 +23,22 @@ from sqlalchemy_matview.orchestration.cron import refresh_command
 from .conftest import Shop, rows
 
 
+@pytest.fixture
+def cron_db(pg_cron_server):
+    """(engine on pg_cron's database, engine on a fresh app database, its name)."""
+    db = pg_cron_server.create_database()
+    cron_engine = sa.create_engine(pg_cron_server.url("postgres"))
+    app = sa.create_engine(pg_cron_server.url(db))
+    try:
+        with cron_engine.begin() as conn:
+            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_cron"))
+        yield cron_engine, app, db
+    finally:
+        app.dispose()
+        cron_engine.dispose()
+        pg_cron_server.drop_database(db)
+
+
 def _states(engine):
     with engine.connect() as conn:
         return tracking.view_states(conn)
@@ -82,114 +98,90 @@ def test_job_command_quotes_names_as_literals():
     assert f"{key}, false, 'skip', false)" in command
 
 
-def test_schedule_installs_the_refresh_function(pg_cron_server):
-    db = pg_cron_server.create_database()
-    cron_engine = sa.create_engine(pg_cron_server.url("postgres"))
-    app = sa.create_engine(pg_cron_server.url(db))
-    try:
-        with cron_engine.begin() as conn:
-            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_cron"))
-        with app.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
-            conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_plain AS SELECT id FROM t"))
-            assert not tracking.state_tables_exist(conn)
-        job = schedule_refresh(
-            cron_engine, "mv_plain", "0 3 * * *", concurrently=False, database=db
-        )
-        with app.connect() as conn:
-            assert tracking.state_tables_exist(conn)
-        assert unschedule_refresh(cron_engine, "mv_plain", database=db) is True
-        assert isinstance(job, int)
-    finally:
-        app.dispose()
-        cron_engine.dispose()
-        pg_cron_server.drop_database(db)
+def test_schedule_installs_the_refresh_function(cron_db):
+    cron_engine, app, db = cron_db
+    with app.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_plain AS SELECT id FROM t"))
+        assert not tracking.state_tables_exist(conn)
+    job = schedule_refresh(cron_engine, "mv_plain", "0 3 * * *", concurrently=False, database=db)
+    with app.connect() as conn:
+        assert tracking.state_tables_exist(conn)
+    assert unschedule_refresh(cron_engine, "mv_plain", database=db) is True
+    assert isinstance(job, int)
 
 
 @pytest.mark.slow
-def test_schedule_runs_quoted_refresh_and_unschedule(pg_cron_server):
-    db = pg_cron_server.create_database()
-    cron_engine = sa.create_engine(pg_cron_server.url("postgres"))
-    app = sa.create_engine(pg_cron_server.url(db))
-    try:
-        with cron_engine.begin() as conn:
-            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_cron"))
-        md = sa.MetaData()
-        src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
-        mv = MaterializedView(
-            'Odd "Name"', md, sa.select(src.c.id), unique_key="id", track_changes=True
+def test_schedule_runs_quoted_refresh_and_unschedule(cron_db):
+    cron_engine, app, db = cron_db
+    md = sa.MetaData()
+    src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
+    mv = MaterializedView(
+        'Odd "Name"', md, sa.select(src.c.id), unique_key="id", track_changes=True
+    )
+    MaterializedView("mv_reader", md, sa.select(mv.c.id))
+    md.create_all(app)
+    with app.begin() as conn:
+        conn.execute(src.insert(), [{"id": 1}, {"id": 2}])
+    assert _states(app)[("public", 'Odd "Name"')].stale
+    with cron_engine.connect() as conn:
+        version = conn.scalar(
+            sa.text("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
         )
-        MaterializedView("mv_reader", md, sa.select(mv.c.id))
-        md.create_all(app)
-        with app.begin() as conn:
-            conn.execute(src.insert(), [{"id": 1}, {"id": 2}])
-        assert _states(app)[("public", 'Odd "Name"')].stale
-        with cron_engine.connect() as conn:
-            version = conn.scalar(
-                sa.text("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
+    # Second-granularity schedules arrived in pg_cron 1.5; older ones wait for a minute.
+    every = (
+        "1 seconds" if tuple(map(int, version.split("-")[0].split("."))) >= (1, 5) else "* * * * *"
+    )
+    job = schedule_refresh(cron_engine, mv, every, database=db)
+    assert isinstance(job, int)
+    with cron_engine.connect() as conn:
+        command, database = conn.execute(
+            sa.text("SELECT command, database FROM cron.job WHERE jobid = :j"), {"j": job}
+        ).one()
+    assert database == db
+    assert command.startswith("SELECT public.sqlalchemy_matview_refresh('public', 'Odd \"Name\"', ")
+    assert f"{lock_key(mv)}, true, 'skip', false)" in command
+    # Rescheduling under the same name replaces the job.
+    assert schedule_refresh(cron_engine, mv, every, database=db) == job
+    deadline = time.monotonic() + 75
+    count = 0
+    while time.monotonic() < deadline:
+        with app.connect() as conn:
+            count = conn.scalar(sa.select(sa.func.count()).select_from(mv.table))
+        if count == 2:
+            break
+        time.sleep(0.3)
+    assert count == 2, "the pg_cron job did not refresh the view"
+    # The job recorded itself and cleared the marks, as refresh_views would have.
+    states = _states(app)
+    state = states[("public", 'Odd "Name"')]
+    assert not state.stale and state.refresh_count >= 1
+    assert state.last_refreshed_at is not None and state.last_duration is not None
+    assert state.last_concurrently is True
+    assert states[("public", "mv_reader")].stale
+    assert [r.status for r in refresh_stale(app, md)] == ["skipped_fresh", "refreshed"]
+    with cron_engine.connect() as conn:
+        failures = (
+            conn.execute(
+                sa.text(
+                    "SELECT return_message FROM cron.job_run_details"
+                    " WHERE jobid = :j AND status = 'failed'"
+                ),
+                {"j": job},
             )
-        # Second-granularity schedules arrived in pg_cron 1.5; older ones wait for a minute.
-        every = (
-            "1 seconds"
-            if tuple(map(int, version.split("-")[0].split("."))) >= (1, 5)
-            else "* * * * *"
+            .scalars()
+            .all()
         )
-        job = schedule_refresh(cron_engine, mv, every, database=db)
-        assert isinstance(job, int)
-        with cron_engine.connect() as conn:
-            command, database = conn.execute(
-                sa.text("SELECT command, database FROM cron.job WHERE jobid = :j"), {"j": job}
-            ).one()
-        assert database == db
-        assert command.startswith(
-            "SELECT public.sqlalchemy_matview_refresh('public', 'Odd \"Name\"', "
-        )
-        assert f"{lock_key(mv)}, true, 'skip', false)" in command
-        # Rescheduling under the same name replaces the job.
-        assert schedule_refresh(cron_engine, mv, every, database=db) == job
-        deadline = time.monotonic() + 75
-        count = 0
-        while time.monotonic() < deadline:
-            with app.connect() as conn:
-                count = conn.scalar(sa.select(sa.func.count()).select_from(mv.table))
-            if count == 2:
-                break
-            time.sleep(0.3)
-        assert count == 2, "the pg_cron job did not refresh the view"
-        # The job recorded itself and cleared the marks, as refresh_views would have.
-        states = _states(app)
-        state = states[("public", 'Odd "Name"')]
-        assert not state.stale and state.refresh_count >= 1
-        assert state.last_refreshed_at is not None and state.last_duration is not None
-        assert state.last_concurrently is True
-        assert states[("public", "mv_reader")].stale
-        assert [r.status for r in refresh_stale(app, md)] == ["skipped_fresh", "refreshed"]
-        with cron_engine.connect() as conn:
-            failures = (
-                conn.execute(
-                    sa.text(
-                        "SELECT return_message FROM cron.job_run_details"
-                        " WHERE jobid = :j AND status = 'failed'"
-                    ),
-                    {"j": job},
-                )
-                .scalars()
-                .all()
-            )
-        assert failures == []
-        assert unschedule_refresh(cron_engine, mv, database=db) is True
-        assert unschedule_refresh(cron_engine, mv, database=db) is False
-        named = schedule_refresh(
-            cron_engine,
-            'Odd "Name"',
-            "0 3 * * *",
-            job_name="nightly",
-            concurrently=False,
-            database=db,
-        )
-        assert unschedule_refresh(cron_engine, "nightly") is True
-        assert named != job
-    finally:
-        app.dispose()
-        cron_engine.dispose()
-        pg_cron_server.drop_database(db)
+    assert failures == []
+    assert unschedule_refresh(cron_engine, mv, database=db) is True
+    assert unschedule_refresh(cron_engine, mv, database=db) is False
+    named = schedule_refresh(
+        cron_engine,
+        'Odd "Name"',
+        "0 3 * * *",
+        job_name="nightly",
+        concurrently=False,
+        database=db,
+    )
+    assert unschedule_refresh(cron_engine, "nightly") is True
+    assert named != job

@@ -17,6 +17,7 @@ from sqlalchemy_matview import (
     refresh_all,
     refresh_views,
 )
+from sqlalchemy_matview.orchestration import tracking
 from sqlalchemy_matview.orchestration.runner import RefreshOptionError
 
 from .conftest import Shop, build_shop, rows
@@ -160,7 +161,13 @@ def test_failure_is_reported_and_dependents_skipped(engine, shop: Shop, caplog):
     assert any("mv_div failed" in rec.getMessage() for rec in caplog.records)
 
 
-def test_lock_skip_wait_none(engine, shop: Shop):
+@pytest.mark.parametrize("track", [True, False], ids=["recorded", "untracked"])
+def test_lock_skip_wait_none(engine, track: bool):
+    # With tracking the database function takes the lock; without, the runner does.
+    shop = build_shop(track=track)
+    shop.metadata.create_all(engine)
+    with engine.connect() as conn:
+        assert tracking.state_tables_exist(conn) is track
     key = lock_key(shop.mv_totals)
     holder = engine.connect()
     try:

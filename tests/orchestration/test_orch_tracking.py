@@ -259,3 +259,26 @@ def test_notify_payload_is_view_name(engine, shop: Shop):
                 conn.execute(shop.orders.insert(), [{"customer": i, "amount": 1}])
         payloads = [n.payload for n in listener.notifies(timeout=1.0)]
     assert payloads == ["public.mv_totals"]  # three statements, one transaction: one notify
+
+
+def test_refresh_marks_the_dependents_the_runner_graph_finds(engine):
+    """The database function's dependents are the runner's: direct and through plain views."""
+    from sqlalchemy_matview import catalog
+    from sqlalchemy_matview.orchestration.ordering import DependencyGraph
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE base (id int PRIMARY KEY)"))
+        conn.execute(sa.text('CREATE MATERIALIZED VIEW "mv A" AS SELECT id FROM base'))
+        conn.execute(sa.text('CREATE VIEW v_a AS SELECT id FROM "mv A"'))
+        conn.execute(sa.text("CREATE VIEW v_aa AS SELECT id FROM v_a"))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_via AS SELECT id FROM v_aa"))
+        conn.execute(sa.text('CREATE MATERIALIZED VIEW mv_direct AS SELECT id FROM "mv A"'))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_next AS SELECT id FROM mv_direct"))
+        tracking.install_tracking(conn, None, "mv A", [(None, "base")])
+        graph = DependencyGraph.from_catalog(catalog.dependencies(conn))
+    [result] = refresh_views(engine, "mv A")
+    assert result.status == "refreshed"
+    with engine.connect() as conn:
+        stale = tracking.stale_views(conn)
+    assert stale == graph.matview_dependents(("public", "mv A"))
+    assert stale == {("public", "mv_via"), ("public", "mv_direct")}
