@@ -343,7 +343,14 @@ def _constant(text: str) -> Callable[[IdentifierPreparer], str]:
 
 
 def ensure_state_tables(conn: Connection) -> None:
-    """Create the bookkeeping tables and trigger function if missing (safe to race)."""
+    """Create the bookkeeping tables, the trigger function and the refresh function if
+    missing (safe to race).
+
+    Example::
+
+        with engine.begin() as conn:
+            ensure_state_tables(conn)
+    """
     if state_tables_exist(conn):
         return
     conn.execute(
