@@ -158,7 +158,9 @@ def _setup_statements(preparer: IdentifierPreparer) -> list[str]:
         " UNIQUE (view_schema, view_name))",
         f"CREATE TABLE IF NOT EXISTS {changes} ("
         " view_id integer NOT NULL,"
-        " txid xid8 NOT NULL,"
+        # bigint rather than xid8: tools that reflect every table (Alembic autogenerate)
+        # know bigint; a 64-bit transaction id fits, and is cast back to xid8 when compared.
+        " txid bigint NOT NULL,"
         " id bigserial NOT NULL,"
         " changed_at timestamptz NOT NULL DEFAULT now(),"
         " PRIMARY KEY (view_id, txid))",
@@ -172,7 +174,7 @@ def _setup_statements(preparer: IdentifierPreparer) -> list[str]:
         " BEGIN"
         f"  FOR r IN SELECT id, view_schema, view_name FROM {state}"
         "   WHERE TG_RELID = ANY (source_oids) LOOP"
-        f"   INSERT INTO {changes} (view_id, txid) VALUES (r.id, pg_current_xact_id())"
+        f"   INSERT INTO {changes} (view_id, txid) VALUES (r.id, pg_current_xact_id()::text::bigint)"
         "    ON CONFLICT DO NOTHING;"
         f"   PERFORM pg_notify('{CHANNEL}', r.view_schema || '.' || r.view_name);"
         "  END LOOP;"
@@ -262,8 +264,8 @@ BEGIN
         DELETE FROM {changes} c USING {state} s
          WHERE s.view_schema = target_schema AND s.view_name = target_name
            AND c.view_id = s.id
-           AND (pg_catalog.pg_visible_in_snapshot(c.txid, view_snapshot)
-                OR c.txid = pg_catalog.pg_current_xact_id_if_assigned())
+           AND (pg_catalog.pg_visible_in_snapshot(c.txid::text::xid8, view_snapshot)
+                OR c.txid = pg_catalog.pg_current_xact_id_if_assigned()::text::bigint)
         RETURNING c.id)
     UPDATE {state}
        SET refreshed_version = GREATEST(refreshed_version,
@@ -306,7 +308,7 @@ BEGIN
             SELECT * FROM unnest(dep_schemas, dep_names)
             ON CONFLICT (view_schema, view_name) DO NOTHING;
         INSERT INTO {changes} (view_id, txid)
-            SELECT s.id, pg_catalog.pg_current_xact_id()
+            SELECT s.id, pg_catalog.pg_current_xact_id()::text::bigint
               FROM {state} s
               JOIN unnest(dep_schemas, dep_names) AS d(sch, nam)
                 ON s.view_schema = d.sch AND s.view_name = d.nam
