@@ -134,6 +134,7 @@ async def schedule_refresh(
     job_name: str | None = None,
     schema: str | None = None,
     database: str | None = None,
+    only_if_stale: bool = False,
 ) -> int:
     """Async :func:`sqlalchemy_matview.schedule_refresh`.
 
@@ -151,6 +152,7 @@ async def schedule_refresh(
             job_name=job_name,
             schema=schema,
             database=database,
+            only_if_stale=only_if_stale,
         ),
         per_view_commit=False,
     )

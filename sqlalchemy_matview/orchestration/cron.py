@@ -83,6 +83,7 @@ def refresh_command(
     *,
     schema: str | None = None,
     concurrently: bool = True,
+    only_if_stale: bool = False,
 ) -> str:
     """The SQL a job runs: one call of the refresh function with the view's schema and
     name as quoted literals (identifiers are quoted inside it, with ``format('%I')``).
@@ -95,7 +96,9 @@ def refresh_command(
     declared = materialized_view_of(view)
     if declared is not None:
         refresh(declared, concurrently=concurrently)  # checks the unique key, before any SQL
-    call = tracking.refresh_call(view_schema, name, concurrently=concurrently, lock="skip")
+    call = tracking.refresh_call(
+        view_schema, name, concurrently=concurrently, lock="skip", only_if_stale=only_if_stale
+    )
     return str(call.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
 
 
@@ -153,6 +156,7 @@ def schedule_refresh(
     job_name: str | None = None,
     schema: str | None = None,
     database: str | None = None,
+    only_if_stale: bool = False,
 ) -> int:
     """Schedule a ``pg_cron`` job refreshing ``view``; returns the job id.
 
@@ -170,6 +174,11 @@ def schedule_refresh(
     installed in the view's database if missing (a connection is made there with the
     bind's URL when ``database`` is another one).
 
+    ``only_if_stale=True`` makes each run a cheap no-op unless the view is marked stale, by
+    its own change tracking (``track_changes=True``) or by the refresh of a view it reads:
+    a safety net that recomputes only when something changed. A view with neither is then
+    never refreshed by the job.
+
     Example::
 
         job_id = schedule_refresh(engine, mv_daily, "*/10 * * * *")
@@ -179,7 +188,9 @@ def schedule_refresh(
         raise ValueError(
             f"schedule must be a cron expression such as '*/5 * * * *', got {schedule!r}"
         )
-    command = refresh_command(view, schema=schema, concurrently=concurrently)
+    command = refresh_command(
+        view, schema=schema, concurrently=concurrently, only_if_stale=only_if_stale
+    )
     name = job_name or job_name_for(view, schema=schema, database=database)
     with _conn(bind) as conn:
         version = _require_pg_cron(conn)

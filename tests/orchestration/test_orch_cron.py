@@ -185,3 +185,18 @@ def test_schedule_runs_quoted_refresh_and_unschedule(cron_db):
     )
     assert unschedule_refresh(cron_engine, "nightly") is True
     assert named != job
+
+
+def test_only_if_stale_job_command_skips_a_fresh_view(engine, shop: Shop):
+    command = refresh_command(shop.mv_totals, only_if_stale=True)
+    assert ", true, 'skip', true)" in command  # concurrently, lock mode, only_if_stale
+    refresh_views(engine, shop.mv_totals)  # fresh now
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(command).scalar() == "skipped_fresh"
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 2, "amount": 40}])
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(command).scalar() == "refreshed"
+    assert rows(engine, shop.mv_totals) == [(2, 40)]
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(command).scalar() == "skipped_fresh"
