@@ -22,11 +22,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .orchestration import cron, runner
+from .orchestration.async_worker import RefreshWorker
 from .orchestration.results import RefreshResult
 from .orchestration.runner import LockMode, Timeout, ViewRef
 from .schema import MaterializedView
 
 __all__ = [
+    "RefreshWorker",
     "refresh_all",
     "refresh_stale",
     "refresh_views",
@@ -104,6 +106,7 @@ async def refresh_stale(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    _should_stop: Callable[[], bool] | None = None,
 ) -> list[RefreshResult]:
     """Async :func:`sqlalchemy_matview.refresh_stale`.
 
@@ -112,15 +115,22 @@ async def refresh_stale(
         results = await refresh_stale(async_engine, metadata)
     """
     opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
-    return await _run_metadata(bind, metadata, opts, stale_only=True)
+    return await _run_metadata(bind, metadata, opts, stale_only=True, should_stop=_should_stop)
 
 
 async def _run_metadata(
-    bind: AsyncBind, metadata: sa.MetaData, opts: runner.RunOptions, *, stale_only: bool
+    bind: AsyncBind,
+    metadata: sa.MetaData,
+    opts: runner.RunOptions,
+    *,
+    stale_only: bool,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[RefreshResult]:
     return await _run(
         bind,
-        lambda target: runner.run_metadata(target, metadata, opts, stale_only=stale_only),
+        lambda target: runner.run_metadata(
+            target, metadata, opts, stale_only=stale_only, should_stop=should_stop
+        ),
         per_view_commit=True,
     )
 

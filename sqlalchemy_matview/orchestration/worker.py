@@ -15,9 +15,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..errors import MaterializedViewError
-from ..schema import materialized_views
 from .results import RefreshResult
 from .runner import LockMode, Timeout, refresh_stale
+from .schedule import (
+    RefreshSchedule,
+    Whitelist,
+    backoff_delay,
+    check_timings,
+    lost_connection,
+    needs_retry,
+)
 from .tracking import CHANNEL
 
 __all__ = ["RefreshWorker", "UnsupportedDriverError"]
@@ -89,13 +96,9 @@ class RefreshWorker:
                 f"{engine.dialect.name}+{engine.dialect.driver}; create it from a "
                 "postgresql+psycopg:// URL"
             )
-        if debounce < 0 or max_delay < 0 or (interval is not None and interval <= 0):
-            raise ValueError("debounce and max_delay must be >= 0 and interval > 0")
+        self.debounce, self.max_delay, self.interval = check_timings(debounce, max_delay, interval)
         self.engine = engine
         self.metadata = metadata
-        self.debounce = float(debounce)
-        self.max_delay = max(float(max_delay), float(debounce))
-        self.interval = interval
         self.channel = channel
         self.lock: LockMode = lock
         self.on_result = on_result
@@ -110,7 +113,7 @@ class RefreshWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: Any = None
-        self._unknown_logged: set[str] = set()
+        self._whitelist = Whitelist(metadata, channel)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -177,10 +180,7 @@ class RefreshWorker:
         quoted = self.engine.dialect.identifier_preparer.quote(self.channel)
         raw.execute(f"LISTEN {quoted}")
         current = raw.execute("SELECT current_schema()").fetchone()[0]
-        self._whitelist = {
-            f"{v.schema or current}.{v.name}"
-            for v in materialized_views(self.metadata, managed=True)
-        }
+        self._whitelist.load(current_schema=current)
         return raw
 
     def _close(self) -> None:
@@ -203,7 +203,7 @@ class RefreshWorker:
             except Exception as exc:
                 if self._stop.is_set():
                     break
-                delay = min(self.max_backoff, 0.5 * 2**attempt)
+                delay = backoff_delay(attempt, self.max_backoff)
                 attempt += 1
                 log.warning(
                     "refresh worker: %s; reconnecting in %.1fs",
@@ -218,63 +218,23 @@ class RefreshWorker:
         log.info("refresh worker stopped")
 
     def _listen(self) -> None:
-        first: float | None = None
-        last: float | None = None
-        retry_at: float | None = None
-        retry_delay = max(self.debounce, 1.0)
-        next_periodic = time.monotonic() + self.interval if self.interval else None
+        schedule = RefreshSchedule(
+            self.debounce, self.max_delay, self.interval, now=time.monotonic()
+        )
         conn = self._conn
         while not self._stop.is_set():
             now = time.monotonic()
-            deadlines = [now + _SLICE]
-            if first is not None and last is not None:
-                deadlines.append(min(last + self.debounce, first + self.max_delay))
-            if retry_at is not None:
-                deadlines.append(retry_at)
-            if next_periodic is not None:
-                deadlines.append(next_periodic)
-            wait = max(0.01, min(deadlines) - now)
+            deadline = schedule.deadline()
+            # Never block longer than _SLICE, so that stop() is noticed promptly.
+            wait = _SLICE if deadline is None else max(0.01, min(_SLICE, deadline - now))
             for notify in conn.notifies(timeout=wait):
-                if self._accept(notify.payload):
-                    last = time.monotonic()
-                    first = first if first is not None else last
-            now = time.monotonic()
-            reason = None
-            if (
-                first is not None
-                and last is not None
-                and (now >= last + self.debounce or now >= first + self.max_delay)
-            ):
-                reason = "change"
-            elif retry_at is not None and now >= retry_at:
-                reason = "retry"
-            elif next_periodic is not None and now >= next_periodic:
-                reason = "interval"
+                if self._whitelist.accept(notify.payload):
+                    schedule.changed(time.monotonic())
+            reason = schedule.take(time.monotonic())
             if reason is None:
                 continue
-            first = last = None
-            if next_periodic is not None and self.interval:
-                next_periodic = now + self.interval
             unfinished = self._pass(reason)
-            if unfinished:
-                retry_at = time.monotonic() + retry_delay
-                retry_delay = min(retry_delay * 2, self.max_delay)
-            else:
-                retry_at = None
-                retry_delay = max(self.debounce, 1.0)
-
-    def _accept(self, payload: str) -> bool:
-        if payload in self._whitelist:
-            return True
-        if payload not in self._unknown_logged:
-            self._unknown_logged.add(payload)
-            log.warning(
-                "refresh worker: ignoring notification %r on %r: not a view declared on its "
-                "MetaData",
-                payload,
-                self.channel,
-            )
-        return False
+            schedule.finished(unfinished, time.monotonic())
 
     def _pass(self, reason: str) -> bool:
         """One ``refresh_stale``; True when some view should be retried."""
@@ -289,16 +249,13 @@ class RefreshWorker:
             _should_stop=self._stop.is_set,
         )
         self.passes += 1
-        unfinished = False
         for result in results:
             if self.on_result is not None:
                 try:
                     self.on_result(result)
                 except Exception:
                     log.exception("refresh worker: on_result raised for %s", result.view)
-            if result.status in ("failed", "skipped_locked"):
-                unfinished = True
-            err = result.error
-            if isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated:
-                raise err  # the server went away: reconnect, then catch up
-        return unfinished
+        err = lost_connection(results)
+        if err is not None:
+            raise err  # the server went away: reconnect, then catch up
+        return needs_retry(results)

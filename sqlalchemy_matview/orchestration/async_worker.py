@@ -1,0 +1,433 @@
+"""The asyncio :class:`RefreshWorker`, exported as ``sqlalchemy_matview.asyncio.RefreshWorker``.
+
+It decides when to refresh exactly like the thread worker (both use
+:mod:`~sqlalchemy_matview.orchestration.schedule`); only the waiting differs: it listens
+with the engine's own async driver, asyncpg or psycopg 3, on a connection of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .results import RefreshResult
+from .runner import LockMode, Timeout
+from .schedule import (
+    RefreshSchedule,
+    Whitelist,
+    backoff_delay,
+    check_timings,
+    lost_connection,
+    needs_retry,
+)
+from .tracking import CHANNEL
+from .worker import UnsupportedDriverError
+
+__all__ = ["RefreshWorker"]
+
+log = logging.getLogger("sqlalchemy_matview")
+
+APPLICATION_NAME = "sqlalchemy_matview worker"
+_PING = 30.0  # idle seconds before the listener checks that its server is still there
+_CLOSE_TIMEOUT = 2.0
+# Connect arguments SQLAlchemy's async adapters consume themselves; the drivers reject them.
+_ADAPTER_ONLY = frozenset(
+    {"async_creator_fn", "prepared_statement_cache_size", "prepared_statement_name_func"}
+)
+
+
+class _Lost:
+    """Queued when the listening connection dies."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+_WAKE = object()  # queued by stop(): leave the wait at once
+_Item = str | _Lost | object
+
+
+class _Listener:
+    """A dedicated ``LISTEN`` connection; its notifications and its death land in ``queue``."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.current_schema = "public"
+
+    async def ping(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class _AsyncpgListener(_Listener):
+    def __init__(self) -> None:
+        super().__init__()
+        self._conn: Any = None
+
+    async def open(self, engine: AsyncEngine, channel: str) -> None:
+        asyncpg: Any = importlib.import_module("asyncpg")
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        cparams = {k: v for k, v in cparams.items() if k not in _ADAPTER_ONLY}
+        settings = dict(cparams.pop("server_settings", None) or {})
+        settings.setdefault("application_name", APPLICATION_NAME)
+        self._conn = await asyncpg.connect(*cargs, server_settings=settings, **cparams)
+        # asyncpg quotes the channel itself (always, so "MyChannel" keeps its case).
+        await self._conn.add_listener(channel, self._notified)
+        self._conn.add_termination_listener(self._terminated)
+        self.current_schema = await self._conn.fetchval("SELECT current_schema()")
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self.queue.put_nowait(payload)
+
+    def _terminated(self, conn: Any) -> None:
+        self.queue.put_nowait(_Lost(ConnectionError("the listening connection was closed")))
+
+    async def ping(self) -> None:
+        await self._conn.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._terminated)
+        try:
+            await conn.close(timeout=_CLOSE_TIMEOUT)
+        except Exception:
+            conn.terminate()
+
+
+class _PsycopgListener(_Listener):
+    def __init__(self) -> None:
+        super().__init__()
+        self._conn: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self, engine: AsyncEngine, channel: str) -> None:
+        import psycopg
+
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        cparams = {k: v for k, v in cparams.items() if k not in _ADAPTER_ONLY}
+        cparams.setdefault("application_name", APPLICATION_NAME)
+        self._conn = await psycopg.AsyncConnection.connect(*cargs, autocommit=True, **cparams)
+        quoted = engine.dialect.identifier_preparer.quote(channel)
+        await self._conn.execute(f"LISTEN {quoted}")
+        cur = await self._conn.execute("SELECT current_schema()")
+        row = await cur.fetchone()
+        self.current_schema = row[0]
+        self._reader = asyncio.create_task(self._read(), name="sqlalchemy_matview-listener")
+
+    async def _read(self) -> None:
+        try:
+            async for notify in self._conn.notifies():
+                self.queue.put_nowait(notify.payload)
+        except Exception as exc:
+            self.queue.put_nowait(_Lost(exc))
+        else:
+            self.queue.put_nowait(_Lost(ConnectionError("the listening connection was closed")))
+
+    async def ping(self) -> None:
+        # notifies() holds the connection; a closed socket ends it, which _read reports.
+        if self._conn.closed or self._conn.broken:
+            raise ConnectionError("the listening connection is closed")
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), _CLOSE_TIMEOUT)
+
+
+OnResult = Callable[[RefreshResult], Any] | Callable[[RefreshResult], Awaitable[Any]]
+
+
+class RefreshWorker:
+    """Listen for changes and refresh stale views from an asyncio application.
+
+    The asyncio twin of :class:`sqlalchemy_matview.RefreshWorker`, with the same
+    parameters and the same decisions: it ``LISTEN``\\ s on ``channel`` on a connection
+    of its own (never one from the engine's pool), ignores and logs payloads that do not
+    name a view declared on ``metadata``, runs
+    :func:`sqlalchemy_matview.asyncio.refresh_stale` after ``debounce`` seconds of quiet
+    but never more than ``max_delay`` seconds after the first change, adds a periodic
+    pass every ``interval`` seconds if given, and after its connection dies reconnects
+    with capped exponential backoff (up to ``max_backoff`` seconds). Every (re)connect
+    starts with a catch-up pass, so no change is lost.
+
+    It listens with the engine's driver: asyncpg (``postgresql+asyncpg``) or psycopg 3
+    (``postgresql+psycopg``); refreshes use the engine's pool. ``on_result`` may be a
+    plain function or a coroutine function; it is called with every
+    :class:`~sqlalchemy_matview.RefreshResult`. Use one worker from one event loop.
+
+    Example (a FastAPI lifespan)::
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            async with RefreshWorker(async_engine, metadata, debounce=1.0):
+                yield
+
+    or ``await worker.start()`` / ``await worker.stop()``, or ``await worker.run()``
+    in a process of its own (SIGINT and SIGTERM stop it).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metadata: sa.MetaData,
+        *,
+        debounce: float = 5.0,
+        max_delay: float = 60.0,
+        interval: float | None = None,
+        channel: str = CHANNEL,
+        lock: LockMode = "skip",
+        on_result: OnResult | None = None,
+        concurrently: bool | Literal["auto"] = "auto",
+        lock_timeout: Timeout = None,
+        statement_timeout: Timeout = None,
+        max_backoff: float = 30.0,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(
+                f"sqlalchemy_matview.asyncio.RefreshWorker needs an AsyncEngine, got "
+                f"{type(engine).__name__}; for a sync Engine use sqlalchemy_matview.RefreshWorker"
+            )
+        dialect = engine.dialect
+        if dialect.name != "postgresql" or dialect.driver not in ("asyncpg", "psycopg"):
+            raise UnsupportedDriverError(
+                f"sqlalchemy_matview.asyncio.RefreshWorker listens with asyncpg or psycopg 3, "
+                f"but the engine uses {dialect.name}+{dialect.driver}; create it from a "
+                "postgresql+asyncpg:// or postgresql+psycopg:// URL"
+            )
+        self.debounce, self.max_delay, self.interval = check_timings(debounce, max_delay, interval)
+        self.engine = engine
+        self.metadata = metadata
+        self.channel = channel
+        self.lock: LockMode = lock
+        self.on_result = on_result
+        self.concurrently = concurrently
+        self.lock_timeout = lock_timeout
+        self.statement_timeout = statement_timeout
+        self.max_backoff = max_backoff
+        #: Completed ``refresh_stale`` passes (catch-ups, debounced and periodic ones).
+        self.passes = 0
+        #: Number of successful (re)connections so far.
+        self.connections = 0
+        self._whitelist = Whitelist(metadata, channel)
+        self._stopping = False
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listener: _Listener | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the worker's task is active."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> RefreshWorker:
+        """Run as a task of the current event loop; returns ``self``."""
+        if self.running:
+            return self
+        self._stopping = False
+        # Created here, not in __init__: asyncio objects belong to the loop that runs them.
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="sqlalchemy_matview-worker")
+        return self
+
+    async def stop(self, timeout: float | None = 30.0) -> bool:
+        """Stop and wait for the task (a refresh in progress finishes its current view).
+
+        After ``timeout`` seconds the task is cancelled; returns False in that case.
+        """
+        self._request_stop()
+        task = self._task
+        if task is None or task.done() or task is asyncio.current_task():
+            return True
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done:
+            return True
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return False
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`, SIGINT or SIGTERM (or until the caller is cancelled)."""
+        await self.start()
+        task = self._task
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
+                try:
+                    loop.add_signal_handler(sig, self._signalled, sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    continue  # no signal support on this loop or platform
+                previous[sig] = old
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await self.stop()
+            raise
+        finally:
+            for sig, old in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, old)
+
+    async def __aenter__(self) -> RefreshWorker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        log.info("refresh worker: signal %s, stopping", sig.name)
+        self._request_stop()
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._listener is not None:
+            self._listener.queue.put_nowait(_WAKE)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def _connect(self) -> _Listener:
+        listener: _AsyncpgListener | _PsycopgListener
+        if self.engine.dialect.driver == "asyncpg":
+            listener = _AsyncpgListener()
+        else:
+            listener = _PsycopgListener()
+        self._listener = listener
+        try:
+            await listener.open(self.engine, self.channel)
+        except BaseException:
+            await self._close()
+            raise
+        self._whitelist.load(current_schema=listener.current_schema)
+        return listener
+
+    async def _close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener.close()
+
+    async def _loop(self) -> None:
+        attempt = 0
+        try:
+            while not self._stopping:
+                try:
+                    listener = await self._connect()
+                    self.connections += 1
+                    log.info("refresh worker listening on %r", self.channel)
+                    attempt = 0
+                    # LISTEN comes first, so nothing committed after this pass goes unnoticed.
+                    await self._pass("catch-up")
+                    await self._listen(listener)
+                except Exception as exc:
+                    if self._stopping:
+                        break
+                    delay = backoff_delay(attempt, self.max_backoff)
+                    attempt += 1
+                    log.warning(
+                        "refresh worker: %s; reconnecting in %.1fs",
+                        exc.__class__.__name__,
+                        delay,
+                        exc_info=exc,
+                    )
+                    await self._close()
+                    await self._sleep(delay)
+                finally:
+                    await self._close()
+        finally:
+            log.info("refresh worker stopped")
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wakeup is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+
+    async def _listen(self, listener: _Listener) -> None:
+        schedule = RefreshSchedule(
+            self.debounce, self.max_delay, self.interval, now=time.monotonic()
+        )
+        queue = listener.queue
+        last_seen = time.monotonic()
+        while not self._stopping:
+            now = time.monotonic()
+            deadline = schedule.deadline()
+            wait = _PING if deadline is None else min(_PING, max(0.0, deadline - now))
+            items: list[_Item] = []
+            with contextlib.suppress(asyncio.TimeoutError):
+                items.append(await asyncio.wait_for(queue.get(), wait))
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for item in items:
+                if isinstance(item, _Lost):
+                    raise item.error or ConnectionError("the listening connection was lost")
+                if isinstance(item, str):
+                    last_seen = time.monotonic()
+                    if self._whitelist.accept(item):
+                        schedule.changed(last_seen)
+            if self._stopping:
+                break
+            now = time.monotonic()
+            if not items and now - last_seen >= _PING:
+                await asyncio.wait_for(listener.ping(), _PING)
+                last_seen = now
+            reason = schedule.take(now)
+            if reason is None:
+                continue
+            unfinished = await self._pass(reason)
+            schedule.finished(unfinished, time.monotonic())
+
+    async def _pass(self, reason: str) -> bool:
+        """One ``refresh_stale``; True when some view should be retried."""
+        # Imported here: sqlalchemy_matview.asyncio imports this module.
+        from ..asyncio import refresh_stale
+
+        log.debug("refresh worker: %s pass", reason)
+        results = await refresh_stale(
+            self.engine,
+            self.metadata,
+            concurrently=self.concurrently,
+            lock=self.lock,
+            lock_timeout=self.lock_timeout,
+            statement_timeout=self.statement_timeout,
+            _should_stop=lambda: self._stopping,
+        )
+        self.passes += 1
+        for result in results:
+            if self.on_result is not None:
+                try:
+                    outcome = self.on_result(result)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                except Exception:
+                    log.exception("refresh worker: on_result raised for %s", result.view)
+        err = lost_connection(results)
+        if err is not None:
+            raise err  # the server went away: reconnect, then catch up
+        return needs_retry(results)

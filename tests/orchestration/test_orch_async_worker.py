@@ -1,0 +1,221 @@
+"""sqlalchemy_matview.asyncio.RefreshWorker on asyncpg and psycopg: debounce, whitelist, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sqlalchemy_matview import RefreshResult
+from sqlalchemy_matview.asyncio import RefreshWorker
+from sqlalchemy_matview.orchestration import tracking
+from sqlalchemy_matview.orchestration.async_worker import APPLICATION_NAME
+from sqlalchemy_matview.orchestration.worker import UnsupportedDriverError
+
+from .conftest import Shop, build_shop
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+async def create_shop(engine: AsyncEngine) -> Shop:
+    shop = build_shop()
+    async with engine.begin() as conn:
+        await conn.run_sync(shop.metadata.create_all)
+    return shop
+
+
+async def insert(engine: AsyncEngine, shop: Shop, customer: int, amount: int) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(shop.orders.insert(), [{"customer": customer, "amount": amount}])
+
+
+async def top(engine: AsyncEngine, shop: Shop) -> list[tuple[object, ...]]:
+    async with engine.connect() as conn:
+        result = await conn.execute(sa.select(shop.mv_top.table).order_by(*shop.mv_top.table.c))
+        return [tuple(r) for r in result]
+
+
+async def stale(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        states = await conn.run_sync(tracking.view_states)
+    return {s.qualified_name for s in states.values() if s.stale}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> bool:
+    """Poll an async check until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return await check()
+
+
+async def worker_backends(engine: AsyncEngine) -> list[int]:
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = :name"
+                " AND datname = current_database()"
+            ),
+            {"name": APPLICATION_NAME},
+        )
+        return list(result.scalars())
+
+
+def test_reacts_within_debounce_and_stops_promptly(async_engine):
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        results: list[RefreshResult] = []
+
+        async def record(r: RefreshResult) -> None:  # async callbacks are awaited
+            results.append(r)
+
+        worker = RefreshWorker(async_engine, shop.metadata, debounce=0.3, on_result=record)
+        await worker.start()
+        try:
+            assert await wait_for(lambda: worker.passes >= 1)  # catch-up on connect
+            assert worker.running
+            await insert(async_engine, shop, 1, 300)
+            changed = time.monotonic()
+            assert await eventually(lambda: _equals(top(async_engine, shop), [(1, 300)]))
+            elapsed = time.monotonic() - changed
+            assert 0.3 <= elapsed < 3.0
+            assert ("public.mv_totals", "refreshed") in [(r.view, r.status) for r in results]
+            assert len(await worker_backends(async_engine)) == 1
+        finally:
+            started = time.monotonic()
+            assert await worker.stop(timeout=5)
+            assert time.monotonic() - started < 2
+        assert not worker.running
+        assert await stale(async_engine) == set()
+        # Its listening connection is closed, not left behind.
+        assert await eventually(lambda: _equals(worker_backends(async_engine), []))
+
+    asyncio.run(main())
+
+
+async def _equals(awaitable: Awaitable[object], expected: object) -> bool:
+    return await awaitable == expected
+
+
+def test_ignores_unknown_payloads(async_engine, caplog):
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_matview")
+
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        async with RefreshWorker(async_engine, shop.metadata, debounce=0.1) as worker:
+            assert await wait_for(lambda: worker.passes >= 1)
+            async with async_engine.begin() as conn:
+                await conn.execute(sa.select(sa.func.pg_notify("sqlalchemy_matview", "public.x")))
+                await conn.execute(
+                    sa.select(sa.func.pg_notify("sqlalchemy_matview", "x; DROP TABLE orders"))
+                )
+            assert await wait_for(
+                lambda: any("x; DROP TABLE orders" in r.getMessage() for r in caplog.records)
+            )
+            await asyncio.sleep(0.4)
+            assert worker.passes == 1  # nothing triggered a refresh pass
+        assert any("'public.x'" in r.getMessage() for r in caplog.records)
+
+    asyncio.run(main())
+
+
+def test_max_delay_bounds_a_stream_of_changes(async_engine):
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        refreshed_at: list[float] = []
+
+        def record(r: RefreshResult) -> None:
+            if r.status == "refreshed":
+                refreshed_at.append(time.monotonic())
+
+        worker = RefreshWorker(
+            async_engine, shop.metadata, debounce=1.0, max_delay=1.5, on_result=record
+        )
+        async with worker:
+            assert await wait_for(lambda: worker.passes >= 1)
+            first_write = time.monotonic()
+            # Writes every 0.2s never leave 1s of quiet: only max_delay can fire.
+            while time.monotonic() - first_write < 3.0 and not refreshed_at:
+                await insert(async_engine, shop, 1, 1)
+                await asyncio.sleep(0.2)
+            assert refreshed_at, "max_delay did not force a refresh during continuous writes"
+            assert 1.4 <= refreshed_at[0] - first_write < 2.8
+
+    asyncio.run(main())
+
+
+def test_interval_pass_runs_without_notifications(async_engine):
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        async with RefreshWorker(async_engine, shop.metadata, debounce=0.1, interval=0.3) as w:
+            assert await wait_for(lambda: w.passes >= 3, timeout=5)
+
+    asyncio.run(main())
+
+
+def test_recovers_after_its_connection_is_terminated(async_engine):
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        worker = RefreshWorker(async_engine, shop.metadata, debounce=0.1, max_backoff=1.0)
+        async with worker:
+            assert await wait_for(lambda: worker.passes >= 1)
+            [pid] = await worker_backends(async_engine)
+            async with async_engine.begin() as conn:
+                await conn.execute(sa.select(sa.func.pg_terminate_backend(pid)))
+                # Committed while the listener is dead: no notification reaches it.
+                await conn.execute(shop.orders.insert(), [{"customer": 9, "amount": 999}])
+            assert await wait_for(lambda: worker.connections >= 2)
+            assert await eventually(lambda: _equals(top(async_engine, shop), [(9, 999)]))
+            assert await eventually(lambda: _equals(stale(async_engine), set()))
+            [new_pid] = await worker_backends(async_engine)
+            assert new_pid != pid
+
+    asyncio.run(main())
+
+
+def test_run_blocks_until_stopped(async_engine):
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        worker = RefreshWorker(async_engine, shop.metadata, debounce=0.1)
+        runner = asyncio.create_task(worker.run())
+        assert await wait_for(lambda: worker.passes >= 1)
+        assert not runner.done()
+        await worker.stop()
+        await asyncio.wait_for(runner, 2)
+        # Cancelling run() (as asyncio.run does on Ctrl-C) stops the worker cleanly too.
+        runner = asyncio.create_task(worker.run())
+        assert await wait_for(lambda: worker.passes >= 2)
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+        assert not worker.running
+
+    asyncio.run(main())
+
+
+def test_rejects_sync_engines_and_other_drivers(engine, pg_url):
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    with pytest.raises(TypeError, match="AsyncEngine"):
+        RefreshWorker(engine, sa.MetaData())  # type: ignore[arg-type]
+    aeng = create_async_engine(pg_url.set(drivername="postgresql+psycopg"))
+    with pytest.raises(ValueError, match="debounce"):
+        RefreshWorker(aeng, sa.MetaData(), interval=0)
+    # The dialect's driver name is all the check reads; no other async driver is installed.
+    aeng.dialect.driver = "aiopg"
+    with pytest.raises(UnsupportedDriverError, match="asyncpg or psycopg"):
+        RefreshWorker(aeng, sa.MetaData())
