@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDialect
@@ -65,6 +65,7 @@ __all__ = [
     "DropIndex",
     "DropView",
     "EnableTracking",
+    "Grant",
     "IncludeFilter",
     "ReflectedIndex",
     "ReplaceView",
@@ -130,6 +131,33 @@ class ReflectedIndex:
         return sa.Index(self.name, *exprs, unique=self.unique, _table=table, **kwargs)
 
 
+#: Privileges a ``GRANT`` can give on a view or materialized view (``MAINTAIN``: PostgreSQL
+#: 17+). Only these words are ever written into a ``GRANT`` statement.
+PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
+)
+
+#: The grantee that stands for ``PUBLIC``: PostgreSQL reserves the role name ``public``.
+PUBLIC = "public"
+
+
+class Grant(NamedTuple):
+    """One privilege on a view held by a role (or by ``PUBLIC``), as ``aclexplode`` lists it.
+
+    Example::
+
+        Grant("app_reader", "SELECT")           # GRANT SELECT ON v TO app_reader
+        Grant("public", "SELECT")               # GRANT SELECT ON v TO PUBLIC
+        Grant("Report Reader", "SELECT", True)  # ... TO "Report Reader" WITH GRANT OPTION
+    """
+
+    #: Role name, or ``"public"`` for ``PUBLIC``.
+    grantee: str
+    #: ``SELECT``, ``INSERT``, ... (see :data:`PRIVILEGES`).
+    privilege: str
+    grantable: bool = False
+
+
 @dataclass(frozen=True)
 class CreateView:
     """Create a declared view that the database does not have."""
@@ -142,6 +170,10 @@ class CreateView:
     comment: str | None
     #: Column names to write out, for SQL-text definitions (``None``: the query's own).
     columns: tuple[str, ...] | None
+    #: Privileges to grant once created: those of the view this one re-creates, if any.
+    grants: tuple[Grant, ...] = ()
+    #: Owner to give it once created (``None``: whoever runs the migration).
+    owner: str | None = None
     phase = "after"
 
 
@@ -156,6 +188,9 @@ class DropView:
     with_data: bool
     comment: str | None
     indexes: tuple[ReflectedIndex, ...]
+    #: Privileges and owner, so that the reverse (a create) restores them.
+    grants: tuple[Grant, ...] = ()
+    owner: str | None = None
     phase = "before"
 
 
@@ -241,6 +276,11 @@ class CapturedView:
     #: ``pg_get_indexdef`` of each index: complete ``CREATE INDEX`` statements, naming the
     #: view without its schema when the ``search_path`` finds it.
     indexes: tuple[str, ...]
+    #: ``pg_class.relacl`` without the owner's own privileges (re-created with the view).
+    grants: tuple[Grant, ...] = ()
+    #: The owning role; ``None`` when it is the role that captured the view, which owns
+    #: whatever it creates again anyway.
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -614,11 +654,27 @@ _CAPTURE = sa.text(
            COALESCE(c.reloptions, '{}')::text[] AS options,
            ARRAY(SELECT pg_catalog.pg_get_indexdef(i.indexrelid, 0, true)
                    FROM pg_catalog.pg_index i
-                  WHERE i.indrelid = c.oid ORDER BY 1) AS indexes
+                  WHERE i.indrelid = c.oid ORDER BY 1) AS indexes,
+           NULLIF(pg_catalog.pg_get_userbyid(c.relowner)::text, current_user::text) AS owner,
+           COALESCE(acl.grantees, '{}') AS grantees,
+           COALESCE(acl.privileges, '{}') AS privileges,
+           COALESCE(acl.grantable, '{}') AS grantable
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       JOIN unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS w(schema, name)
         ON w.schema = n.nspname AND w.name = c.relname
+      LEFT JOIN LATERAL (
+            SELECT array_agg(e.grantee ORDER BY e.grantee, e.privilege) AS grantees,
+                   array_agg(e.privilege ORDER BY e.grantee, e.privilege) AS privileges,
+                   array_agg(e.grantable ORDER BY e.grantee, e.privilege) AS grantable
+              FROM (SELECT CASE WHEN a.grantee = 0 THEN 'public'
+                                ELSE pg_catalog.pg_get_userbyid(a.grantee)::text END AS grantee,
+                           a.privilege_type::text AS privilege,
+                           bool_or(a.is_grantable) AS grantable
+                      FROM pg_catalog.aclexplode(c.relacl) AS a
+                     WHERE a.grantee <> c.relowner
+                     GROUP BY 1, 2) AS e
+           ) AS acl ON true
      WHERE c.relkind IN ('v', 'm')
     """
 )
@@ -629,7 +685,9 @@ def capture_views(
 ) -> dict[tuple[str, str], CapturedView]:
     """The views and materialized views named by ``(schema, name)`` keys, in one query.
 
-    Keys that name no view are left out of the result.
+    Each comes with what re-creating it needs: definition, options, populated state,
+    comment, indexes, privileges (``pg_class.relacl``) and owner. Keys that name no view
+    are left out of the result.
 
     Example::
 
@@ -652,6 +710,13 @@ def capture_views(
             comment=row["comment"],
             options=tuple(row["options"]),
             indexes=tuple(row["indexes"]),
+            grants=tuple(
+                Grant(str(grantee), str(privilege), bool(grantable))
+                for grantee, privilege, grantable in zip(
+                    row["grantees"], row["privileges"], row["grantable"], strict=True
+                )
+            ),
+            owner=row["owner"],
         )
         found[(item.schema, item.name)] = item
     return found
@@ -779,6 +844,22 @@ def compare_views(
     split: _Split | None = None
     altered = {(norm(s), t) for s, t in altered_tables}
     replaced = [d for d in declared if changed(d)]
+    # A changed view that (in the database) still reads a view about to be dropped must be
+    # dropped before it, and can only be created from its new definition after it: it is
+    # detached like a view blocking a table change.
+    blocking: set[Key] = set()
+    if obsolete and replaced:
+        if edges is None:
+            edges = catalog.dependencies(conn)
+        graph: dict[FullKey, set[FullKey]] = {}
+        for edge in edges:
+            graph.setdefault(edge.dependent, set()).add(edge.referenced)
+        doomed = {info.qualified_name for info in obsolete}
+        blocking = {
+            d.key
+            for d in replaced
+            if _reachable(graph, (d.schema or default_schema or "public", d.name)) & doomed
+        }
     rebuilt: list[_Declared] = []
     retyped = [(s or default_schema or "public", t, c) for s, t, c in retyped_columns]
     if retyped:
@@ -788,7 +869,7 @@ def compare_views(
             for d in declared
             if d.key in existing and (d.schema or default_schema, d.name) in readers
         ]
-    if (altered and replaced) or rebuilt:
+    if (altered and replaced) or rebuilt or blocking:
         if edges is None:
             edges = catalog.dependencies(conn)
         split = _Split.plan(
@@ -799,17 +880,22 @@ def compare_views(
             edges,
             {(norm(i.schema), i.name) for i in obsolete},
             default_schema,
+            blocking,
         )
 
-    changes: list[Change] = []
+    # Privileges and owners of the views to drop, so that downgrades give them back.
+    access = capture_views(conn, [info.qualified_name for info in obsolete])
+    drops: list[tuple[FullKey, list[Change]]] = []
     for info in _drop_order(obsolete, edges or []):
         key = (norm(info.schema), info.name)
         view_indexes = tuple(indexes.get(key, {}).values())
+        group: list[Change] = []
         if key in tracked_keys:
             sources = _db_base_tables(edges or [], info.qualified_name, norm)
-            changes.append(DisableTracking(key[0], key[1], sources, phase="before"))
-        changes.extend(DropIndex(key[0], key[1], i, phase="before") for i in view_indexes)
-        changes.append(
+            group.append(DisableTracking(key[0], key[1], sources, phase="before"))
+        group.extend(DropIndex(key[0], key[1], i, phase="before") for i in view_indexes)
+        captured_view = access.get(info.qualified_name)
+        group.append(
             DropView(
                 schema=key[0],
                 name=key[1],
@@ -817,11 +903,14 @@ def compare_views(
                 with_data=info.populated,
                 comment=info.comment,
                 indexes=view_indexes,
+                grants=captured_view.grants if captured_view else (),
+                owner=captured_view.owner if captured_view else None,
             )
         )
-
+        drops.append((info.qualified_name, group))
     if split is not None:
-        changes.extend(split.detach)
+        drops.extend(((d.schema or default_schema or "public", d.name), [d]) for d in split.detach)
+    changes: list[Change] = [c for _, group in _readers_first(drops, edges or []) for c in group]
 
     for item in _topological(declared):
         sql = definitions[id(item)]
@@ -829,10 +918,21 @@ def compare_views(
         found = existing.get(item.key)
         declared_indexes = {str(i.name): i for i in item.table.indexes if i.name}
         if split is not None and item.key in split.views:
-            # Detached before the table changes: created anew, with every declared index
-            # and the declared comment; then the dependents that only waited for it.
+            # Detached before the table changes: created anew, with every declared index,
+            # the declared comment and the privileges it had; then the dependents that only
+            # waited for it.
+            old_view = split.captured.get(item.key)
             changes.append(
-                CreateView(item.schema, item.name, sql, item.with_data, item.comment, columns)
+                CreateView(
+                    item.schema,
+                    item.name,
+                    sql,
+                    item.with_data,
+                    item.comment,
+                    columns,
+                    grants=old_view.grants if old_view else (),
+                    owner=old_view.owner if old_view else None,
+                )
             )
             for name in sorted(declared_indexes):
                 changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))
@@ -888,6 +988,8 @@ class _Split:
     #: Dependents to re-create, in dependency order, each with what it reads among the
     #: detached views and dependents.
     pending: list[tuple[AttachView, set[Key]]]
+    #: The changed views as they are in the database (their privileges go to the new ones).
+    captured: dict[Key, CapturedView] = field(default_factory=dict)
     done: set[Key] = field(default_factory=set)
 
     @classmethod
@@ -900,6 +1002,7 @@ class _Split:
         edges: Sequence[catalog.Dependency],
         dropped: set[Key],
         default_schema: str | None,
+        blocking: Iterable[Key] = (),
     ) -> _Split | None:
         def full(key: Key) -> FullKey:
             return (key[0] or default_schema or "public", key[1])
@@ -915,6 +1018,7 @@ class _Split:
         altered_full = {full(k) for k in altered}
 
         views: set[FullKey] = {full(item.key) for item in rebuilt}
+        views |= {full(key) for key in blocking}
         for item in replaced:
             key = full(item.key)
             now = reads.get(key, set()) | {full(t) for t in item.tables}
@@ -948,7 +1052,12 @@ class _Split:
             for key in order
             if key in dependents
         ]
-        return cls({short(k) for k in views}, detach, pending)
+        return cls(
+            {short(k) for k in views},
+            detach,
+            pending,
+            {short(k): captured[k] for k in views if k in captured},
+        )
 
     def attach_ready(self, created: Key) -> list[AttachView]:
         """After ``created``: the dependents whose every detached source now exists."""
@@ -1057,6 +1166,42 @@ def _db_base_tables(
             else:
                 found[(norm(ref[0]), ref[1])] = None
     return tuple(sorted(found, key=lambda k: (k[0] or "", k[1])))
+
+
+def _readers_first(
+    drops: Sequence[tuple[FullKey, list[Change]]],
+    edges: Sequence[catalog.Dependency],
+) -> list[tuple[FullKey, list[Change]]]:
+    """``drops`` reordered so that each comes after every one that reads it (transitively).
+
+    Stable: the given order is kept where the dependencies do not decide.
+    """
+    if len(drops) < 2:
+        return list(drops)
+    reads: dict[FullKey, set[FullKey]] = {}
+    for edge in edges:
+        reads.setdefault(edge.dependent, set()).add(edge.referenced)
+    keys = [key for key, _ in drops]
+    members = set(keys)
+    readers: dict[FullKey, list[FullKey]] = {key: [] for key in keys}
+    for key in keys:
+        for ref in _reachable(reads, key) & members:
+            readers[ref].append(key)
+    by_key = dict(drops)
+    ordered: list[tuple[FullKey, list[Change]]] = []
+    done: set[FullKey] = set()
+
+    def visit(key: FullKey) -> None:
+        if key in done:
+            return
+        done.add(key)
+        for reader in readers[key]:
+            visit(reader)
+        ordered.append((key, by_key[key]))
+
+    for key in keys:
+        visit(key)
+    return ordered
 
 
 def _drop_order(

@@ -61,6 +61,8 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             with_data=change.with_data,
             comment=change.comment,
             columns=change.columns,
+            grants=change.grants or None,
+            owner=change.owner,
         )
     if isinstance(change, compare.DropView):
         return DropMaterializedViewOp(
@@ -69,6 +71,8 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             definition=change.definition,
             with_data=change.with_data,
             comment=change.comment,
+            grants=change.grants or None,
+            owner=change.owner,
         )
     if isinstance(change, compare.ReplaceView):
         return ReplaceMaterializedViewOp(
@@ -88,6 +92,8 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
                 definition=view.definition,
                 comment=view.comment,
                 options=view.options or None,
+                grants=view.grants or None,
+                owner=view.owner,
             )
         return DropMaterializedViewOp(
             change.name,
@@ -96,6 +102,8 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             with_data=view.populated,
             comment=view.comment,
             indexes=view.indexes or None,
+            grants=view.grants or None,
+            owner=view.owner,
         )
     if isinstance(change, compare.AttachView):
         view = change.view
@@ -106,6 +114,8 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
                 schema=change.schema,
                 comment=view.comment,
                 options=view.options or None,
+                grants=view.grants or None,
+                owner=view.owner,
             )
         return CreateMaterializedViewOp(
             change.name,
@@ -114,6 +124,8 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             with_data=view.populated,
             comment=view.comment,
             indexes=view.indexes or None,
+            grants=view.grants or None,
+            owner=view.owner,
         )
     if isinstance(change, compare.CreateIndex):
         return alembic_ops.CreateIndexOp.from_index(change.index)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..compare import definition_sql
+from ..compare import PRIVILEGES, Grant, definition_sql
 from ..errors import MaterializedViewError
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ __all__ = [
     "DropMaterializedViewOp",
     "DropPlainViewOp",
     "EnableChangeTrackingOp",
+    "InvalidGrantError",
     "IrreversibleOperationError",
     "RefreshMaterializedViewOp",
     "ReplaceMaterializedViewOp",
@@ -39,10 +40,45 @@ __all__ = [
 ]
 
 Sources = Sequence[tuple[str | None, str]]
+#: ``(grantee, privilege)`` or ``(grantee, privilege, with_grant_option)``; ``"public"``
+#: stands for ``PUBLIC``.
+GrantSpec = tuple[str, str] | tuple[str, str, bool] | Grant
 
 
 class IrreversibleOperationError(MaterializedViewError, ValueError):
     """An operation was asked for its reverse without the state needed to write it."""
+
+
+class InvalidGrantError(MaterializedViewError, ValueError):
+    """A ``grants=`` entry of a view operation is not ``(role, privilege[, grantable])``."""
+
+
+def _grants(view: str, grants: Sequence[GrantSpec] | None) -> tuple[Grant, ...] | None:
+    """Checked :class:`~sqlalchemy_matview.compare.Grant` records, before any SQL is sent."""
+    if grants is None:
+        return None
+    checked: list[Grant] = []
+    for entry in grants:
+        if (
+            not isinstance(entry, tuple)
+            or len(entry) not in (2, 3)
+            or not isinstance(entry[0], str)
+            or not entry[0]
+            or not isinstance(entry[1], str)
+        ):
+            raise InvalidGrantError(
+                f"grants of view {view!r}: {entry!r} is not (role, privilege) or "
+                "(role, privilege, with_grant_option), e.g. ('app_reader', 'SELECT')"
+            )
+        privilege = entry[1].upper()
+        if privilege not in PRIVILEGES:
+            raise InvalidGrantError(
+                f"grants of view {view!r}: {entry[1]!r} is not a privilege on a view; use "
+                f"one of {', '.join(sorted(PRIVILEGES))}"
+            )
+        grantable = bool(entry[2]) if len(entry) == 3 else False
+        checked.append(Grant(entry[0], privilege, grantable))
+    return tuple(checked)
 
 
 def _sql(definition: Definition) -> str:
@@ -67,6 +103,8 @@ class CreateMaterializedViewOp(MigrateOperation):
         comment: str | None = None,
         columns: Sequence[str] | None = None,
         indexes: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.name = name
         self.definition = definition
@@ -75,6 +113,8 @@ class CreateMaterializedViewOp(MigrateOperation):
         self.comment = comment
         self.columns = tuple(columns) if columns is not None else None
         self.indexes = tuple(indexes) if indexes is not None else None
+        self.grants = _grants(name, grants)
+        self.owner = owner
 
     @classmethod
     def create_materialized_view(
@@ -88,6 +128,8 @@ class CreateMaterializedViewOp(MigrateOperation):
         comment: str | None = None,
         columns: Sequence[str] | None = None,
         indexes: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         """Create a materialized view.
 
@@ -97,6 +139,12 @@ class CreateMaterializedViewOp(MigrateOperation):
         ``CREATE INDEX`` statements run after the view is created: autogenerate uses them
         to re-create, exactly as the catalog printed them, the indexes of a view it dropped
         and creates again around table changes.
+
+        ``grants`` are privileges given once the view exists, each ``(role, privilege)`` or
+        ``(role, privilege, with_grant_option)``, ``"public"`` standing for ``PUBLIC``;
+        ``owner`` is the role that should own it (``ALTER ... OWNER TO``, run only when it is
+        not the role running the migration). Autogenerate writes both for a view it drops
+        and creates again, so that the roles reading it keep their access.
 
         Example::
 
@@ -116,6 +164,8 @@ class CreateMaterializedViewOp(MigrateOperation):
                 comment=comment,
                 columns=columns,
                 indexes=indexes,
+                grants=grants,
+                owner=owner,
             )
         )
 
@@ -128,6 +178,8 @@ class CreateMaterializedViewOp(MigrateOperation):
             comment=self.comment,
             columns=self.columns,
             indexes=self.indexes,
+            grants=self.grants,
+            owner=self.owner,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -150,6 +202,8 @@ class DropMaterializedViewOp(MigrateOperation):
         comment: str | None = None,
         columns: Sequence[str] | None = None,
         indexes: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
@@ -160,6 +214,8 @@ class DropMaterializedViewOp(MigrateOperation):
         self.comment = comment
         self.columns = tuple(columns) if columns is not None else None
         self.indexes = tuple(indexes) if indexes is not None else None
+        self.grants = _grants(name, grants)
+        self.owner = owner
 
     @classmethod
     def drop_materialized_view(
@@ -175,12 +231,15 @@ class DropMaterializedViewOp(MigrateOperation):
         comment: str | None = None,
         columns: Sequence[str] | None = None,
         indexes: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         """Drop a materialized view.
 
-        ``definition`` (with ``with_data``, ``comment``, ``columns`` and ``indexes``, the
-        ``CREATE INDEX`` statements of its indexes) is not used to drop; it is what makes the
-        operation reversible, and autogenerate always fills it in.
+        ``definition`` (with ``with_data``, ``comment``, ``columns``, ``indexes``, the
+        ``CREATE INDEX`` statements of its indexes, and ``grants`` and ``owner``, see
+        :meth:`create_materialized_view`) is not used to drop; it is what makes the operation
+        reversible, and autogenerate always fills it in.
 
         Example::
 
@@ -197,6 +256,8 @@ class DropMaterializedViewOp(MigrateOperation):
                 comment=comment,
                 columns=columns,
                 indexes=indexes,
+                grants=grants,
+                owner=owner,
             )
         )
 
@@ -214,6 +275,8 @@ class DropMaterializedViewOp(MigrateOperation):
             comment=self.comment,
             columns=self.columns,
             indexes=self.indexes,
+            grants=self.grants,
+            owner=self.owner,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -501,12 +564,16 @@ class CreatePlainViewOp(MigrateOperation):
         schema: str | None = None,
         comment: str | None = None,
         options: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.name = name
         self.definition = definition
         self.schema = schema
         self.comment = comment
         self.options = tuple(options) if options is not None else None
+        self.grants = _grants(name, grants)
+        self.owner = owner
 
     @classmethod
     def create_plain_view(
@@ -518,12 +585,15 @@ class CreatePlainViewOp(MigrateOperation):
         schema: str | None = None,
         comment: str | None = None,
         options: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         """Create a plain (not materialized) view.
 
         Autogenerate writes it to re-create a view that reads a materialized view it drops
         and creates again around table changes; it does not manage plain views otherwise.
         ``options`` are the view's ``key=value`` options, such as ``security_barrier=true``.
+        ``grants`` and ``owner`` are restored as by :meth:`create_materialized_view`.
 
         Example::
 
@@ -532,7 +602,17 @@ class CreatePlainViewOp(MigrateOperation):
                 options=["security_barrier=true"],
             )
         """
-        operations.invoke(cls(name, definition, schema=schema, comment=comment, options=options))
+        operations.invoke(
+            cls(
+                name,
+                definition,
+                schema=schema,
+                comment=comment,
+                options=options,
+                grants=grants,
+                owner=owner,
+            )
+        )
 
     def reverse(self) -> DropPlainViewOp:
         return DropPlainViewOp(
@@ -541,6 +621,8 @@ class CreatePlainViewOp(MigrateOperation):
             definition=self.definition,
             comment=self.comment,
             options=self.options,
+            grants=self.grants,
+            owner=self.owner,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -559,12 +641,16 @@ class DropPlainViewOp(MigrateOperation):
         definition: Definition | None = None,
         comment: str | None = None,
         options: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
         self.definition = definition
         self.comment = comment
         self.options = tuple(options) if options is not None else None
+        self.grants = _grants(name, grants)
+        self.owner = owner
 
     @classmethod
     def drop_plain_view(
@@ -576,15 +662,26 @@ class DropPlainViewOp(MigrateOperation):
         definition: Definition | None = None,
         comment: str | None = None,
         options: Sequence[str] | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
     ) -> None:
-        """Drop a plain view; ``definition``, ``comment`` and ``options`` make it reversible.
+        """Drop a plain view; ``definition``, ``comment``, ``options``, ``grants`` and
+        ``owner`` make it reversible.
 
         Example::
 
             op.drop_plain_view("big_totals", definition="SELECT kind, n FROM mv_totals")
         """
         operations.invoke(
-            cls(name, schema=schema, definition=definition, comment=comment, options=options)
+            cls(
+                name,
+                schema=schema,
+                definition=definition,
+                comment=comment,
+                options=options,
+                grants=grants,
+                owner=owner,
+            )
         )
 
     def reverse(self) -> CreatePlainViewOp:
@@ -599,6 +696,8 @@ class DropPlainViewOp(MigrateOperation):
             schema=self.schema,
             comment=self.comment,
             options=self.options,
+            grants=self.grants,
+            owner=self.owner,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from alembic.autogenerate import renderers
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..compare import definition_sql
+from ..compare import Grant, definition_sql
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
@@ -108,6 +108,20 @@ def _statements(statements: Sequence[str] | None) -> str | None:
     return f"[\n{items}]" if items else "[]"
 
 
+def _grants(grants: Sequence[Grant] | None) -> str | None:
+    """``[('role', 'SELECT'), ('role', 'SELECT', True)]``: the grant option only when given."""
+    if grants is None:
+        return None
+    items = [
+        repr((g.grantee, g.privilege, True) if g.grantable else (g.grantee, g.privilege))
+        for g in grants
+    ]
+    inline = "[" + ", ".join(items) + "]"
+    if len(inline) <= 60:
+        return inline
+    return "[\n" + "".join(f"    {item},\n" for item in items) + "]"
+
+
 def _sources(
     sources: Sequence[tuple[str | None, str]] | None,
 ) -> list[tuple[str | None, str]] | None:
@@ -126,6 +140,8 @@ def _render_create(autogen_context: AutogenContext, op: CreateMaterializedViewOp
             ("comment", op.comment, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),
             ("*indexes", _statements(op.indexes), None),
+            ("*grants", _grants(op.grants), None),
+            ("owner", op.owner, None),
         ],
     )
 
@@ -146,6 +162,8 @@ def _render_drop(autogen_context: AutogenContext, op: DropMaterializedViewOp) ->
             ("comment", op.comment, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),
             ("*indexes", _statements(op.indexes), None),
+            ("*grants", _grants(op.grants), None),
+            ("owner", op.owner, None),
         ],
     )
 
@@ -160,6 +178,8 @@ def _render_create_plain(autogen_context: AutogenContext, op: CreatePlainViewOp)
             ("schema", op.schema, None),
             ("comment", op.comment, None),
             ("options", list(op.options) if op.options else None, None),
+            ("*grants", _grants(op.grants), None),
+            ("owner", op.owner, None),
         ],
     )
 
@@ -176,6 +196,8 @@ def _render_drop_plain(autogen_context: AutogenContext, op: DropPlainViewOp) -> 
             ("*definition", definition, None),
             ("comment", op.comment, None),
             ("options", list(op.options) if op.options else None, None),
+            ("*grants", _grants(op.grants), None),
+            ("owner", op.owner, None),
         ],
     )
 

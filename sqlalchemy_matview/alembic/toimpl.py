@@ -22,7 +22,7 @@ from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 
 from .. import catalog
-from ..compare import CapturedView, capture_views
+from ..compare import PRIVILEGES, PUBLIC, CapturedView, Grant, capture_views
 from ..ddl import (
     CommentOnMaterializedView,
     CreateMaterializedView,
@@ -46,7 +46,13 @@ from .ops import (
 if TYPE_CHECKING:
     from ..schema import Definition
 
-__all__ = ["DependentViewError", "OfflineModeError"]
+__all__ = [
+    "AlterViewOwner",
+    "DependentViewError",
+    "GrantOnView",
+    "OfflineModeError",
+    "restore_access",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,43 @@ class CatalogStatement(ExecutableDDLElement):
         self.statement = statement
 
 
+class GrantOnView(_PlainViewDDL):
+    """``GRANT privileges ON view TO role [WITH GRANT OPTION]``; ``"public"`` is ``PUBLIC``.
+
+    Example::
+
+        GrantOnView("mv_daily", None, ("SELECT",), "Report Reader")
+        # GRANT SELECT ON mv_daily TO "Report Reader"
+    """
+
+    def __init__(
+        self,
+        name: str,
+        schema: str | None,
+        privileges: Sequence[str],
+        grantee: str,
+        grantable: bool = False,
+    ) -> None:
+        super().__init__(name, schema)
+        self.privileges = tuple(privileges)
+        self.grantee = grantee
+        self.grantable = grantable
+
+
+class AlterViewOwner(_PlainViewDDL):
+    """``ALTER [MATERIALIZED] VIEW view OWNER TO role``.
+
+    Example::
+
+        AlterViewOwner("mv_daily", None, "reporting", materialized=True)
+    """
+
+    def __init__(self, name: str, schema: str | None, owner: str, *, materialized: bool) -> None:
+        super().__init__(name, schema)
+        self.owner = owner
+        self.materialized = materialized
+
+
 # Reloptions of a view are "key=value" words; anything else is not written back.
 _OPTION = re.compile(r"^[a-z_]+=[A-Za-z0-9_]+$")
 
@@ -124,6 +167,31 @@ def _visit_drop_view(element: DropPlainView, compiler: DDLCompiler, **kw: Any) -
 def _visit_comment_view(element: CommentOnPlainView, compiler: DDLCompiler, **kw: Any) -> str:
     literal = compiler.sql_compiler.render_literal_value(element.comment, sa.String())
     return f"COMMENT ON VIEW {compiler.preparer.format_table(element.table)} IS {literal}"
+
+
+@compiles(GrantOnView, "postgresql")
+def _visit_grant(element: GrantOnView, compiler: DDLCompiler, **kw: Any) -> str:
+    unknown = [p for p in element.privileges if p not in PRIVILEGES]
+    if unknown or not element.privileges:
+        raise MaterializedViewError(
+            f"GRANT on view {element.table.name!r}: {unknown or 'no privilege'} is not a "
+            f"privilege on a view; use {', '.join(sorted(PRIVILEGES))}"
+        )
+    grantee = "PUBLIC" if element.grantee == PUBLIC else compiler.preparer.quote(element.grantee)
+    text = (
+        f"GRANT {', '.join(element.privileges)} ON "
+        f"{compiler.preparer.format_table(element.table)} TO {grantee}"
+    )
+    return text + " WITH GRANT OPTION" if element.grantable else text
+
+
+@compiles(AlterViewOwner, "postgresql")
+def _visit_owner(element: AlterViewOwner, compiler: DDLCompiler, **kw: Any) -> str:
+    kind = "MATERIALIZED VIEW" if element.materialized else "VIEW"
+    return (
+        f"ALTER {kind} {compiler.preparer.format_table(element.table)} "
+        f"OWNER TO {compiler.preparer.quote(element.owner)}"
+    )
 
 
 @compiles(CatalogStatement, "postgresql")
@@ -158,6 +226,62 @@ def _bind(operations: Operations, what: str) -> Connection:
     return operations.get_bind()
 
 
+def restore_access(
+    operations: Operations,
+    name: str,
+    schema: str | None,
+    *,
+    materialized: bool,
+    grants: Sequence[Grant],
+    owner: str | None,
+    current_user: str | None,
+) -> None:
+    """Give a view just created the owner and privileges of the view it replaces.
+
+    The owner comes first: the grants are then recorded as given by the owner, as they were,
+    and they may name the role running the migration. ``current_user`` is ``None`` when it is
+    unknown (``--sql``), and then ``OWNER TO`` is always written (a no-op for the same role).
+    Grants of one role with the same grant option go in one statement.
+    """
+    if owner is not None and owner != current_user:
+        operations.execute(AlterViewOwner(name, schema, owner, materialized=materialized))
+    grouped: dict[tuple[str, bool], list[str]] = {}
+    for grant in grants:
+        if grant.grantee == owner:
+            continue
+        privileges = grouped.setdefault((grant.grantee, grant.grantable), [])
+        if grant.privilege not in privileges:
+            privileges.append(grant.privilege)
+    for (grantee, grantable), privileges in grouped.items():
+        operations.execute(GrantOnView(name, schema, privileges, grantee, grantable))
+
+
+def _current_user(operations: Operations) -> str | None:
+    if operations.migration_context.as_sql:
+        return None
+    return str(operations.get_bind().scalar(sa.text("SELECT current_user")))
+
+
+def _restore_op_access(
+    operations: Operations,
+    op: CreateMaterializedViewOp | CreatePlainViewOp,
+    *,
+    materialized: bool,
+) -> None:
+    if not op.grants and op.owner is None:
+        return
+    current = _current_user(operations) if op.owner is not None else None
+    restore_access(
+        operations,
+        op.name,
+        op.schema,
+        materialized=materialized,
+        grants=op.grants or (),
+        owner=op.owner,
+        current_user=current,
+    )
+
+
 # -- create / drop / refresh / comment ----------------------------------------------------------
 
 
@@ -168,6 +292,7 @@ def create_materialized_view(operations: Operations, op: CreateMaterializedViewO
         operations.execute(CommentOnMaterializedView(op.name, op.comment, schema=op.schema))
     for index in op.indexes or ():
         operations.execute(CatalogStatement(index))
+    _restore_op_access(operations, op, materialized=True)
 
 
 @Operations.implementation_for(DropMaterializedViewOp)
@@ -182,6 +307,7 @@ def create_plain_view(operations: Operations, op: CreatePlainViewOp) -> None:
     operations.execute(CreatePlainView(op.name, op.schema, op.definition, op.options or ()))
     if op.comment is not None:
         operations.execute(CommentOnPlainView(op.name, op.schema, op.comment))
+    _restore_op_access(operations, op, materialized=False)
 
 
 @Operations.implementation_for(DropPlainViewOp)
@@ -247,6 +373,16 @@ def _restore_extras(operations: Operations, item: CapturedView) -> None:
             )
         else:
             operations.execute(CommentOnPlainView(item.name, item.schema, item.comment))
+    # Captured by the role running the migration: owner is None when that role owns it.
+    restore_access(
+        operations,
+        item.name,
+        item.schema,
+        materialized=item.kind == "m",
+        grants=item.grants,
+        owner=item.owner,
+        current_user=None,
+    )
 
 
 @Operations.implementation_for(ReplaceMaterializedViewOp)
