@@ -155,7 +155,7 @@ def test_grants_render_reverse_and_run_offline() -> None:
     )
     sql = offline_sql(code)
     assert sql.index('OWNER TO "Reporting Owner"') < sql.index("GRANT")
-    assert "ALTER MATERIALIZED VIEW mv OWNER TO \"Reporting Owner\";" in sql
+    assert 'ALTER MATERIALIZED VIEW mv OWNER TO "Reporting Owner";' in sql
     assert "GRANT SELECT, INSERT ON mv TO app_reader;" in sql
     assert 'GRANT SELECT ON mv TO "Report Reader" WITH GRANT OPTION;' in sql
     assert "GRANT SELECT ON mv TO PUBLIC;" in sql
