@@ -234,6 +234,7 @@ class RefreshWorker:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._listener: _Listener | None = None
+        self._connecting = False
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -287,7 +288,9 @@ class RefreshWorker:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            await self.stop()
+            if task.cancelled() and self._stopping:
+                return  # stop() cancelled a connect in progress: a normal stop
+            await self.stop()  # the caller was cancelled (asyncio.run on Ctrl-C, say)
             raise
         finally:
             for sig, old in previous.items():
@@ -310,6 +313,9 @@ class RefreshWorker:
             self._wakeup.set()
         if self._listener is not None:
             self._listener.queue.put_nowait(_WAKE)
+        if self._connecting and self._task is not None:
+            # A connect to an unreachable server can take its full timeout: don't wait.
+            self._task.cancel()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -320,11 +326,14 @@ class RefreshWorker:
         else:
             listener = _PsycopgListener()
         self._listener = listener
+        self._connecting = True
         try:
             await listener.open(self.engine, self.channel)
         except BaseException:
             await self._close()
             raise
+        finally:
+            self._connecting = False
         self._whitelist.load(current_schema=listener.current_schema)
         return listener
 

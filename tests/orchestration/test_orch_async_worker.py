@@ -219,3 +219,71 @@ def test_rejects_sync_engines_and_other_drivers(engine, pg_url):
     aeng.dialect.driver = "aiopg"
     with pytest.raises(UnsupportedDriverError, match="asyncpg or psycopg"):
         RefreshWorker(aeng, sa.MetaData())
+
+
+def test_stop_is_prompt_while_connecting_to_a_silent_server(async_engine):
+    import socket
+
+    # Accepts TCP connections (through the backlog) but never answers: the driver's
+    # connect hangs until its own timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = async_engine.url.set(host="127.0.0.1", port=port, query={})
+    engine = create_async_engine(url)
+
+    async def main() -> None:
+        worker = RefreshWorker(engine, build_shop().metadata)
+        await worker.start()
+        await asyncio.sleep(0.5)
+        assert worker.connections == 0 and worker.running
+        started = time.monotonic()
+        assert await worker.stop(timeout=5)
+        assert time.monotonic() - started < 2
+        assert not worker.running
+        # run() returns normally when stop() interrupts a connect.
+        runner = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.3)
+        await worker.stop()
+        await asyncio.wait_for(runner, 2)
+        await engine.dispose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        silent.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg"])
+def test_survives_server_restart(driver):
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from sqlalchemy_matview.testing.launcher import PostgresServer
+
+    with PostgresServer() as server:
+        url = server.url(server.create_database()).set(drivername=driver)
+        engine = create_async_engine(url, poolclass=NullPool)
+
+        async def main() -> None:
+            shop = await create_shop(engine)
+            # A long debounce: only the reconnect's catch-up pass can refresh in time.
+            worker = RefreshWorker(
+                engine, shop.metadata, debounce=60, max_delay=60, max_backoff=1.0
+            )
+            async with worker:
+                assert await wait_for(lambda: worker.passes >= 1)
+                await insert(engine, shop, 4, 400)
+                assert await stale(engine) == {"public.mv_totals"}
+                await asyncio.to_thread(server.restart)
+                assert await wait_for(lambda: worker.connections >= 2, timeout=30)
+                assert await eventually(lambda: _equals(stale(engine), set()), timeout=30)
+                assert await top(engine, shop) == [(4, 400)]
+            await engine.dispose()
+
+        asyncio.run(main())
