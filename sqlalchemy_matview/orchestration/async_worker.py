@@ -295,7 +295,8 @@ class RefreshWorker:
         finally:
             for sig, old in previous.items():
                 loop.remove_signal_handler(sig)
-                signal.signal(sig, old)
+                if old is not None:  # None: installed outside Python, cannot be restored
+                    signal.signal(sig, old)
 
     async def __aenter__(self) -> RefreshWorker:
         return await self.start()
