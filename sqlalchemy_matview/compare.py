@@ -17,9 +17,17 @@ means an equal definition, without any hand-written SQL normalisation.
 
 The number of queries is fixed, whatever the number of views: the materialized views, their
 indexes, the default schema, the probes' definitions, the installed change tracking, and
-(only when several views are dropped, or views must be detached around table changes) the
-dependency graph, the views reading columns whose type changes, and the state of the views to
+(only when several views are dropped, when a changed view may read a dropped one, or when views
+must be detached around table changes) the dependency graph, the views reading columns whose
+type changes, the privileges and owners of the views to drop, and the state of the views to
 re-create.
+
+A changed view that still reads (in the database) a view being dropped is detached as well:
+dropped before that drop, created from its new definition after it.
+
+Privileges and owners: every record that drops a view carries its grants (``relacl`` without
+the owner's own) and its owner (``None`` when it is the role comparing), and every record that
+creates one again carries the same, so that roles reading the views keep their access.
 
 Detaching views around table changes: a changed view whose definition reads a table that the
 same migration alters in a way the old view would block (``DROP COLUMN``, a column type

@@ -321,8 +321,9 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         PostgreSQL has no ``CREATE OR REPLACE MATERIALIZED VIEW``, so the view is dropped and
         created again. Every view and materialized view that reads it (directly or through
         others, as recorded in ``pg_depend``) is dropped first and re-created afterwards from
-        its current definition, with its indexes, comment and populated state; the view's own
-        indexes and comment are restored too. All of it runs in the migration's transaction.
+        its current definition, with its indexes, comment, populated state, privileges
+        (``GRANT``) and owner; the view's own indexes, comment, privileges and owner are
+        restored too. All of it runs in the migration's transaction.
         ``old_definition`` makes the operation reversible.
 
         In ``--sql`` (offline) mode the catalog cannot be read: the view is dropped and
