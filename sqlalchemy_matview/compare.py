@@ -75,6 +75,8 @@ __all__ = [
     "EnableTracking",
     "Grant",
     "IncludeFilter",
+    "PRIVILEGES",
+    "PUBLIC",
     "ReflectedIndex",
     "ReplaceView",
     "ViewRef",

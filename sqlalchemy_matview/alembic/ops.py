@@ -154,6 +154,12 @@ class CreateMaterializedViewOp(MigrateOperation):
                 "FROM events GROUP BY 1",
                 with_data=False,
             )
+            op.create_materialized_view(
+                "mv_kinds",
+                "SELECT DISTINCT kind FROM events",
+                grants=[("app_reader", "SELECT"), ("Report Reader", "SELECT", True)],
+                owner="reporting",
+            )
         """
         operations.invoke(
             cls(

@@ -276,3 +276,39 @@ def test_dropped_view_gets_its_grants_back_on_downgrade(
     run_code(conn, generated.upgrade)
     run_code(conn, generated.downgrade)
     assert can(conn, reader, "old_mv")
+
+
+def test_replace_keeps_grants_on_async_drivers(async_engine: Any) -> None:
+    # capture_views reads the ACL as arrays: both async drivers must decode them alike.
+    # Nothing is committed: the roles go away with the rollback.
+    import asyncio
+
+    reader = f"Report Reader {uuid.uuid4().hex[:8]}"
+    owner = f"app_owner_{uuid.uuid4().hex[:8]}"
+
+    def scenario(conn: sa.Connection) -> tuple[Any, Any]:
+        for statement in [
+            f"CREATE ROLE {q(conn, reader)} NOLOGIN",
+            f"CREATE ROLE {q(conn, owner)} NOLOGIN",
+            "CREATE TABLE events (id int PRIMARY KEY, kind text)",
+            "CREATE MATERIALIZED VIEW base AS SELECT kind, count(*) AS n FROM events GROUP BY 1",
+            "CREATE VIEW base_view AS SELECT kind FROM base",
+            f"GRANT SELECT ON base TO {q(conn, reader)} WITH GRANT OPTION",
+            f"GRANT SELECT, INSERT ON base_view TO {q(conn, reader)}, PUBLIC",
+            f"ALTER VIEW base_view OWNER TO {q(conn, owner)}",
+        ]:
+            conn.execute(sa.text(statement))
+        before = access(conn)
+        run_code(conn, "op.replace_materialized_view('base', 'SELECT kind FROM events')")
+        return before, access(conn)
+
+    async def main() -> tuple[Any, Any]:
+        async with async_engine.connect() as conn:
+            result: tuple[Any, Any] = await conn.run_sync(scenario)
+            await conn.rollback()
+            return result
+
+    before, after = asyncio.run(main())
+    assert after == before
+    assert before["base_view"][0] == owner
+    assert any(entry.endswith(" true") for entry in before["base"][1])
