@@ -62,6 +62,8 @@ from . import catalog
 from .schema import INFO_KEY, MaterializedView, _as_definition, materialized_views
 
 __all__ = [
+    "PRIVILEGES",
+    "PUBLIC",
     "AttachView",
     "CapturedView",
     "Change",
@@ -75,8 +77,6 @@ __all__ = [
     "EnableTracking",
     "Grant",
     "IncludeFilter",
-    "PRIVILEGES",
-    "PUBLIC",
     "ReflectedIndex",
     "ReplaceView",
     "ViewRef",
