@@ -10,7 +10,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from sqlalchemy_matview import MaterializedView
-from sqlalchemy_matview.orchestration import tracking
 
 
 @dataclass
@@ -48,8 +47,6 @@ def build_shop(*, track: bool = True, unique: bool = True) -> Shop:
         sa.select(mv_totals.c.customer, mv_totals.c.total).where(mv_totals.c.total > 100),
         unique_key="customer" if unique else None,
     )
-    if track:
-        tracking.attach(mv_totals)
     return Shop(md, orders, mv_totals, mv_top)
 
 

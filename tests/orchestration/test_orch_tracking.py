@@ -102,7 +102,6 @@ def test_change_committed_during_refresh_is_not_lost(engine):
         track_changes=True,
         depends_on=[src],
     )
-    tracking.attach(slow)
     md.create_all(engine)
     with engine.begin() as conn:
         conn.execute(src.insert(), [{"id": 1}])
@@ -194,14 +193,13 @@ def test_missing_source_raises_naming_view(engine):
 def test_drop_all_removes_triggers_but_keeps_other_views_tracking(engine):
     shop = build_shop()
     md = shop.metadata
-    second = MaterializedView(
+    MaterializedView(  # a second view tracking the same table
         "mv_count",
         md,
         sa.select(sa.func.count().label("n")).select_from(shop.orders),
         columns=[sa.Column("n", sa.BigInteger)],
         track_changes=True,
     )
-    tracking.attach(second)
     md.create_all(engine)
     with engine.begin() as conn:
         assert tracking.tracking_installed(conn) == {
