@@ -16,7 +16,9 @@ How pages are run:
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import textwrap
 import traceback
@@ -130,8 +132,27 @@ def run_page(page: Path, engine: sa.Engine, url: sa.URL) -> int:
 
 
 @pytest.mark.parametrize("page", _runnable_pages(), ids=_page_id)
-def test_docs_page_examples_run(page: Path, engine: sa.Engine, pg_url: sa.URL) -> None:
+def test_docs_page_examples_run(
+    page: Path, engine: sa.Engine, pg_url: sa.URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pages that make their own engine from $DATABASE_URL (the README) get the test database.
+    monkeypatch.setenv("DATABASE_URL", pg_url.render_as_string(hide_password=False))
     assert run_page(page, engine, pg_url) > 0
+
+
+def test_readme_quick_start_runs_as_a_file(tmp_path: Path, pg_url: sa.URL) -> None:
+    # What a reader does: paste the quick start's blocks into a file and run it, with
+    # nothing injected but $DATABASE_URL.
+    blocks = extract_blocks((ROOT / "README.md").read_text())
+    python = [b.source for b in blocks if b.language == "python"]
+    assert python, "README.md has no python block"
+    script = tmp_path / "quickstart.py"
+    script.write_text("\n".join(python))
+    env = {**os.environ, "DATABASE_URL": pg_url.render_as_string(hide_password=False)}
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_docs_pages_exist_and_have_examples() -> None:
