@@ -1,0 +1,278 @@
+"""The comparison itself: :func:`compare_views`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .. import catalog
+from .declared import Declared, declared_views
+from .normalise import definition_sql, normalise, normalize_definition
+from .plan import Split, db_base_tables, drop_order, reachable, readers_first, topological
+from .records import (
+    Change,
+    ChangeComment,
+    CreateIndex,
+    CreateView,
+    DisableTracking,
+    DropIndex,
+    DropView,
+    EnableTracking,
+    FullKey,
+    IncludeFilter,
+    Key,
+    ReflectedIndex,
+    ReplaceView,
+    ViewRef,
+)
+from .reflected import capture_views, column_readers, reflected_indexes, tracking_installed
+
+
+def _index_matches(declared: sa.Index, reflected: ReflectedIndex) -> bool:
+    if bool(declared.unique) != reflected.unique:
+        return False
+    expressions = list(declared.expressions)
+    if len(expressions) != len(reflected.elements):
+        return False
+    options = declared.dialect_options["postgresql"]
+    if (options.get("where") is not None) != (reflected.where is not None):
+        return False
+    using = options.get("using")
+    if using and str(using).lower() != reflected.method:
+        return False
+    for expr, element, column in zip(
+        expressions, reflected.elements, reflected.is_column, strict=True
+    ):
+        declared_column = isinstance(expr, sa.Column)
+        if declared_column != column:
+            return False
+        if declared_column and getattr(expr, "name", None) != element:
+            return False
+    return True
+
+
+# -- the comparison --------------------------------------------------------------------------
+
+
+def compare_views(
+    conn: Connection,
+    metadata: sa.MetaData | Sequence[sa.MetaData],
+    *,
+    schemas: Iterable[str | None] | None = None,
+    include: IncludeFilter | None = None,
+    altered_tables: Iterable[tuple[str | None, str]] = (),
+    retyped_columns: Iterable[tuple[str | None, str, str]] = (),
+) -> list[Change]:
+    """What must change in the database for it to match the views declared in ``metadata``.
+
+    :param conn: a PostgreSQL connection; it is used inside a savepoint that is rolled back,
+        so nothing is left behind.
+    :param metadata: one ``MetaData`` or several; every :class:`MaterializedView` on them is
+        compared, and so are SQLAlchemy 2.1 ``CreateView(..., materialized=True)`` tables.
+    :param schemas: schemas to compare, ``None`` standing for the default schema (default:
+        only the default schema). Views elsewhere are neither created nor dropped.
+    :param include: a filter; views for which it returns ``False`` are left alone.
+    :param altered_tables: ``(schema, table)`` of the tables that the same migration changes
+        in a way an existing view reading them would block: a dropped table, a dropped
+        column, a column whose type changes. A changed view whose definition (old or new)
+        reads one of them is detached instead of replaced (see the module docstring):
+        :class:`DetachView` records come before those table changes, the :class:`CreateView`
+        and :class:`AttachView` records after them.
+    :param retyped_columns: ``(schema, table, column)`` of the columns whose type the same
+        migration changes. A declared view that reads one (as ``pg_depend`` records it) is
+        detached and created again even if its definition did not change.
+
+    Views declared ``managed=False`` and views owned by an extension are never touched. The
+    records come in execution order: drops of obsolete views first (dependents before what
+    they read), then, view by view in dependency order, index drops, the create or replace,
+    index creates, comment and change-tracking changes. The caller puts the records whose
+    ``phase`` is ``"before"`` before its own table changes and the others after them.
+
+    Example::
+
+        from sqlalchemy_matview.compare import compare_views
+        with engine.connect() as conn:
+            for change in compare_views(conn, metadata):
+                print(change)
+    """
+    metadatas = [metadata] if isinstance(metadata, sa.MetaData) else list(metadata)
+    default_schema = conn.dialect.default_schema_name or catalog.current_schema(conn)
+    wanted: set[str | None] = {None} if schemas is None else set(schemas)
+    wanted = {None if s == default_schema else s for s in wanted}
+    schema_names = sorted(s if s is not None else default_schema for s in wanted)
+
+    def norm(schema: str | None) -> str | None:
+        return None if schema == default_schema else schema
+
+    declared_all, unmanaged = declared_views(metadatas, default_schema)
+    declared = [
+        d
+        for d in declared_all
+        if d.schema in wanted
+        and (include is None or include(ViewRef(d.schema, d.name, d.table, False)))
+    ]
+    existing = {
+        (norm(info.schema), info.name): info
+        for info in catalog.materialized_views(conn, schema_names)
+    }
+    indexes = reflected_indexes(conn, schema_names, default_schema)
+    tracked = tracking_installed(conn)
+    tracked_keys = {(norm(s), n) for s, n in tracked} if tracked is not None else set()
+
+    declared_keys = {d.key for d in declared_all}
+    obsolete = [
+        info
+        for key, info in existing.items()
+        if key not in declared_keys
+        and key not in unmanaged
+        and not info.extension_owned
+        and (include is None or include(ViewRef(key[0], key[1], None, True)))
+    ]
+
+    definitions = {id(d): definition_sql(d.definition) for d in declared}
+    to_probe = [d for d in declared if d.key in existing]
+    normalised = normalise(conn, [(d.columns, definitions[id(d)]) for d in to_probe])
+    probe_of = {id(d): text for d, text in zip(to_probe, normalised, strict=True)}
+
+    edges: list[catalog.Dependency] | None = None
+    if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
+        edges = catalog.dependencies(conn)
+
+    def changed(item: Declared) -> bool:
+        found = existing.get(item.key)
+        if found is None:
+            return False
+        return probe_of[id(item)] != normalize_definition(found.definition or "")
+
+    split: Split | None = None
+    altered = {(norm(s), t) for s, t in altered_tables}
+    replaced = [d for d in declared if changed(d)]
+    # A changed view that (in the database) still reads a view about to be dropped must be
+    # dropped before it, and can only be created from its new definition after it: it is
+    # detached like a view blocking a table change.
+    blocking: set[Key] = set()
+    if obsolete and replaced:
+        if edges is None:
+            edges = catalog.dependencies(conn)
+        graph: dict[FullKey, set[FullKey]] = {}
+        for edge in edges:
+            graph.setdefault(edge.dependent, set()).add(edge.referenced)
+        doomed = {info.qualified_name for info in obsolete}
+        blocking = {
+            d.key
+            for d in replaced
+            if reachable(graph, (d.schema or default_schema or "public", d.name)) & doomed
+        }
+    rebuilt: list[Declared] = []
+    retyped = [(s or default_schema or "public", t, c) for s, t, c in retyped_columns]
+    if retyped:
+        readers = column_readers(conn, retyped)
+        rebuilt = [
+            d
+            for d in declared
+            if d.key in existing and (d.schema or default_schema, d.name) in readers
+        ]
+    if (altered and replaced) or rebuilt or blocking:
+        if edges is None:
+            edges = catalog.dependencies(conn)
+        split = Split.plan(
+            conn,
+            replaced,
+            rebuilt,
+            altered,
+            edges,
+            {(norm(i.schema), i.name) for i in obsolete},
+            default_schema,
+            blocking,
+        )
+
+    # Privileges and owners of the views to drop, so that downgrades give them back.
+    access = capture_views(conn, [info.qualified_name for info in obsolete])
+    drops: list[tuple[FullKey, list[Change]]] = []
+    for info in drop_order(obsolete, edges or []):
+        key = (norm(info.schema), info.name)
+        view_indexes = tuple(indexes.get(key, {}).values())
+        group: list[Change] = []
+        if key in tracked_keys:
+            sources = db_base_tables(edges or [], info.qualified_name, norm)
+            group.append(DisableTracking(key[0], key[1], sources, phase="before"))
+        group.extend(DropIndex(key[0], key[1], i, phase="before") for i in view_indexes)
+        captured_view = access.get(info.qualified_name)
+        group.append(
+            DropView(
+                schema=key[0],
+                name=key[1],
+                definition=normalize_definition(info.definition or ""),
+                with_data=info.populated,
+                comment=info.comment,
+                indexes=view_indexes,
+                grants=captured_view.grants if captured_view else (),
+                owner=captured_view.owner if captured_view else None,
+            )
+        )
+        drops.append((info.qualified_name, group))
+    if split is not None:
+        drops.extend(((d.schema or default_schema or "public", d.name), [d]) for d in split.detach)
+    changes: list[Change] = [c for _, group in readers_first(drops, edges or []) for c in group]
+
+    for item in topological(declared):
+        sql = definitions[id(item)]
+        columns = item.columns if item.text_definition else None
+        found = existing.get(item.key)
+        declared_indexes = {str(i.name): i for i in item.table.indexes if i.name}
+        if split is not None and item.key in split.views:
+            # Detached before the table changes: created anew, with every declared index,
+            # the declared comment and the privileges it had; then the dependents that only
+            # waited for it.
+            old_view = split.captured.get(item.key)
+            changes.append(
+                CreateView(
+                    item.schema,
+                    item.name,
+                    sql,
+                    item.with_data,
+                    item.comment,
+                    columns,
+                    grants=old_view.grants if old_view else (),
+                    owner=old_view.owner if old_view else None,
+                )
+            )
+            for name in sorted(declared_indexes):
+                changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))
+            changes.extend(split.attach_ready(item.key))
+        elif found is None:
+            changes.append(
+                CreateView(item.schema, item.name, sql, item.with_data, item.comment, columns)
+            )
+            for name in sorted(declared_indexes):
+                changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))
+        else:
+            current = indexes.get(item.key, {})
+            stale = [
+                current[name]
+                for name in sorted(current)
+                if name not in declared_indexes
+                or not _index_matches(declared_indexes[name], current[name])
+            ]
+            changes.extend(DropIndex(item.schema, item.name, i) for i in stale)
+            old = normalize_definition(found.definition or "")
+            if probe_of[id(item)] != old:
+                changes.append(
+                    ReplaceView(item.schema, item.name, sql, old, item.with_data, columns)
+                )
+            stale_names = {i.name for i in stale}
+            for name in sorted(declared_indexes):
+                if name not in current or name in stale_names:
+                    changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))
+            if (item.comment or None) != (found.comment or None):
+                changes.append(ChangeComment(item.schema, item.name, item.comment, found.comment))
+        if tracked is not None:
+            if item.track_changes and item.key not in tracked_keys:
+                changes.append(EnableTracking(item.schema, item.name, item.base_tables))
+            elif not item.track_changes and item.key in tracked_keys:
+                changes.append(DisableTracking(item.schema, item.name, item.base_tables))
+    if split is not None:
+        changes.extend(split.attach_rest())
+    return changes
