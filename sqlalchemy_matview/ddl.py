@@ -18,13 +18,8 @@ from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement
 
 from .errors import ConcurrentRefreshError, UnsupportedDialectError
-from .schema import (
-    Definition,
-    MaterializedView,
-    _as_definition,
-    _table_of,
-    materialized_view_of,
-)
+from .query import Definition, as_query, query_sql
+from .schema import MaterializedView, _table_of, materialized_view_of
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.selectable import TableClause
@@ -117,7 +112,7 @@ class CreateMaterializedView(_ViewDDL):
                     f"CreateMaterializedView({view!r}) needs a definition when given a name"
                 )
             self.table = _target_table(view, schema, "CreateMaterializedView")
-            self.definition = _as_definition(definition)
+            self.definition = as_query(definition)
             self.with_data = True if with_data is None else with_data
             self.column_names = tuple(columns) if columns is not None else None
         self.if_not_exists = if_not_exists
@@ -198,6 +193,11 @@ for _construct in (
     compiles(_construct)(_refuse_other_dialects)
 
 
+def definition_query(definition: ClauseElement, compiler: DDLCompiler) -> str:
+    """The SQL of a view's query inside a DDL statement compiled by ``compiler``."""
+    return query_sql(compiler.dialect, definition, getattr(compiler, "schema_translate_map", None))
+
+
 def _name(element: _ViewDDL, compiler: DDLCompiler) -> str:
     return compiler.preparer.format_table(element.table)
 
@@ -211,8 +211,7 @@ def _visit_create(element: CreateMaterializedView, compiler: DDLCompiler, **kw: 
     if element.column_names is not None:
         quote = compiler.preparer.quote
         text += " (" + ", ".join(quote(n) for n in element.column_names) + ")"
-    query = compiler.sql_compiler.process(element.definition, literal_binds=True)
-    text += f" AS {query}"
+    text += f" AS {definition_query(element.definition, compiler)}"
     text += " WITH DATA" if element.with_data else " WITH NO DATA"
     return text
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import Select
 from sqlalchemy.types import NullType
 
 from . import _compat
 from .errors import DefinitionError
+from .query import Definition, Query, as_query, check_query
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.base import ReadOnlyColumnCollection
@@ -37,9 +37,6 @@ __all__ = [
 INFO_KEY = "sqlalchemy_matview"
 #: Key under which ``MetaData.info`` holds every view declared on it, managed or not.
 REGISTRY_KEY = "sqlalchemy_matview.views"
-
-#: What a view can be defined by: a ``select()``, a ``text()``, or a string of SQL.
-Definition = Union[Select[Any], TextClause, str]  # noqa: UP007 (a runtime alias on 3.10)
 
 _MAX_IDENTIFIER_BYTES = 63
 
@@ -66,36 +63,17 @@ def unique_key_index_name(view_name: str) -> str:
     return prefix + suffix
 
 
-def _as_definition(definition: Definition) -> Select[Any] | TextClause:
-    if isinstance(definition, (Select, TextClause)):
-        return definition
-    if isinstance(definition, str):
-        # A plain string is SQL as written: colons are literal, never bind parameters.
-        return sa.text(_escape_colons(definition))
-    raise TypeError(
-        f"a materialized view's definition must be a select(), a text() or a str of SQL, "
-        f"not {type(definition).__name__}"
-    )
-
-
-def _escape_colons(sql: str) -> str:
-    # text() reads ":word" as a bind parameter; a backslash makes it a literal colon.
-    out: list[str] = []
-    for i, ch in enumerate(sql):
-        prev = sql[i - 1] if i else ""
-        nxt = sql[i + 1] if i + 1 < len(sql) else ""
-        if ch == ":" and prev not in (":", "\\") and nxt != ":" and (nxt.isalnum() or nxt == "_"):
-            out.append("\\")
-        out.append(ch)
-    return "".join(out)
-
-
 class MaterializedView:
     """A PostgreSQL materialized view, declared next to the tables it reads.
 
-    ``definition`` is a :func:`~sqlalchemy.select` (column names and types are inferred
-    from it) or SQL as :func:`~sqlalchemy.text` / ``str`` (then ``columns=`` must give every
-    column with its type). The view is exposed as :attr:`table`, a real
+    ``definition`` is a :func:`~sqlalchemy.select` or a compound select such as
+    :func:`~sqlalchemy.union` (column names and types are inferred from it), or SQL as
+    :func:`~sqlalchemy.text` / ``str`` (then ``columns=`` must give every column with its
+    type). A ``str`` is SQL exactly as written (its colons are never bind parameters) and,
+    like a ``text()``, may end with ``;``, blanks and comments. The definition is checked and
+    compiled for PostgreSQL here, so that a mistake raises
+    :class:`~sqlalchemy_matview.errors.DefinitionError` from this call rather than from
+    ``create_all``. The view is exposed as :attr:`table`, a real
     :class:`~sqlalchemy.Table` that can be queried, joined and mapped with the ORM, and
     that ``metadata.create_all()`` creates after everything it reads from.
 
@@ -164,7 +142,8 @@ class MaterializedView:
         self.name = name
         self.metadata = metadata
         self.schema: str | None = schema if schema is not None else metadata.schema
-        self.definition: Select[Any] | TextClause = _as_definition(definition)
+        self.definition: Query = as_query(definition)
+        self._sql = check_query(self.definition, f"materialized view {self._display}")
         self.with_data = with_data
         self.managed = managed
         self.comment = comment
@@ -321,7 +300,7 @@ class MaterializedView:
                     f"MaterializedView objects, got {obj!r}"
                 )
             found[id(table)] = table
-        if isinstance(self.definition, Select):
+        if not isinstance(self.definition, TextClause):
             for element in visitors.iterate(self.definition):
                 if isinstance(element, sa.Table):
                     found[id(element)] = element
@@ -343,6 +322,19 @@ class MaterializedView:
     def fullname(self) -> str:
         """``schema.name`` when the view has a schema, else ``name`` (unquoted)."""
         return f"{self.schema}.{self.name}" if self.schema else self.name
+
+    @property
+    def sql(self) -> str:
+        """The definition as SQL for PostgreSQL, values written in: what migrations carry.
+
+        >>> import sqlalchemy as sa
+        >>> t = sa.table("events", sa.column("kind", sa.Text))
+        >>> mv = MaterializedView("mv_kinds", sa.MetaData(), sa.select(t.c.kind).distinct())
+        >>> print(mv.sql)  # doctest: +NORMALIZE_WHITESPACE
+        SELECT DISTINCT events.kind
+        FROM events
+        """
+        return self._sql
 
     @property
     def indexes(self) -> set[sa.Index]:

@@ -28,9 +28,10 @@ from ..ddl import (
     CreateMaterializedView,
     DropMaterializedView,
     RefreshMaterializedView,
+    definition_query,
 )
 from ..errors import MaterializedViewError
-from ..schema import _as_definition
+from ..query import as_query
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
@@ -82,7 +83,7 @@ class CreatePlainView(_PlainViewDDL):
         self, name: str, schema: str | None, definition: Definition, options: Sequence[str] = ()
     ) -> None:
         super().__init__(name, schema)
-        self.definition = _as_definition(definition)
+        self.definition = as_query(definition)
         self.view_options = tuple(options)
 
 
@@ -154,7 +155,7 @@ def _visit_create_view(element: CreatePlainView, compiler: DDLCompiler, **kw: An
     options = [o for o in element.view_options if _OPTION.match(o)]
     if options:
         text += " WITH (" + ", ".join(options) + ")"
-    query = compiler.sql_compiler.process(element.definition, literal_binds=True)
+    query = definition_query(element.definition, compiler)
     return f"{text} AS {query}"
 
 

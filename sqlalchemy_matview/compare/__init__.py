@@ -48,9 +48,10 @@ operations, detaching) and :mod:`.diff` (:func:`compare_views`, which ties them 
 
 from __future__ import annotations
 
+from ..query import definition_sql
 from .declared import is_view_table
 from .diff import compare_views
-from .normalise import definition_sql, normalize_definition
+from .normalise import normalize_definition
 from .records import (
     PRIVILEGES,
     PUBLIC,

@@ -8,8 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .. import catalog
+from ..query import definition_sql
 from .declared import Declared, declared_views
-from .normalise import definition_sql, normalise, normalize_definition
+from .normalise import normalise, normalize_definition
 from .plan import Split, db_base_tables, drop_order, reachable, readers_first, topological
 from .records import (
     Change,

@@ -13,35 +13,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
-from sqlalchemy.sql.elements import ClauseElement
 
-from ..schema import _as_definition
+from ..ddl import definition_query
+from ..query import as_query
 
 log = logging.getLogger(__name__)
-
-
-_PG_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
-
-
-def definition_sql(definition: ClauseElement | str) -> str:
-    """The SQL text of a view definition, compiled for PostgreSQL with literal values.
-
-    This is the text that migrations carry and execute::
-
-        >>> import sqlalchemy as sa
-        >>> t = sa.table("events", sa.column("kind"))
-        >>> definition_sql(sa.select(t.c.kind).where(t.c.kind == "it's"))
-        "SELECT events.kind \\nFROM events \\nWHERE events.kind = 'it''s'"
-    """
-    clause = _as_definition(definition) if isinstance(definition, str) else definition
-    compiled = clause.compile(dialect=_PG_DIALECT, compile_kwargs={"literal_binds": True})
-    return str(compiled).strip()
 
 
 def normalize_definition(text: str) -> str:
@@ -55,14 +36,14 @@ class _CreateProbeView(ExecutableDDLElement):
     def __init__(self, name: str, columns: Sequence[str], definition: str) -> None:
         self.name = name
         self.columns = tuple(columns)
-        self.definition = _as_definition(definition)
+        self.definition = as_query(definition)
 
 
 @compiles(_CreateProbeView, "postgresql")
 def _visit_probe(element: _CreateProbeView, compiler: DDLCompiler, **kw: Any) -> str:
     quote = compiler.preparer.quote
     columns = ", ".join(quote(c) for c in element.columns)
-    query = compiler.sql_compiler.process(element.definition, literal_binds=True)
+    query = definition_query(element.definition, compiler)
     return f"CREATE TEMPORARY VIEW {quote(element.name)} ({columns}) AS {query}"
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +28,7 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         sa.Column("amount", sa.Numeric(12, 2)),
         sa.Column("payload", pg.JSONB),
         sa.Column("tags", pg.ARRAY(sa.Text)),
+        sa.Column("mood", pg.ENUM("happy", "sad", name="mood")),
     )
     targets = sa.Table(
         "targets",
@@ -270,6 +274,69 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
             sa.cast(sa.func.string_to_array(events.c.kind, ","), pg.ARRAY(sa.Text)).label("parts"),
             (events.c.amount.is_(None) | (events.c.amount < 0)).label("odd"),
         ),
+    )
+    # 36. text(): '::' casts and a colon inside a literal; an escaped colon in JSON
+    mv(
+        "c36_text_colons",
+        sa.text("SELECT 'x :y::z' AS s, '{\"a\"\\:1}'::jsonb AS j, now()::date AS d"),
+        columns=[sa.Column("s", sa.Text), sa.Column("j", pg.JSONB), sa.Column("d", sa.Date)],
+    )
+    # 37. str pasted from psql: colons, a final semicolon and comments
+    mv(
+        "c37_str_pasted",
+        "SELECT id, kind FROM events WHERE kind <> 'a:b' AND payload ? 'x' ; -- pasted\n/* end */",
+        columns=[sa.Column("id", sa.Integer), sa.Column("kind", sa.Text)],
+        depends_on=[events],
+    )
+    # 38. JSONB containment and array overlap with Python values
+    mv(
+        "c38_jsonb_contains",
+        sa.select(events.c.id).where(
+            events.c.payload.contains({"country": "de", "tags": ["a", "it's"]}),
+            events.c.tags.overlap(["x", "y"]),
+        ),
+    )
+    # 39. literal values of PostgreSQL types in the select list
+    mood = events.c.mood.type
+    mv(
+        "c39_literals",
+        sa.select(
+            sa.literal(dt.date(2024, 1, 2)).label("d"),
+            sa.literal(dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)).label("tstz"),
+            sa.literal(dt.time(12, 30)).label("t"),
+            sa.literal(uuid.UUID(int=5)).label("u"),
+            sa.literal(dt.timedelta(days=1, hours=2)).label("iv"),
+            sa.literal("happy", mood).label("m"),
+            sa.literal(decimal.Decimal("10.50"), sa.Numeric(10, 2)).label("n"),
+            sa.literal([1, 2], pg.ARRAY(sa.Integer)).label("arr"),
+            sa.literal([], pg.ARRAY(sa.Text)).label("empty"),
+            sa.literal({"a": [1, "x'y"]}, pg.JSONB).label("jb"),
+            sa.literal({"a": 1}, sa.JSON).label("js"),
+            sa.literal(b"\x00ab", sa.LargeBinary).label("b"),
+        ),
+    )
+    # 40. UNION of two selects
+    mv(
+        "c40_union",
+        sa.union(
+            sa.select(events.c.user_id.label("ref")), sa.select(users.c.id.label("ref"))
+        ).order_by("ref"),
+    )
+    # 41. INTERSECT / EXCEPT nested
+    mv(
+        "c41_intersect_except",
+        sa.except_(
+            sa.intersect(sa.select(events.c.user_id), sa.select(users.c.id)),
+            sa.select(sa.literal(0, sa.Integer)),
+        ),
+    )
+    # 42. text().columns(): columns inferred from a textual select
+    mv(
+        "c42_textual_select",
+        sa.text("SELECT id, kind FROM events WHERE kind LIKE 'a%' -- ids\n").columns(
+            id=sa.Integer, kind=sa.Text
+        ),
+        depends_on=[events],
     )
     return md, views
 

@@ -7,7 +7,13 @@ import importlib
 
 import pytest
 
-MODULES = ["sqlalchemy_matview", "sqlalchemy_matview.schema", "sqlalchemy_matview.ddl"]
+MODULES = [
+    "sqlalchemy_matview",
+    "sqlalchemy_matview.schema",
+    "sqlalchemy_matview.ddl",
+    "sqlalchemy_matview.query",
+    "sqlalchemy_matview.sqltext",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
