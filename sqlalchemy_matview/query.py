@@ -58,6 +58,9 @@ Query = Union[SelectBase, TextClause]  # noqa: UP007
 
 # Definitions are rendered without a driver: "%" must stay "%", as a user would write it.
 _PG_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
+# With standard_conforming_strings on (PostgreSQL's default since 9.1) a backslash in a
+# literal is an ordinary character; SQLAlchemy 2.0 doubles it until it has connected.
+_PG_DIALECT._backslash_escapes = False
 
 
 class SQLText(TextClause):

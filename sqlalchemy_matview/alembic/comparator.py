@@ -26,6 +26,7 @@ from alembic.operations import ops as alembic_ops
 
 from .. import compare
 from ..compare import Change, ViewRef
+from ..compare.indexes import renderable_index
 from ..schema import materialized_views
 from .ops import (
     CreateMaterializedViewOp,
@@ -128,7 +129,7 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             owner=view.owner,
         )
     if isinstance(change, compare.CreateIndex):
-        return alembic_ops.CreateIndexOp.from_index(change.index)
+        return alembic_ops.CreateIndexOp.from_index(renderable_index(change.index))
     if isinstance(change, compare.DropIndex):
         return alembic_ops.DropIndexOp.from_index(change.index.to_index())
     if isinstance(change, compare.ChangeComment):

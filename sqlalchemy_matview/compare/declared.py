@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 
+from ..query import definition_sql
 from ..schema import INFO_KEY, MaterializedView, materialized_views
 
 
@@ -18,6 +19,8 @@ class Declared:
     schema: str | None
     name: str
     definition: ClauseElement
+    #: The definition as SQL for PostgreSQL (see :func:`~sqlalchemy_matview.query.definition_sql`).
+    sql: str
     columns: tuple[str, ...]
     text_definition: bool
     with_data: bool
@@ -69,6 +72,7 @@ def declared_views(
                 schema=norm(view.schema),
                 name=view.name,
                 definition=view.definition,
+                sql=view.sql,
                 columns=tuple(c.name for c in view.table.c),
                 text_definition=isinstance(view.definition, TextClause),
                 with_data=view.with_data,
@@ -86,6 +90,7 @@ def declared_views(
                 schema=norm(table.schema),
                 name=table.name,
                 definition=native.selectable,
+                sql=definition_sql(native.selectable),
                 columns=tuple(c.name for c in table.c),
                 text_definition=isinstance(native.selectable, TextClause),
                 with_data=True,

@@ -8,9 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .. import catalog
-from ..query import definition_sql
 from .declared import Declared, declared_views
-from .normalise import normalise, normalize_definition
+from .normalise import Probe, normalise, normalize_definition
 from .plan import Split, db_base_tables, drop_order, reachable, readers_first, topological
 from .records import (
     Change,
@@ -24,37 +23,14 @@ from .records import (
     FullKey,
     IncludeFilter,
     Key,
-    ReflectedIndex,
     ReplaceView,
     ViewRef,
 )
 from .reflected import capture_views, column_readers, reflected_indexes, tracking_installed
 
 
-def _index_matches(declared: sa.Index, reflected: ReflectedIndex) -> bool:
-    if bool(declared.unique) != reflected.unique:
-        return False
-    expressions = list(declared.expressions)
-    if len(expressions) != len(reflected.elements):
-        return False
-    options = declared.dialect_options["postgresql"]
-    if (options.get("where") is not None) != (reflected.where is not None):
-        return False
-    using = options.get("using")
-    if using and str(using).lower() != reflected.method:
-        return False
-    for expr, element, column in zip(
-        expressions, reflected.elements, reflected.is_column, strict=True
-    ):
-        declared_column = isinstance(expr, sa.Column)
-        if declared_column != column:
-            return False
-        if declared_column and getattr(expr, "name", None) != element:
-            return False
-    return True
-
-
-# -- the comparison --------------------------------------------------------------------------
+def _named_indexes(table: sa.Table) -> dict[str, sa.Index]:
+    return {str(i.name): i for i in sorted(table.indexes, key=lambda i: str(i.name)) if i.name}
 
 
 def compare_views(
@@ -132,10 +108,23 @@ def compare_views(
         and (include is None or include(ViewRef(key[0], key[1], None, True)))
     ]
 
-    definitions = {id(d): definition_sql(d.definition) for d in declared}
+    definitions = {id(d): d.sql for d in declared}
     to_probe = [d for d in declared if d.key in existing]
-    normalised = normalise(conn, [(d.columns, definitions[id(d)]) for d in to_probe])
-    probe_of = {id(d): text for d, text in zip(to_probe, normalised, strict=True)}
+    probes = []
+    for d in to_probe:
+        current = indexes.get(d.key, {})
+        info = existing[d.key]
+        probes.append(
+            Probe(
+                d.columns,
+                definitions[id(d)],
+                (info.schema, info.name),
+                tuple(i for i in _named_indexes(d.table).values() if str(i.name) in current),
+            )
+        )
+    normalised = normalise(conn, probes)
+    probe_of = {id(d): n.definition for d, n in zip(to_probe, normalised, strict=True)}
+    shapes_of = {id(d): n.index_shapes for d, n in zip(to_probe, normalised, strict=True)}
 
     edges: list[catalog.Dependency] | None = None
     if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
@@ -222,7 +211,7 @@ def compare_views(
         sql = definitions[id(item)]
         columns = item.columns if item.text_definition else None
         found = existing.get(item.key)
-        declared_indexes = {str(i.name): i for i in item.table.indexes if i.name}
+        declared_indexes = _named_indexes(item.table)
         if split is not None and item.key in split.views:
             # Detached before the table changes: created anew, with every declared index,
             # the declared comment and the privileges it had; then the dependents that only
@@ -255,7 +244,7 @@ def compare_views(
                 current[name]
                 for name in sorted(current)
                 if name not in declared_indexes
-                or not _index_matches(declared_indexes[name], current[name])
+                or shapes_of[id(item)].get(name) != current[name].shape
             ]
             changes.extend(DropIndex(item.schema, item.name, i) for i in stale)
             old = normalize_definition(found.definition or "")

@@ -23,20 +23,29 @@ class ReflectedIndex:
     schema: str | None
     view_name: str
     unique: bool
-    #: Each key element: a column name, or PostgreSQL's text of an expression.
+    #: Each key element: a column name, or, for anything else, PostgreSQL's text of it with
+    #: its collation, operator class and ordering (``lower(kind) text_pattern_ops DESC``).
     elements: tuple[str, ...]
-    #: ``True`` where the matching element is a plain column.
+    #: ``True`` where the matching element is a plain column, as is.
     is_column: tuple[bool, ...]
     #: ``pg_get_indexdef``: the full ``CREATE INDEX`` statement.
     definition: str
     method: str = "btree"
     #: The partial index's ``WHERE`` condition, if any.
     where: str | None = None
+    #: ``INCLUDE`` columns.
+    include: tuple[str, ...] = ()
+    #: Storage parameters (``WITH (fillfactor='70')``), as ``(name, value)`` pairs.
+    options: tuple[tuple[str, str], ...] = ()
+    nulls_not_distinct: bool = False
+    #: The definition without the index's and the view's names: two indexes of the same
+    #: shape are the same index (see :mod:`sqlalchemy_matview.compare.indexes`).
+    shape: str = ""
 
     def to_index(self) -> sa.Index:
         """An equivalent :class:`~sqlalchemy.Index` on a bare ``Table`` of the view.
 
-        Used to build operations that re-create the index (the reverse of a drop).
+        Used to build operations that re-create the index exactly (the reverse of a drop).
         """
         table = sa.Table(
             self.view_name,
@@ -55,8 +64,14 @@ class ReflectedIndex:
         kwargs: dict[str, Any] = {}
         if self.method != "btree":
             kwargs["postgresql_using"] = self.method
+        if self.include:
+            kwargs["postgresql_include"] = list(self.include)
+        if self.options:
+            kwargs["postgresql_with"] = dict(self.options)
         if self.where is not None:
             kwargs["postgresql_where"] = sa.text(self.where)
+        if self.nulls_not_distinct:
+            kwargs["postgresql_nulls_not_distinct"] = True
         return sa.Index(self.name, *exprs, unique=self.unique, _table=table, **kwargs)
 
 

@@ -10,22 +10,13 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .indexes import INDEX_COLUMNS, reflected_index
 from .normalise import normalize_definition
 from .records import CapturedView, FullKey, Grant, ReflectedIndex
 
 _INDEXES = sa.text(
-    """
-    SELECT n.nspname AS schema, t.relname AS view_name, ic.relname AS name,
-           i.indisunique AS "unique", pg_catalog.pg_get_indexdef(i.indexrelid) AS definition,
-           am.amname AS method, pg_catalog.pg_get_expr(i.indpred, i.indrelid) AS "where",
-           ARRAY(SELECT CASE WHEN i.indkey[k - 1] = 0
-                             THEN pg_catalog.pg_get_indexdef(i.indexrelid, k, false)
-                             ELSE (SELECT a.attname::text FROM pg_catalog.pg_attribute a
-                                    WHERE a.attrelid = i.indrelid
-                                      AND a.attnum = i.indkey[k - 1]) END
-                   FROM generate_series(1, i.indnkeyatts) AS k ORDER BY k) AS elements,
-           ARRAY(SELECT i.indkey[k - 1] <> 0
-                   FROM generate_series(1, i.indnkeyatts) AS k ORDER BY k) AS is_column
+    f"""
+    SELECT n.nspname AS schema, t.relname AS view_name, ic.relname AS name, {INDEX_COLUMNS}
       FROM pg_catalog.pg_index i
       JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
       JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
@@ -40,20 +31,11 @@ _INDEXES = sa.text(
 def reflected_indexes(
     conn: Connection, schemas: Sequence[str], default_schema: str | None
 ) -> dict[tuple[str | None, str], dict[str, ReflectedIndex]]:
+    """The indexes of the materialized views in ``schemas``, by view and index name."""
     found: dict[tuple[str | None, str], dict[str, ReflectedIndex]] = {}
     for row in conn.execute(_INDEXES, {"schemas": list(schemas)}).mappings():
         schema = None if row["schema"] == default_schema else row["schema"]
-        index = ReflectedIndex(
-            name=row["name"],
-            schema=schema,
-            view_name=row["view_name"],
-            unique=bool(row["unique"]),
-            elements=tuple(row["elements"]),
-            is_column=tuple(row["is_column"]),
-            definition=row["definition"],
-            method=row["method"],
-            where=row["where"],
-        )
+        index = reflected_index(row, schema, row["view_name"], row["name"])
         found.setdefault((schema, row["view_name"]), {})[index.name] = index
     return found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -338,7 +339,81 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         ),
         depends_on=[events],
     )
+    # 43. every form of index on a view (see index_forms)
+    forms = mv(
+        "c43_index_forms",
+        sa.select(
+            events.c.id,
+            events.c.kind,
+            events.c.amount,
+            events.c.tags,
+            events.c.payload,
+            events.c.created_at,
+            sa.func.int4range(events.c.id, events.c.user_id, type_=pg.INT4RANGE).label("span"),
+        ),
+        unique_key="id",
+    )
+    index_forms(forms)
+    # 44. docs/declaring.md's example: an index on a DESC aggregate
+    totals = mv(
+        "c44_customer_totals",
+        sa.select(events.c.kind, sa.func.sum(events.c.amount).label("spent")).group_by(
+            events.c.kind
+        ),
+        unique_key="kind",
+    )
+    sa.Index("c44_customer_totals_spent", totals.c.spent.desc())
     return md, views
+
+
+#: Every form of index, by name: the view's columns -> (key elements, keyword arguments). The
+#: view has columns id, kind, amount, tags, payload, created_at and span (an int4range).
+INDEX_FORMS: dict[str, Callable[[Any], tuple[list[Any], dict[str, Any]]]] = {
+    "desc": lambda c: ([c.amount.desc()], {}),
+    "nulls_first": lambda c: ([c.amount.nulls_first()], {}),
+    "desc_nulls_last": lambda c: ([c.amount.desc().nulls_last()], {}),
+    "ops": lambda c: ([c.kind], {"postgresql_ops": {"kind": "text_pattern_ops"}}),
+    "collate": lambda c: ([c.kind.collate("C")], {}),
+    "hash": lambda c: ([c.kind], {"postgresql_using": "hash"}),
+    "gin": lambda c: ([c.tags], {"postgresql_using": "gin"}),
+    "gin_ops": lambda c: (
+        [c.payload],
+        {"postgresql_using": "gin", "postgresql_ops": {"payload": "jsonb_path_ops"}},
+    ),
+    "gist": lambda c: ([c.span], {"postgresql_using": "gist"}),
+    "brin": lambda c: (
+        [c.created_at],
+        {"postgresql_using": "brin", "postgresql_with": {"pages_per_range": 16}},
+    ),
+    "partial": lambda c: ([c.kind], {"postgresql_where": c.amount > 0}),
+    "include": lambda c: ([c.amount], {"postgresql_include": ["kind"]}),
+    "include_column": lambda c: ([c.created_at], {"postgresql_include": [c.kind, c.amount]}),
+    "fillfactor": lambda c: ([c.kind], {"postgresql_with": {"fillfactor": 70}}),
+    "expression": lambda c: ([sa.func.lower(c.kind)], {}),
+    "arithmetic": lambda c: ([c.amount * 2], {}),
+    "mixed": lambda c: (
+        [c.kind, sa.func.lower(c.kind).desc(), c.amount.desc().nulls_last(), c.created_at],
+        {"postgresql_ops": {"kind": "text_pattern_ops"}},
+    ),
+    "unique": lambda c: ([c.kind, c.id], {"unique": True}),
+    "unique_partial": lambda c: (
+        [c.kind],
+        {"unique": True, "postgresql_where": sa.and_(c.amount > 10, c.kind != "it's")},
+    ),
+}
+
+
+def index_forms(
+    view: MaterializedView,
+    overrides: dict[str, Callable[[Any], tuple[list[Any], dict[str, Any]]]] | None = None,
+) -> list[sa.Index]:
+    """An index of every form on ``view``, named ``<view>_<form>``."""
+    forms = {**INDEX_FORMS, **(overrides or {})}
+    built = []
+    for name, form in forms.items():
+        expressions, kwargs = form(view.c)
+        built.append(sa.Index(f"{view.name}_{name}", *expressions, **kwargs))
+    return built
 
 
 def _distinct_on(query: sa.Select[Any], *expressions: Any) -> sa.Select[Any]:

@@ -245,6 +245,8 @@ def test_jsonb_contains_renders(md: sa.MetaData, events: sa.Table) -> None:
         (__import__("decimal").Decimal("10.50"), sa.Numeric(10, 2), "10.50"),
         (b"\x00ab", sa.LargeBinary, "CAST('\\x006162' AS BYTEA)"),
         ("it's 100%", sa.Text, "'it''s 100%'"),
+        # A backslash is an ordinary character (standard_conforming_strings), on 2.0 too.
+        ("C:\\dir", sa.Text, "'C:\\dir'"),
     ],
 )
 def test_literal_values_of_postgresql_types(
