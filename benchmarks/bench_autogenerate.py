@@ -1,17 +1,22 @@
-"""Alembic autogenerate with 100 materialized views, side by side with 100 plain tables.
+"""Alembic autogenerate with N materialized views, side by side with N plain tables.
 
 Run it on demand (it starts its own throwaway PostgreSQL server)::
 
-    python benchmarks/bench_autogenerate.py [--views 100] [--repeat 5]
+    python benchmarks/bench_autogenerate.py [--sizes 10,100,500] [--repeat 5]
 
-For each of two cases -- an empty database (everything must be created) and a database in
-sync with the models (nothing to do) -- it times ``produce_migrations`` for:
+For each N and each of two cases -- an empty database (everything must be created) and a
+database in sync with the models (nothing to do) -- it times what ``alembic revision
+--autogenerate`` does after importing the models: ``produce_migrations`` and rendering the
+upgrade and downgrade, for
 
-* ``views``: one table plus N ``MaterializedView`` objects over it, each with a unique key;
-* ``tables``: the same table plus N plain tables with the same columns and index, compared by
-  plain Alembic.
+* ``views``: one table plus N ``MaterializedView`` objects over it, each with a unique key
+  and a second index (``DESC``);
+* ``tables``: the same table plus N plain tables with the same columns and indexes, compared
+  by plain Alembic.
 
-It prints the median times, the number of SQL statements sent, and the ratio views/tables.
+Models are declared before the clock starts, on both sides (declaring a view compiles its
+query). It prints the median time of ``--repeat`` runs, the number of SQL statements sent,
+the number of operations, and the ratio views/tables.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from alembic.autogenerate import produce_migrations
+from alembic.autogenerate import produce_migrations, render_python_code
 from alembic.migration import MigrationContext
 
 import sqlalchemy_matview.alembic
@@ -40,7 +45,7 @@ def view_models(n: int) -> sa.MetaData:
         sa.Column("kind", sa.Text, nullable=False),
     )
     for i in range(n):
-        MaterializedView(
+        view = MaterializedView(
             f"mv_{i:03d}",
             md,
             sa.select(events.c.kind, sa.func.count().label("n"))
@@ -48,6 +53,7 @@ def view_models(n: int) -> sa.MetaData:
             .group_by(events.c.kind),
             unique_key="kind",
         )
+        sa.Index(f"mv_{i:03d}_n", view.c.n.desc())
     return md
 
 
@@ -67,6 +73,7 @@ def table_models(n: int) -> sa.MetaData:
             sa.Column("n", sa.BigInteger),
         )
         sa.Index(f"t_{i:03d}_unique_key", t.c.kind, unique=True)
+        sa.Index(f"t_{i:03d}_n", t.c.n.desc())
     return md
 
 
@@ -82,50 +89,62 @@ def autogenerate(engine: sa.Engine, md: sa.MetaData) -> tuple[float, int, int]:
         context = MigrationContext.configure(conn, opts={"target_metadata": md})
         start = time.perf_counter()
         script = produce_migrations(context, md)
+        assert script.upgrade_ops is not None and script.downgrade_ops is not None
+        render_python_code(script.upgrade_ops)
+        render_python_code(script.downgrade_ops)
         elapsed = time.perf_counter() - start
         conn.rollback()
-    assert script.upgrade_ops is not None
     return elapsed, statements, len(script.upgrade_ops.ops)
 
 
 def measure(
     engine: sa.Engine, build: Callable[[int], sa.MetaData], n: int, repeat: int
 ) -> tuple[float, int, int]:
-    runs = [autogenerate(engine, build(n)) for _ in range(repeat)]
+    models = [build(n) for _ in range(repeat)]
+    runs = [autogenerate(engine, md) for md in models]
     return statistics.median(r[0] for r in runs), runs[0][1], runs[0][2]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--views", type=int, default=100)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,500", help="numbers of views, comma-separated")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     sqlalchemy_matview.alembic.register()
-    n = args.views
+    sizes = [int(s) for s in args.sizes.split(",")]
 
+    results: dict[tuple[int, str, str], tuple[float, int, int]] = {}
     with PostgresServer() as server:
-        results: dict[tuple[str, str], tuple[float, int, int]] = {}
-        for kind, build in (("views", view_models), ("tables", table_models)):
-            database = server.create_database()
-            engine = sa.create_engine(server.url(database))
-            try:
-                autogenerate(engine, build(n))  # warm-up: imports, first connection
-                results[("empty", kind)] = measure(engine, build, n, args.repeat)
-                with engine.begin() as conn:
-                    build(n).create_all(conn)
-                results[("in sync", kind)] = measure(engine, build, n, args.repeat)
-            finally:
-                engine.dispose()
+        version = server.version
+        for n in sizes:
+            for kind, build in (("views", view_models), ("tables", table_models)):
+                database = server.create_database()
+                engine = sa.create_engine(server.url(database))
+                try:
+                    autogenerate(engine, build(n))  # warm-up: imports, first connection
+                    results[(n, "empty", kind)] = measure(engine, build, n, args.repeat)
+                    with engine.begin() as conn:
+                        build(n).create_all(conn)
+                    results[(n, "in sync", kind)] = measure(engine, build, n, args.repeat)
+                finally:
+                    engine.dispose()
 
-    print(f"Alembic autogenerate, {n} materialized views vs {n} tables over one table")
-    print(f"(median of {args.repeat}; PostgreSQL started by the benchmark)\n")
-    print(f"{'case':<9} {'what':<7} {'time (s)':>9} {'statements':>11} {'ops':>5} {'ratio':>6}")
-    for case in ("empty", "in sync"):
-        base = results[(case, "tables")][0]
-        for kind in ("tables", "views"):
-            elapsed, statements, ops = results[(case, kind)]
-            ratio = elapsed / base
-            print(f"{case:<9} {kind:<7} {elapsed:>9.3f} {statements:>11} {ops:>5} {ratio:>6.2f}")
+    import alembic
+
+    print(
+        f"Alembic {alembic.__version__}, SQLAlchemy {sa.__version__}, PostgreSQL {version}: "
+        f"autogenerate + render, median of {args.repeat}"
+    )
+    header = f"{'N':>4} {'case':<8} {'tables (s)':>10} {'views (s)':>10} {'ratio':>6}"
+    print(header + f" {'statements t/v':>15} {'ops':>5}")
+    for n in sizes:
+        for case in ("empty", "in sync"):
+            base, base_statements, _ = results[(n, case, "tables")]
+            elapsed, statements, ops = results[(n, case, "views")]
+            print(
+                f"{n:>4} {case:<8} {base:>10.3f} {elapsed:>10.3f} {elapsed / base:>6.2f}"
+                f" {f'{base_statements}/{statements}':>15} {ops:>5}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,24 +1,24 @@
 """The autogenerate comparator: :mod:`sqlalchemy_matview.compare` records turned into ops.
 
 It runs after Alembic's own table comparison (``DispatchPriority.LAST`` on Alembic 1.18+;
-registration order on older versions), so that it can
+registration order on older versions), which never sees a view's ``Table`` nor the
+library's bookkeeping tables (:mod:`.filters` keeps them out of it), so that it can
 
-* remove what Alembic proposed for a view's ``Table`` -- ``create_table``, ``drop_table``,
-  column and index operations -- whether the view is a :class:`MaterializedView`, an
-  unmanaged one or a SQLAlchemy 2.1 ``CreateView(..., materialized=True)``, and for the
-  change-tracking state table;
 * put view drops before everything else (before the drops of the tables they read) and view
   creates after everything else (after the tables they read are created);
 * tell :func:`~sqlalchemy_matview.compare.compare_views` which tables Alembic's operations drop
   or drop columns of, and which columns they give a new type, so that a changed view reading
   one (and an unchanged view reading a retyped column) is dropped before those operations and
   created after them, instead of blocking them.
+
+What it detects is logged as Alembic logs its own findings, on the
+``alembic.autogenerate.sqlalchemy_matview`` logger.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -27,7 +27,7 @@ from alembic.operations import ops as alembic_ops
 from .. import compare
 from ..compare import Change, ViewRef
 from ..compare.indexes import renderable_index
-from ..schema import materialized_views
+from . import filters
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
@@ -42,9 +42,11 @@ from .ops import (
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
-__all__ = ["compare_materialized_views", "to_operation"]
+__all__ = ["compare_materialized_views", "describe", "to_operation"]
 
-log = logging.getLogger(__name__)
+#: Under ``alembic``, so that ``alembic revision --autogenerate`` shows what it detected
+#: with the default ``alembic.ini`` logging, next to Alembic's own lines.
+log = logging.getLogger("alembic.autogenerate.sqlalchemy_matview")
 
 #: ``type_`` given to ``include_object`` / ``include_name`` hooks for materialized views.
 OBJECT_TYPE = "materialized_view"
@@ -143,6 +145,54 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
     raise TypeError(f"unknown change record {change!r}")
 
 
+#: What each record is, in the words of Alembic's own log lines.
+_DETECTED: dict[type[Any], str] = {
+    compare.CreateView: "added materialized view",
+    compare.DropView: "removed materialized view",
+    compare.ReplaceView: "changed definition of materialized view",
+    compare.ChangeComment: "changed comment of materialized view",
+    compare.EnableTracking: "added change tracking of materialized view",
+    compare.DisableTracking: "removed change tracking of materialized view",
+}
+
+
+def describe(changes: Sequence[Change], default_schema: str) -> Iterator[str]:
+    """One line per change, in Alembic's words (``Detected added materialized view 'public.mv'``).
+
+    An index dropped and created again under the same name is one changed index.
+    """
+
+    def name(schema: str | None, view: str) -> str:
+        return repr(f"{schema or default_schema}.{view}")
+
+    def index_key(c: compare.CreateIndex | compare.DropIndex) -> tuple[Any, ...]:
+        return (c.schema, c.view_name, str(c.index.name))
+
+    dropped = {index_key(c) for c in changes if isinstance(c, compare.DropIndex)}
+    created = {index_key(c) for c in changes if isinstance(c, compare.CreateIndex)}
+    for change in changes:
+        if isinstance(change, (compare.CreateIndex, compare.DropIndex)):
+            key = index_key(change)
+            if key in dropped and key in created:
+                if isinstance(change, compare.DropIndex):
+                    continue
+                what = "changed"
+            else:
+                what = "added" if isinstance(change, compare.CreateIndex) else "removed"
+            yield (
+                f"Detected {what} index {key[2]!r} on materialized view "
+                f"{name(change.schema, change.view_name)}"
+            )
+        elif isinstance(change, compare.DetachView):
+            kind = "materialized view" if change.view.kind == "m" else "view"
+            yield (
+                f"Detected {kind} {name(change.schema, change.name)} to drop before the "
+                "changes it would block, and create again after them"
+            )
+        elif type(change) in _DETECTED:
+            yield f"Detected {_DETECTED[type(change)]} {name(change.schema, change.name)}"
+
+
 def _metadatas(autogen_context: AutogenContext) -> list[sa.MetaData]:
     metadata: Any = autogen_context.metadata
     if metadata is None:
@@ -150,30 +200,6 @@ def _metadatas(autogen_context: AutogenContext) -> list[sa.MetaData]:
     if isinstance(metadata, sa.MetaData):
         return [metadata]
     return list(metadata)
-
-
-def _bookkeeping_tables() -> set[str]:
-    """Tables that change tracking creates itself: never for autogenerate to drop."""
-    try:
-        from ..orchestration import tracking
-    except ImportError:
-        return set()
-    names = (getattr(tracking, "STATE_TABLE", None), getattr(tracking, "CHANGES_TABLE", None))
-    return {n for n in names if isinstance(n, str)}
-
-
-def _view_table_keys(
-    metadatas: Sequence[sa.MetaData], default_schema: str | None
-) -> set[tuple[str | None, str]]:
-    keys: set[tuple[str | None, str]] = set()
-    for metadata in metadatas:
-        for table in metadata.tables.values():
-            if compare.is_view_table(table):
-                keys.add((None if table.schema == default_schema else table.schema, table.name))
-        for view in materialized_views(metadata):
-            schema = None if view.schema == default_schema else view.schema
-            keys.add((schema, view.name))
-    return keys
 
 
 def _altered_tables(
@@ -199,35 +225,13 @@ def _altered_tables(
     return tables, columns
 
 
-def _short(key: tuple[str | None, str], default_schema: str | None) -> tuple[str | None, str]:
-    return (None if key[0] == default_schema else key[0], key[1])
-
-
-def _strip_view_table_ops(
-    upgrade_ops: alembic_ops.UpgradeOps,
-    keys: set[tuple[str | None, str]],
-    bookkeeping: set[str],
-    default_schema: str | None,
-) -> None:
-    def unwanted(op: Any) -> bool:
-        name = getattr(op, "table_name", None)
-        if name is None:
-            return False
-        if name in bookkeeping:
-            return True
-        schema = getattr(op, "schema", None)
-        return (None if schema == default_schema else schema, name) in keys
-
-    upgrade_ops.ops[:] = [op for op in upgrade_ops.ops if not unwanted(op)]
-
-
 def compare_materialized_views(
     autogen_context: AutogenContext,
     upgrade_ops: alembic_ops.UpgradeOps,
     schemas: set[str | None],
 ) -> Any:
     """Alembic ``"schema"`` comparator for materialized views (see the module docstring)."""
-    result = _continue()
+    result = continue_result()
     dialect = autogen_context.dialect
     if dialect is None or dialect.name != "postgresql" or autogen_context.connection is None:
         return result
@@ -255,29 +259,25 @@ def compare_materialized_views(
         )
         return autogen_context.run_object_filters(table, ref.name, kind, ref.reflected, None)
 
-    view_keys = _view_table_keys(metadatas, default_schema)
     tables, columns = _altered_tables(upgrade_ops)
     changes = compare.compare_views(
         conn,
         metadatas,
         schemas=schemas,
         include=include,
-        altered_tables=[t for t in tables if _short(t, default_schema) not in view_keys],
-        retyped_columns=[
-            c for c in columns if _short((c[0], c[1]), default_schema) not in view_keys
-        ],
+        altered_tables=tables,
+        retyped_columns=columns,
     )
-    _strip_view_table_ops(upgrade_ops, view_keys, _bookkeeping_tables(), default_schema)
     before = [to_operation(c) for c in changes if c.phase == "before"]
     after = [to_operation(c) for c in changes if c.phase != "before"]
-    for change in changes:
-        log.info("Detected %s", change)
+    for message in describe(changes, default_schema or "public"):
+        log.info(message)
     upgrade_ops.ops[:0] = before
     upgrade_ops.ops.extend(after)
     return result
 
 
-def _continue() -> Any:
+def continue_result() -> Any:
     try:
         from alembic.util import PriorityDispatchResult
     except ImportError:  # Alembic < 1.18 ignores the return value.
@@ -286,9 +286,11 @@ def _continue() -> Any:
 
 
 def install(target: Any = None) -> None:
-    """Register the comparator on Alembic's global registry (after the table comparator)."""
+    """Register the comparators on Alembic's global registry: the filters before Alembic's
+    table comparison (:mod:`.filters`), the views after it."""
     from alembic.autogenerate import comparators
 
+    filters.register_first()
     try:
         from alembic.util import DispatchPriority
     except ImportError:

@@ -31,10 +31,18 @@ def compare_materialized_views(autogen_context: Any, upgrade_ops: Any, schemas: 
     return compare(autogen_context, upgrade_ops, schemas)
 
 
+def install_filters(autogen_context: Any, upgrade_ops: Any, schemas: Any) -> Any:
+    """Keep view tables and bookkeeping out of Alembic's table comparison (runs first)."""
+    from .filters import install
+
+    return install(autogen_context, upgrade_ops, schemas)
+
+
 def setup(plugin: Plugin) -> None:
     """Called by Alembic with the :class:`~alembic.runtime.plugins.Plugin` to fill in."""
     from alembic.util import DispatchPriority
 
+    plugin.add_autogenerate_comparator(install_filters, "schema", priority=DispatchPriority.FIRST)
     plugin.add_autogenerate_comparator(
         compare_materialized_views, "schema", priority=DispatchPriority.LAST
     )

@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 
 from .. import catalog
 from .declared import Declared, declared_views
+from .indexes import declared_shape
 from .normalise import Probe, normalise, normalize_definition
 from .plan import Split, db_base_tables, drop_order, reachable, readers_first, topological
 from .records import (
@@ -108,23 +109,29 @@ def compare_views(
         and (include is None or include(ViewRef(key[0], key[1], None, True)))
     ]
 
-    definitions = {id(d): d.sql for d in declared}
     to_probe = [d for d in declared if d.key in existing]
     probes = []
+    # Shapes of the declared indexes that the database has under the same name: as
+    # SQLAlchemy writes them when that is what PostgreSQL prints, else probed.
+    shapes_of: dict[int, dict[str, str | None]] = {}
     for d in to_probe:
         current = indexes.get(d.key, {})
+        shapes = shapes_of[id(d)] = {}
+        unsure = []
+        for name, index in _named_indexes(d.table).items():
+            if name not in current:
+                continue
+            shape = declared_shape(index)
+            if shape is not None and shape == current[name].shape:
+                shapes[name] = shape
+            else:
+                unsure.append(index)
         info = existing[d.key]
-        probes.append(
-            Probe(
-                d.columns,
-                definitions[id(d)],
-                (info.schema, info.name),
-                tuple(i for i in _named_indexes(d.table).values() if str(i.name) in current),
-            )
-        )
+        probes.append(Probe(d.columns, d.sql, (info.schema, info.name), tuple(unsure)))
     normalised = normalise(conn, probes)
     probe_of = {id(d): n.definition for d, n in zip(to_probe, normalised, strict=True)}
-    shapes_of = {id(d): n.index_shapes for d, n in zip(to_probe, normalised, strict=True)}
+    for d, n in zip(to_probe, normalised, strict=True):
+        shapes_of[id(d)].update(n.index_shapes)
 
     edges: list[catalog.Dependency] | None = None
     if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
@@ -208,7 +215,7 @@ def compare_views(
     changes: list[Change] = [c for _, group in readers_first(drops, edges or []) for c in group]
 
     for item in topological(declared):
-        sql = definitions[id(item)]
+        sql = item.sql
         columns = item.columns if item.text_definition else None
         found = existing.get(item.key)
         declared_indexes = _named_indexes(item.table)

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.ddl import CreateIndex
 from sqlalchemy.sql.elements import ColumnClause
 
 from .. import sqltext
@@ -80,6 +81,27 @@ def shape_of(unique: bool, method: str, definition: str, list_at: int) -> str:
     """``definition`` without the names in front of its key list, uniqueness kept."""
     start = _key_list_at(definition, method, list_at)
     return ("UNIQUE " if unique else "") + f"USING {method} " + definition[start:]
+
+
+def declared_shape(index: sa.Index) -> str | None:
+    """The shape of ``index`` as SQLAlchemy writes its ``CREATE INDEX``.
+
+    Where it equals the shape PostgreSQL prints for an index of the same name, the two are
+    the same index (PostgreSQL's text recreates exactly the index it describes), so that
+    index needs no probe; anything PostgreSQL writes differently (a cast, a storage
+    parameter's quotes) is left to the probe. ``None`` when it cannot be compiled.
+    """
+    try:
+        sql = str(CreateIndex(index).compile(dialect=_PG_DIALECT))
+    except (sa.exc.CompileError, sa.exc.ArgumentError):
+        return None
+    start = next(
+        (t.start for t in sqltext.tokens(sql) if t.kind == "punct" and t.text == "("), None
+    )
+    if start is None:
+        return None
+    method = str(index.dialect_options["postgresql"]["using"] or "btree").lower()
+    return ("UNIQUE " if index.unique else "") + f"USING {method} " + sql[start:]
 
 
 def reflected_index(
