@@ -140,16 +140,20 @@ def test_probes_take_a_fixed_number_of_statements(conn: sa.Connection) -> None:
     for n in (2, 20):
         md = build(n)
         md.create_all(conn)
-        statements: list[str] = []
-
-        def count(*args: Any) -> None:
-            statements.append(args[2])
-
-        sa.event.listen(conn, "before_cursor_execute", count)
-        try:
-            assert compare_views(conn, md) == []
-        finally:
-            sa.event.remove(conn, "before_cursor_execute", count)
-        counts[n] = len(statements)
+        counts[n] = _statements_sent(conn, lambda md=md: compare_views(conn, md))
         md.drop_all(conn)
     assert counts[2] == counts[20]
+
+
+def _statements_sent(conn: sa.Connection, work: Any) -> int:
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(args[2])
+
+    sa.event.listen(conn, "before_cursor_execute", count)
+    try:
+        assert work() == []
+    finally:
+        sa.event.remove(conn, "before_cursor_execute", count)
+    return len(statements)
