@@ -31,6 +31,7 @@ from . import filters
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
+    DependentView,
     DisableChangeTrackingOp,
     DropMaterializedViewOp,
     DropPlainViewOp,
@@ -54,8 +55,11 @@ OBJECT_TYPE = "materialized_view"
 _DONE_KEY = "sqlalchemy_matview.compared"
 
 
-def to_operation(change: Change) -> alembic_ops.MigrateOperation:
-    """The Alembic operation that carries out one :mod:`~sqlalchemy_matview.compare` record."""
+def to_operation(change: Change, default_schema: str | None = None) -> alembic_ops.MigrateOperation:
+    """The Alembic operation that carries out one :mod:`~sqlalchemy_matview.compare` record.
+
+    Views in ``default_schema`` are named without it.
+    """
     if isinstance(change, compare.CreateView):
         return CreateMaterializedViewOp(
             change.name,
@@ -78,6 +82,7 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             owner=change.owner,
         )
     if isinstance(change, compare.ReplaceView):
+        view = change.view
         return ReplaceMaterializedViewOp(
             change.name,
             change.definition,
@@ -85,6 +90,16 @@ def to_operation(change: Change) -> alembic_ops.MigrateOperation:
             with_data=change.with_data,
             old_definition=change.old_definition,
             columns=change.columns,
+            indexes=(view.indexes or None) if view else None,
+            comment=view.comment if view else None,
+            grants=(view.grants or None) if view else None,
+            owner=view.owner if view else None,
+            dependents=[
+                DependentView.from_captured(d, None if d.schema == default_schema else d.schema)
+                for d in change.dependents
+            ]
+            if view
+            else None,
         )
     if isinstance(change, compare.DetachView):
         view = change.view
@@ -268,8 +283,8 @@ def compare_materialized_views(
         altered_tables=tables,
         retyped_columns=columns,
     )
-    before = [to_operation(c) for c in changes if c.phase == "before"]
-    after = [to_operation(c) for c in changes if c.phase != "before"]
+    before = [to_operation(c, default_schema) for c in changes if c.phase == "before"]
+    after = [to_operation(c, default_schema) for c in changes if c.phase != "before"]
     for message in describe(changes, default_schema or "public"):
         log.info(message)
     upgrade_ops.ops[:0] = before

@@ -14,12 +14,12 @@ by :func:`sqlalchemy_matview.alembic.register` or by the ``alembic.plugins`` ent
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy.sql.elements import ClauseElement
 
-from ..compare import PRIVILEGES, Grant, definition_sql
+from ..compare import PRIVILEGES, CapturedView, Grant, definition_sql
 from ..errors import MaterializedViewError
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CreateMaterializedViewOp",
     "CreatePlainViewOp",
+    "DependentView",
     "DisableChangeTrackingOp",
     "DropMaterializedViewOp",
     "DropPlainViewOp",
@@ -289,6 +290,75 @@ class DropMaterializedViewOp(MigrateOperation):
         return ("drop_materialized_view", self.schema, self.name)
 
 
+class DependentView(NamedTuple):
+    """A view (or materialized view) reading a replaced view, as it was when the migration
+    was generated: what :meth:`~ReplaceMaterializedViewOp.replace_materialized_view` drops
+    and creates again when it cannot read the catalog (``--sql``).
+
+    Example::
+
+        DependentView(
+            "big_totals",
+            "SELECT kind, n FROM mv_totals WHERE n > 10",
+            grants=[("app_reader", "SELECT")],
+        )
+        DependentView(
+            "mv_top",
+            "SELECT kind FROM mv_totals ORDER BY n DESC LIMIT 10",
+            materialized=True,
+            indexes=["CREATE UNIQUE INDEX mv_top_kind ON mv_top USING btree (kind)"],
+        )
+    """
+
+    name: str
+    #: Its query, as ``pg_get_viewdef`` prints it.
+    definition: str
+    schema: str | None = None
+    materialized: bool = False
+    #: Populated (materialized views only).
+    with_data: bool = True
+    comment: str | None = None
+    #: ``key=value`` options of a plain view (``security_barrier=true``).
+    options: Sequence[str] = ()
+    #: ``CREATE INDEX`` statements (materialized views only).
+    indexes: Sequence[str] = ()
+    grants: Sequence[GrantSpec] = ()
+    owner: str | None = None
+
+    @classmethod
+    def from_captured(cls, view: CapturedView, schema: str | None) -> DependentView:
+        """The record of a view read from the catalog, named in ``schema``."""
+        return cls(
+            view.name,
+            view.definition,
+            schema=schema,
+            materialized=view.kind == "m",
+            with_data=view.populated,
+            comment=view.comment,
+            options=view.options,
+            indexes=view.indexes,
+            grants=view.grants,
+            owner=view.owner,
+        )
+
+
+def _dependents(views: Sequence[DependentView] | None) -> tuple[DependentView, ...] | None:
+    if views is None:
+        return None
+    checked = []
+    for view in views:
+        if not isinstance(view, DependentView):
+            raise TypeError(f"dependents= takes DependentView records, got {view!r}")
+        checked.append(
+            view._replace(
+                options=tuple(view.options),
+                indexes=tuple(view.indexes),
+                grants=_grants(view.name, view.grants) or (),
+            )
+        )
+    return tuple(checked)
+
+
 @Operations.register_operation("replace_materialized_view")
 class ReplaceMaterializedViewOp(MigrateOperation):
     """Drop and re-create a view with a new definition, keeping its dependents."""
@@ -302,6 +372,11 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         with_data: bool = True,
         old_definition: Definition | None = None,
         columns: Sequence[str] | None = None,
+        indexes: Sequence[str] | None = None,
+        comment: str | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
+        dependents: Sequence[DependentView] | None = None,
     ) -> None:
         self.name = name
         self.definition = definition
@@ -309,6 +384,11 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         self.with_data = with_data
         self.old_definition = old_definition
         self.columns = tuple(columns) if columns is not None else None
+        self.indexes = tuple(indexes) if indexes is not None else None
+        self.comment = comment
+        self.grants = _grants(name, grants)
+        self.owner = owner
+        self.dependents = _dependents(dependents)
 
     @classmethod
     def replace_materialized_view(
@@ -321,6 +401,11 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         with_data: bool = True,
         old_definition: Definition | None = None,
         columns: Sequence[str] | None = None,
+        indexes: Sequence[str] | None = None,
+        comment: str | None = None,
+        grants: Sequence[GrantSpec] | None = None,
+        owner: str | None = None,
+        dependents: Sequence[DependentView] | None = None,
     ) -> None:
         """Give a materialized view a new definition.
 
@@ -332,8 +417,14 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         restored too. All of it runs in the migration's transaction.
         ``old_definition`` makes the operation reversible.
 
-        In ``--sql`` (offline) mode the catalog cannot be read: the view is dropped and
-        created, and a view with dependents makes the script fail rather than lose them.
+        ``indexes``, ``comment``, ``grants``, ``owner`` and ``dependents`` describe the view
+        and the views reading it as they were when the migration was generated (autogenerate
+        writes them; :class:`DependentView` records, in creation order). They are what
+        ``--sql`` prints, since offline mode cannot read the catalog; run online, the
+        operation reads the catalog instead, and keeps whatever the database has then.
+        Without ``dependents`` the operation cannot run offline and says so
+        (:class:`~sqlalchemy_matview.alembic.toimpl.OfflineModeError`) before printing any
+        of its SQL.
 
         Example::
 
@@ -341,6 +432,9 @@ class ReplaceMaterializedViewOp(MigrateOperation):
                 "mv_totals",
                 "SELECT kind, count(*) AS n FROM events GROUP BY kind",
                 old_definition="SELECT kind FROM events GROUP BY kind",
+                indexes=["CREATE UNIQUE INDEX mv_totals_kind ON mv_totals USING btree (kind)"],
+                grants=[("app_reader", "SELECT")],
+                dependents=[DependentView("big_totals", "SELECT kind FROM mv_totals")],
             )
         """
         operations.invoke(
@@ -351,6 +445,11 @@ class ReplaceMaterializedViewOp(MigrateOperation):
                 with_data=with_data,
                 old_definition=old_definition,
                 columns=columns,
+                indexes=indexes,
+                comment=comment,
+                grants=grants,
+                owner=owner,
+                dependents=dependents,
             )
         )
 
@@ -360,6 +459,7 @@ class ReplaceMaterializedViewOp(MigrateOperation):
                 f"replace_materialized_view({self.name!r}) cannot be reversed: it does not "
                 "know the previous definition; pass old_definition='SELECT ...'"
             )
+        # The view and its dependents look the same before the reverse as before this one.
         return ReplaceMaterializedViewOp(
             self.name,
             self.old_definition,
@@ -367,6 +467,11 @@ class ReplaceMaterializedViewOp(MigrateOperation):
             with_data=self.with_data,
             old_definition=self.definition,
             columns=self.columns,
+            indexes=self.indexes,
+            comment=self.comment,
+            grants=self.grants,
+            owner=self.owner,
+            dependents=self.dependents,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:

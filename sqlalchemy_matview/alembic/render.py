@@ -18,6 +18,7 @@ from ..compare import Grant, definition_sql
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
+    DependentView,
     DisableChangeTrackingOp,
     DropMaterializedViewOp,
     DropPlainViewOp,
@@ -34,6 +35,8 @@ __all__ = ["render_sql"]
 
 #: The line generated migrations need so that ``op.*_materialized_view`` exists.
 IMPORT = "import sqlalchemy_matview.alembic.ops  # noqa: F401"
+#: The line a migration needs when it names :class:`~.ops.DependentView` records.
+DEPENDENT_VIEW_IMPORT = "from sqlalchemy_matview.alembic.ops import DependentView"
 
 _WIDTH = 72
 _MISSING = object()
@@ -77,23 +80,34 @@ def _definition(value: Any) -> str:
     return definition_sql(value) if isinstance(value, ClauseElement) else str(value)
 
 
+def _arguments(positional: Sequence[str], keywords: Sequence[tuple[str, Any, Any]]) -> list[str]:
+    """Arguments as source: keywords whose value equals their default are left out; a name
+    starting with ``*`` takes a value that is source already."""
+    args = list(positional)
+    for key, value, default in keywords:
+        if default is _MISSING or value != default:
+            args.append(f"{key}={value!r}" if not key.startswith("*") else f"{key[1:]}={value}")
+    return args
+
+
+def _layout(callee: str, args: Sequence[str]) -> str:
+    """``callee(...)`` on one line when short, else one argument per line."""
+    if sum(len(a) for a in args) < 60 and not any("\n" in a for a in args):
+        return f"{callee}({', '.join(args)})"
+    body = "".join(f"    {_indent_tail(a)},\n" for a in args)
+    return f"{callee}(\n{body})"
+
+
 def _call(
     autogen_context: AutogenContext,
     name: str,
     positional: Sequence[str],
     keywords: Sequence[tuple[str, Any, Any]],
 ) -> str:
-    """``op.<name>(...)``: keywords whose value equals their default are left out."""
+    """``op.<name>(...)``."""
     autogen_context.imports.add(IMPORT)
     prefix = autogen_context.opts.get("alembic_module_prefix", "op.")
-    args = list(positional)
-    for key, value, default in keywords:
-        if default is _MISSING or value != default:
-            args.append(f"{key}={value!r}" if not key.startswith("*") else f"{key[1:]}={value}")
-    if sum(len(a) for a in args) < 60 and not any("\n" in a for a in args):
-        return f"{prefix}{name}({', '.join(args)})"
-    body = "".join(f"    {_indent_tail(a)},\n" for a in args)
-    return f"{prefix}{name}(\n{body})"
+    return _layout(f"{prefix}{name}", _arguments(positional, keywords))
 
 
 def _indent_tail(text: str) -> str:
@@ -108,13 +122,13 @@ def _statements(statements: Sequence[str] | None) -> str | None:
     return f"[\n{items}]" if items else "[]"
 
 
-def _grants(grants: Sequence[Grant] | None) -> str | None:
+def _grants(grants: Sequence[Grant | tuple[Any, ...]] | None) -> str | None:
     """``[('role', 'SELECT'), ('role', 'SELECT', True)]``: the grant option only when given."""
     if grants is None:
         return None
     items = [
         repr((g.grantee, g.privilege, True) if g.grantable else (g.grantee, g.privilege))
-        for g in grants
+        for g in (Grant(*grant) for grant in grants)
     ]
     inline = "[" + ", ".join(items) + "]"
     if len(inline) <= 60:
@@ -202,6 +216,34 @@ def _render_drop_plain(autogen_context: AutogenContext, op: DropPlainViewOp) -> 
     )
 
 
+def _dependents(
+    autogen_context: AutogenContext, views: Sequence[DependentView] | None
+) -> str | None:
+    """``[DependentView(...), ...]``, one record per line."""
+    if views is None:
+        return None
+    if not views:
+        return "[]"
+    autogen_context.imports.add(DEPENDENT_VIEW_IMPORT)
+    items = []
+    for view in views:
+        args = _arguments(
+            [repr(view.name), render_sql(view.definition)],
+            [
+                ("schema", view.schema, None),
+                ("materialized", view.materialized, False),
+                ("with_data", view.with_data, True),
+                ("comment", view.comment, None),
+                ("options", list(view.options), []),
+                ("*indexes", _statements(view.indexes), "[]"),
+                ("*grants", _grants(view.grants), "[]"),
+                ("owner", view.owner, None),
+            ],
+        )
+        items.append(_layout("DependentView", args))
+    return "[\n" + "".join(f"    {_indent_tail(item)},\n" for item in items) + "]"
+
+
 @renderers.dispatch_for(ReplaceMaterializedViewOp)
 def _render_replace(autogen_context: AutogenContext, op: ReplaceMaterializedViewOp) -> str:
     old = None if op.old_definition is None else render_sql(_definition(op.old_definition))
@@ -214,6 +256,11 @@ def _render_replace(autogen_context: AutogenContext, op: ReplaceMaterializedView
             ("with_data", op.with_data, True),
             ("*old_definition", old, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),
+            ("*indexes", _statements(op.indexes), None),
+            ("comment", op.comment, None),
+            ("*grants", _grants(op.grants), None),
+            ("owner", op.owner, None),
+            ("*dependents", _dependents(autogen_context, op.dependents), None),
         ],
     )
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic.operations import Operations
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
@@ -22,7 +23,8 @@ from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 
 from .. import catalog
-from ..compare import PRIVILEGES, PUBLIC, CapturedView, Grant, capture_views
+from ..compare import PRIVILEGES, PUBLIC, Grant, capture_views
+from ..compare.plan import dependents_in_order
 from ..ddl import (
     CommentOnMaterializedView,
     CreateMaterializedView,
@@ -35,6 +37,7 @@ from ..query import as_query
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
+    DependentView,
     DisableChangeTrackingOp,
     DropMaterializedViewOp,
     DropPlainViewOp,
@@ -62,8 +65,12 @@ class DependentViewError(MaterializedViewError, RuntimeError):
     """A view that depends on a replaced view could not be re-created on the new definition."""
 
 
-class OfflineModeError(MaterializedViewError, RuntimeError):
-    """An operation needs a live database and was run with ``alembic upgrade --sql``."""
+class OfflineModeError(MaterializedViewError, CommandError):
+    """An operation cannot run with ``alembic upgrade --sql``: it needs a live database.
+
+    A subclass of Alembic's ``CommandError``, so that the ``alembic`` command reports it in one
+    line (``FAILED: ...``) rather than with a traceback.
+    """
 
 
 # -- statements the core does not provide ------------------------------------------------------
@@ -333,42 +340,11 @@ def set_materialized_view_comment(operations: Operations, op: SetMaterializedVie
 # -- replace -----------------------------------------------------------------------------------
 
 
-def _dependents_in_order(conn: Connection, target: tuple[str, str]) -> list[tuple[str, str]]:
-    """Every view reading ``target`` (transitively), each after everything it reads."""
-    readers: dict[tuple[str, str], set[tuple[str, str]]] = {}
-    reads: dict[tuple[str, str], set[tuple[str, str]]] = {}
-    for edge in catalog.dependencies(conn):
-        readers.setdefault(edge.referenced, set()).add(edge.dependent)
-        reads.setdefault(edge.dependent, set()).add(edge.referenced)
-    found: set[tuple[str, str]] = set()
-    stack = [target]
-    while stack:
-        for reader in readers.get(stack.pop(), ()):
-            if reader not in found and reader != target:
-                found.add(reader)
-                stack.append(reader)
-    ordered: list[tuple[str, str]] = []
-    done: set[tuple[str, str]] = set()
-
-    def visit(key: tuple[str, str]) -> None:
-        if key in done:
-            return
-        done.add(key)
-        for ref in sorted(reads.get(key, ())):
-            if ref in found:
-                visit(ref)
-        ordered.append(key)
-
-    for key in sorted(found):
-        visit(key)
-    return ordered
-
-
-def _restore_extras(operations: Operations, item: CapturedView) -> None:
+def _restore_extras(operations: Operations, item: DependentView) -> None:
     for index in item.indexes:
         operations.execute(CatalogStatement(index))
     if item.comment is not None:
-        if item.kind == "m":
+        if item.materialized:
             operations.execute(
                 CommentOnMaterializedView(item.name, item.comment, schema=item.schema)
             )
@@ -379,50 +355,69 @@ def _restore_extras(operations: Operations, item: CapturedView) -> None:
         operations,
         item.name,
         item.schema,
-        materialized=item.kind == "m",
-        grants=item.grants,
+        materialized=item.materialized,
+        grants=[g if isinstance(g, Grant) else Grant(*g) for g in item.grants],
         owner=item.owner,
         current_user=None,
     )
 
 
-@Operations.implementation_for(ReplaceMaterializedViewOp)
-def replace_materialized_view(operations: Operations, op: ReplaceMaterializedViewOp) -> None:
-    create = _create(op.name, op.definition, op.schema, op.with_data, op.columns)
+def _captured_state(
+    operations: Operations, op: ReplaceMaterializedViewOp
+) -> tuple[DependentView, list[DependentView]]:
+    """The view and its dependents, each after what it reads: from the catalog when there is
+    one, else as the operation carries them."""
+    label = f"replace_materialized_view({op.name!r})"
     if operations.migration_context.as_sql:
-        # No catalog to read: without CASCADE, a view with dependents stops the script
-        # instead of silently losing them.
-        operations.execute(DropMaterializedView(op.name, schema=op.schema))
-        operations.execute(create)
-        return
-
+        if op.dependents is None:
+            raise OfflineModeError(
+                f"{label} reads the catalog to keep the view's indexes, comment, privileges "
+                "and the views reading it, and cannot run with --sql (offline mode) unless the "
+                "operation carries them (dependents=[...], as autogenerate writes it): "
+                "regenerate the migration, or run it online"
+            )
+        own = DependentView(
+            op.name,
+            "",
+            schema=op.schema,
+            materialized=True,
+            comment=op.comment,
+            indexes=op.indexes or (),
+            grants=op.grants or (),
+            owner=op.owner,
+        )
+        return own, list(op.dependents)
     conn = operations.get_bind()
     target = (op.schema or catalog.current_schema(conn), op.name)
-    dependents = _dependents_in_order(conn, target)
-    captured = capture_views(conn, [target, *dependents])
-    own = captured.get(target)
-    if own is None or own.kind != "m":
+    order = dependents_in_order(catalog.dependencies(conn), target)
+    captured = capture_views(conn, [target, *order])
+    found = captured.get(target)
+    if found is None or found.kind != "m":
         raise MaterializedViewError(
             f"replace_materialized_view({'.'.join(target)!r}): there is no such materialized "
             "view; use op.create_materialized_view to create it"
         )
+    own = DependentView.from_captured(found, found.schema)
+    return own, [DependentView.from_captured(captured[k], k[0]) for k in order]
 
-    for key in reversed(dependents):
-        item = captured[key]
-        if item.kind == "m":
+
+@Operations.implementation_for(ReplaceMaterializedViewOp)
+def replace_materialized_view(operations: Operations, op: ReplaceMaterializedViewOp) -> None:
+    own, dependents = _captured_state(operations, op)
+    for item in reversed(dependents):
+        if item.materialized:
             operations.execute(DropMaterializedView(item.name, schema=item.schema))
         else:
             operations.execute(DropPlainView(item.name, item.schema))
     operations.execute(DropMaterializedView(op.name, schema=op.schema))
-    operations.execute(create)
+    operations.execute(_create(op.name, op.definition, op.schema, op.with_data, op.columns))
     _restore_extras(operations, own)
 
-    for key in dependents:
-        item = captured[key]
+    for item in dependents:
         statement: ExecutableDDLElement
-        if item.kind == "m":
+        if item.materialized:
             statement = CreateMaterializedView(
-                item.name, item.definition, schema=item.schema, with_data=item.populated
+                item.name, item.definition, schema=item.schema, with_data=item.with_data
             )
         else:
             statement = CreatePlainView(item.name, item.schema, item.definition, item.options)
@@ -430,9 +425,10 @@ def replace_materialized_view(operations: Operations, op: ReplaceMaterializedVie
             operations.execute(statement)
         except DBAPIError as exc:
             raise DependentViewError(
-                f"replace_materialized_view({'.'.join(target)!r}): the dependent view "
-                f"{item.schema}.{item.name} cannot be re-created on the new definition "
-                f"({exc.orig}); drop or replace it in the migration before this operation"
+                f"replace_materialized_view({op.name!r}): the dependent view "
+                f"{item.schema or ''}{'.' if item.schema else ''}{item.name} cannot be "
+                f"re-created on the new definition ({exc.orig}); drop or replace it in the "
+                "migration before this operation"
             ) from exc
         _restore_extras(operations, item)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
@@ -11,7 +12,15 @@ from .. import catalog
 from .declared import Declared, declared_views
 from .indexes import declared_shape
 from .normalise import Probe, normalise, normalize_definition
-from .plan import Split, db_base_tables, drop_order, reachable, readers_first, topological
+from .plan import (
+    Split,
+    db_base_tables,
+    dependents_in_order,
+    graphs,
+    reachable,
+    readers_first,
+    topological,
+)
 from .records import (
     Change,
     ChangeComment,
@@ -84,6 +93,9 @@ def compare_views(
     def norm(schema: str | None) -> str | None:
         return None if schema == default_schema else schema
 
+    def full(key: Key) -> FullKey:
+        return (key[0] or default_schema or "public", key[1])
+
     declared_all, unmanaged = declared_views(metadatas, default_schema)
     declared = [
         d
@@ -153,15 +165,9 @@ def compare_views(
     if obsolete and replaced:
         if edges is None:
             edges = catalog.dependencies(conn)
-        graph: dict[FullKey, set[FullKey]] = {}
-        for edge in edges:
-            graph.setdefault(edge.dependent, set()).add(edge.referenced)
+        graph, _ = graphs(edges)
         doomed = {info.qualified_name for info in obsolete}
-        blocking = {
-            d.key
-            for d in replaced
-            if reachable(graph, (d.schema or default_schema or "public", d.name)) & doomed
-        }
+        blocking = {d.key for d in replaced if reachable(graph, full(d.key)) & doomed}
     rebuilt: list[Declared] = []
     retyped = [(s or default_schema or "public", t, c) for s, t, c in retyped_columns]
     if retyped:
@@ -185,10 +191,18 @@ def compare_views(
             blocking,
         )
 
-    # Privileges and owners of the views to drop, so that downgrades give them back.
-    access = capture_views(conn, [info.qualified_name for info in obsolete])
+    # What re-creating views needs, in one query: the privileges and owners of the views to
+    # drop (so that downgrades give them back), and each view to replace with every view that
+    # reads it (so that the replace can re-create them without reading the catalog: --sql).
+    replacing = [d for d in replaced if split is None or d.key not in split.views]
+    if replacing and edges is None:
+        edges = catalog.dependencies(conn)
+    dependents = {id(d): dependents_in_order(edges or [], full(d.key)) for d in replacing}
+    to_capture = [info.qualified_name for info in obsolete] + [full(d.key) for d in replacing]
+    to_capture += [key for keys in dependents.values() for key in keys]
+    access = capture_views(conn, list(dict.fromkeys(to_capture)))
     drops: list[tuple[FullKey, list[Change]]] = []
-    for info in drop_order(obsolete, edges or []):
+    for info in sorted(obsolete, key=lambda i: i.qualified_name):
         key = (norm(info.schema), info.name)
         view_indexes = tuple(indexes.get(key, {}).values())
         group: list[Change] = []
@@ -211,7 +225,7 @@ def compare_views(
         )
         drops.append((info.qualified_name, group))
     if split is not None:
-        drops.extend(((d.schema or default_schema or "public", d.name), [d]) for d in split.detach)
+        drops.extend((full((d.schema, d.name)), [d]) for d in split.detach)
     changes: list[Change] = [c for _, group in readers_first(drops, edges or []) for c in group]
 
     for item in topological(declared):
@@ -255,11 +269,28 @@ def compare_views(
             ]
             changes.extend(DropIndex(item.schema, item.name, i) for i in stale)
             old = normalize_definition(found.definition or "")
-            if probe_of[id(item)] != old:
-                changes.append(
-                    ReplaceView(item.schema, item.name, sql, old, item.with_data, columns)
-                )
             stale_names = {i.name for i in stale}
+            if probe_of[id(item)] != old:
+                captured = access.get(full(item.key))
+                if captured is not None:
+                    kept = tuple(
+                        current[n].statement for n in sorted(current) if n not in stale_names
+                    )
+                    captured = dataclasses.replace(captured, indexes=kept)
+                changes.append(
+                    ReplaceView(
+                        item.schema,
+                        item.name,
+                        sql,
+                        old,
+                        item.with_data,
+                        columns,
+                        view=captured,
+                        dependents=tuple(
+                            access[k] for k in dependents.get(id(item), ()) if k in access
+                        ),
+                    )
+                )
             for name in sorted(declared_indexes):
                 if name not in current or name in stale_names:
                     changes.append(CreateIndex(item.schema, item.name, declared_indexes[name]))

@@ -28,12 +28,13 @@ from .records import ReflectedIndex
 
 #: Columns of a query over ``pg_index i``, ``pg_class ic`` (the index), ``pg_class t`` (its
 #: table), ``pg_namespace n`` (the table's schema) and ``pg_am am``: the statement, where its
-#: key list starts (1-based), and each key column's name as is and quoted (``NULL`` for an
-#: expression). ``pg_get_indexdef`` always names the table with its schema, ``pg_temp`` for
-#: the session's temporary schema.
+#: key list starts (1-based), the statement pretty-printed, and each key column's name as is
+#: and quoted (``NULL`` for an expression). ``pg_get_indexdef`` always names the table with
+#: its schema, ``pg_temp`` for the session's temporary schema.
 INDEX_COLUMNS = """
        i.indisunique AS "unique", am.amname AS method,
        pg_catalog.pg_get_indexdef(i.indexrelid) AS definition,
+       pg_catalog.pg_get_indexdef(i.indexrelid, 0, true) AS statement,
        length('CREATE ' || CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || 'INDEX '
               || pg_catalog.quote_ident(ic.relname) || ' ON '
               || CASE WHEN t.relnamespace = pg_catalog.pg_my_temp_schema() THEN 'pg_temp'
@@ -148,6 +149,7 @@ def reflected_index(
         options=tuple(options),
         nulls_not_distinct=nulls_not_distinct,
         shape=shape_of(bool(row["unique"]), row["method"], definition, list_at),
+        statement=row["statement"],
     )
 
 

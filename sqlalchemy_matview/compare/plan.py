@@ -50,11 +50,7 @@ class Split:
         def short(key: FullKey) -> Key:
             return (None if key[0] == default_schema else key[0], key[1])
 
-        reads: dict[FullKey, set[FullKey]] = {}
-        readers: dict[FullKey, set[FullKey]] = {}
-        for edge in edges:
-            reads.setdefault(edge.dependent, set()).add(edge.referenced)
-            readers.setdefault(edge.referenced, set()).add(edge.dependent)
+        reads, readers = graphs(edges)
         altered_full = {full(k) for k in altered}
 
         views: set[FullKey] = {full(item.key) for item in rebuilt}
@@ -150,6 +146,24 @@ def creation_order(members: set[FullKey], reads: dict[FullKey, set[FullKey]]) ->
     return ordered
 
 
+def graphs(
+    edges: Sequence[catalog.Dependency],
+) -> tuple[dict[FullKey, set[FullKey]], dict[FullKey, set[FullKey]]]:
+    """``(reads, readers)``: what each view reads, and which views read each relation."""
+    reads: dict[FullKey, set[FullKey]] = {}
+    readers: dict[FullKey, set[FullKey]] = {}
+    for edge in edges:
+        reads.setdefault(edge.dependent, set()).add(edge.referenced)
+        readers.setdefault(edge.referenced, set()).add(edge.dependent)
+    return reads, readers
+
+
+def dependents_in_order(edges: Sequence[catalog.Dependency], target: FullKey) -> list[FullKey]:
+    """Every view reading ``target`` (directly or through others), each after what it reads."""
+    reads, readers = graphs(edges)
+    return creation_order(reachable(readers, target), reads)
+
+
 def db_base_tables(
     edges: Sequence[catalog.Dependency],
     start: tuple[str, str],
@@ -184,9 +198,7 @@ def readers_first(
     """
     if len(drops) < 2:
         return list(drops)
-    reads: dict[FullKey, set[FullKey]] = {}
-    for edge in edges:
-        reads.setdefault(edge.dependent, set()).add(edge.referenced)
+    reads, _ = graphs(edges)
     keys = [key for key, _ in drops]
     members = set(keys)
     readers: dict[FullKey, list[FullKey]] = {key: [] for key in keys}
@@ -206,50 +218,6 @@ def readers_first(
         ordered.append((key, by_key[key]))
 
     for key in keys:
-        visit(key)
-    return ordered
-
-
-def drop_order(
-    obsolete: list[catalog.MaterializedViewInfo],
-    edges: Sequence[catalog.Dependency],
-) -> list[catalog.MaterializedViewInfo]:
-    """Views to drop, each before anything it reads (directly or through plain views)."""
-    if len(obsolete) < 2:
-        return obsolete
-    reads: dict[tuple[str, str], set[tuple[str, str]]] = {}
-    for edge in edges:
-        reads.setdefault(edge.dependent, set()).add(edge.referenced)
-    dropping = {info.qualified_name: info for info in obsolete}
-
-    def reachable(start: tuple[str, str]) -> set[tuple[str, str]]:
-        seen: set[tuple[str, str]] = set()
-        stack = [start]
-        while stack:
-            for ref in reads.get(stack.pop(), ()):
-                if ref not in seen:
-                    seen.add(ref)
-                    stack.append(ref)
-        return seen
-
-    # Readers first: a view is dropped after every dropped view that (transitively) reads it.
-    readers: dict[tuple[str, str], set[tuple[str, str]]] = {k: set() for k in dropping}
-    for key in dropping:
-        for ref in reachable(key):
-            if ref in dropping:
-                readers[ref].add(key)
-    ordered: list[catalog.MaterializedViewInfo] = []
-    done: set[tuple[str, str]] = set()
-
-    def visit(key: tuple[str, str]) -> None:
-        if key in done:
-            return
-        done.add(key)
-        for reader in sorted(readers[key]):
-            visit(reader)
-        ordered.append(dropping[key])
-
-    for key in sorted(dropping):
         visit(key)
     return ordered
 

@@ -41,6 +41,9 @@ class ReflectedIndex:
     #: The definition without the index's and the view's names: two indexes of the same
     #: shape are the same index (see :mod:`sqlalchemy_matview.compare.indexes`).
     shape: str = ""
+    #: ``pg_get_indexdef`` pretty-printed: the ``CREATE INDEX`` that re-creates it, naming
+    #: the view without its schema when the ``search_path`` finds it.
+    statement: str = ""
 
     def to_index(self) -> sa.Index:
         """An equivalent :class:`~sqlalchemy.Index` on a bare ``Table`` of the view.
@@ -139,8 +142,37 @@ class DropView:
 
 
 @dataclass(frozen=True)
+class CapturedView:
+    """A view or materialized view as the catalog describes it: enough to create it again."""
+
+    schema: str
+    name: str
+    #: ``pg_class.relkind``: ``'m'`` (materialized view) or ``'v'`` (view).
+    kind: str
+    #: ``pg_get_viewdef`` text, without the final semicolon.
+    definition: str
+    populated: bool
+    comment: str | None
+    #: ``reloptions`` of a plain view (``security_barrier=true``, ``check_option=local``).
+    options: tuple[str, ...]
+    #: ``pg_get_indexdef`` of each index: complete ``CREATE INDEX`` statements, naming the
+    #: view without its schema when the ``search_path`` finds it.
+    indexes: tuple[str, ...]
+    #: ``pg_class.relacl`` without the owner's own privileges (re-created with the view).
+    grants: tuple[Grant, ...] = ()
+    #: The owning role; ``None`` when it is the role that captured the view, which owns
+    #: whatever it creates again anyway.
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
 class ReplaceView:
-    """Drop and re-create a view whose definition changed (its dependents are preserved)."""
+    """Drop and re-create a view whose definition changed (its dependents are preserved).
+
+    ``view`` and ``dependents`` say what the view and every view reading it looked like when
+    the comparison ran, for a replace that cannot read the catalog (``--sql``): the view's
+    ``indexes`` are those it still has when the replace runs (not those dropped before it).
+    """
 
     schema: str | None
     name: str
@@ -148,6 +180,10 @@ class ReplaceView:
     old_definition: str
     with_data: bool
     columns: tuple[str, ...] | None
+    view: CapturedView | None = None
+    #: Views and materialized views reading the view (directly or not), each after what it
+    #: reads.
+    dependents: tuple[CapturedView, ...] = ()
     phase = "after"
 
 
@@ -201,30 +237,6 @@ class DisableTracking:
     name: str
     sources: tuple[tuple[str | None, str], ...] | None
     phase: str = "after"
-
-
-@dataclass(frozen=True)
-class CapturedView:
-    """A view or materialized view as the catalog describes it: enough to create it again."""
-
-    schema: str
-    name: str
-    #: ``pg_class.relkind``: ``'m'`` (materialized view) or ``'v'`` (view).
-    kind: str
-    #: ``pg_get_viewdef`` text, without the final semicolon.
-    definition: str
-    populated: bool
-    comment: str | None
-    #: ``reloptions`` of a plain view (``security_barrier=true``, ``check_option=local``).
-    options: tuple[str, ...]
-    #: ``pg_get_indexdef`` of each index: complete ``CREATE INDEX`` statements, naming the
-    #: view without its schema when the ``search_path`` finds it.
-    indexes: tuple[str, ...]
-    #: ``pg_class.relacl`` without the owner's own privileges (re-created with the view).
-    grants: tuple[Grant, ...] = ()
-    #: The owning role; ``None`` when it is the role that captured the view, which owns
-    #: whatever it creates again anyway.
-    owner: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations, ops
 
 import sqlalchemy_matview.alembic
+from sqlalchemy_matview.alembic.ops import DependentView
 
 sqlalchemy_matview.alembic.register()
 
@@ -54,7 +55,7 @@ def autogenerate(conn: sa.Connection, metadata: Any, **opts: Any) -> Generated:
 def run_code(conn: sa.Connection, code: str, **opts: Any) -> None:
     """Execute rendered migration code with ``op`` bound to ``conn``."""
     context = MigrationContext.configure(conn, opts=opts)
-    namespace = {"op": Operations(context), "sa": sa}
+    namespace = {"op": Operations(context), "sa": sa, "DependentView": DependentView}
     from sqlalchemy.dialects import postgresql
 
     namespace["postgresql"] = postgresql
@@ -73,6 +74,6 @@ def offline_sql(code: str) -> str:
         # As Alembic's env.py templates configure offline mode.
         dialect_opts={"paramstyle": "named"},
     )
-    namespace = {"op": Operations(context), "sa": sa}
+    namespace = {"op": Operations(context), "sa": sa, "DependentView": DependentView}
     exec(compile(code, "<migration>", "exec"), namespace)
     return buf.getvalue()

@@ -36,7 +36,7 @@ def test_offline_sql_of_every_operation() -> None:
         'with_data=False, comment="it\'s")\n'
         "op.refresh_materialized_view('Mv', schema='rep', concurrently=True)\n"
         "op.set_materialized_view_comment('Mv', None, schema='rep')\n"
-        "op.replace_materialized_view('Mv', 'SELECT 2 AS x', schema='rep')\n"
+        "op.replace_materialized_view('Mv', 'SELECT 2 AS x', schema='rep', dependents=[])\n"
         "op.drop_materialized_view('Mv', schema='rep', if_exists=True, cascade=True)\n"
     )
     assert [s.strip() for s in sql.split(";") if s.strip()] == [

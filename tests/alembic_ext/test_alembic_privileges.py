@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic.util import CommandError
 from matview_alembic_helpers import autogenerate, offline_sql, run_code
 
 from sqlalchemy_matview import MaterializedView
@@ -127,12 +128,24 @@ def test_replace_keeps_grants_and_owners_of_the_view_and_its_dependents(
     conn.execute(sa.text("RESET ROLE"))
 
 
-def test_replace_in_offline_mode_writes_no_grants() -> None:
-    # Without a catalog there is nothing to restore: the drop without CASCADE stops a script
-    # that would lose dependents, and the grants need the online mode.
-    sql = offline_sql("op.replace_materialized_view('mv', 'SELECT 1 AS one')")
-    assert "GRANT" not in sql
-    assert "DROP MATERIALIZED VIEW mv" in sql
+def test_replace_in_offline_mode_needs_what_it_restores() -> None:
+    # Without a catalog, a replace that does not carry the view's indexes, privileges and
+    # dependents cannot do what it does online: it refuses in one line, before any SQL.
+    with pytest.raises(CommandError, match=r"replace_materialized_view\('mv'\).*--sql"):
+        offline_sql(
+            "op.create_materialized_view('x', 'SELECT 1 AS one')\n"
+            "op.replace_materialized_view('mv', 'SELECT 1 AS one')"
+        )
+    sql = offline_sql(
+        "op.replace_materialized_view('mv', 'SELECT 1 AS one', grants=[('app_reader', 'SELECT')],"
+        " owner='reporting', dependents=[])"
+    )
+    assert [s.strip() for s in sql.split(";") if s.strip()] == [
+        "DROP MATERIALIZED VIEW mv",
+        "CREATE MATERIALIZED VIEW mv AS SELECT 1 AS one WITH DATA",
+        "ALTER MATERIALIZED VIEW mv OWNER TO reporting",
+        "GRANT SELECT ON mv TO app_reader",
+    ]
 
 
 # -- ops: grants and owner as data --------------------------------------------------------------
