@@ -67,7 +67,7 @@ def test_readers_on_the_standby_see_a_refresh_once_replayed(
 def test_status_works_read_only_on_the_standby(
     engine: sa.Engine, standby_server: StandbyServer, pg_url: sa.URL
 ) -> None:
-    md, t, mv = _declare()
+    md, t, _ = _declare()
     md.create_all(engine)
     with engine.begin() as conn:
         conn.execute(t.insert(), [{"id": 1}])  # mv_sum is stale now
