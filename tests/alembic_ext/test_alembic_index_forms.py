@@ -181,3 +181,31 @@ def test_each_change_is_a_drop_and_create(conn: sa.Connection) -> None:
     assert autogenerate(conn, models(changed=True)).diffs() == []
     run_code(conn, generated.downgrade)
     assert indexdefs(conn) == before
+
+
+def _partial_models(extra: bool, threshold: int) -> sa.MetaData:
+    md = sa.MetaData()
+    columns = [sa.Column("id", sa.Integer, primary_key=True), sa.Column("kind", sa.Text)]
+    if extra:
+        columns.append(sa.Column("extra", sa.Integer))
+    events = sa.Table("events", md, *columns)
+    selected = [events.c.kind, sa.func.count().label("n")]
+    if extra:
+        selected.append(sa.func.max(events.c.extra).label("top"))
+    view = MaterializedView("mv_kinds", md, sa.select(*selected).group_by(events.c.kind))
+    sa.Index("mv_kinds_some", view.c.kind, postgresql_where=view.c.n > threshold)
+    return md
+
+
+def test_indexes_compare_when_the_definition_cannot_be_probed(conn: sa.Connection) -> None:
+    # The new definition reads a column the same migration adds, so it cannot be created in
+    # the probe; its partial index is then compared on the existing view's columns.
+    _partial_models(extra=False, threshold=0).create_all(conn)
+    same = autogenerate(conn, _partial_models(extra=True, threshold=0))
+    kinds = [type(op).__name__ for op in same.upgrade_ops.ops]
+    assert kinds == ["ModifyTableOps", "ReplaceMaterializedViewOp"]
+    changed = autogenerate(conn, _partial_models(extra=True, threshold=5))
+    kinds = [type(op).__name__ for op in changed.upgrade_ops.ops]
+    assert kinds == ["ModifyTableOps", "DropIndexOp", "ReplaceMaterializedViewOp", "CreateIndexOp"]
+    run_code(conn, changed.upgrade)
+    assert autogenerate(conn, _partial_models(extra=True, threshold=5)).diffs() == []
