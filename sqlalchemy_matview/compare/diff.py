@@ -33,6 +33,7 @@ from .records import (
     FullKey,
     IncludeFilter,
     Key,
+    ReflectedIndex,
     ReplaceView,
     ViewRef,
 )
@@ -41,6 +42,41 @@ from .reflected import capture_views, column_readers, reflected_indexes, trackin
 
 def _named_indexes(table: sa.Table) -> dict[str, sa.Index]:
     return {str(i.name): i for i in sorted(table.indexes, key=lambda i: str(i.name)) if i.name}
+
+
+def _as_printed(
+    conn: Connection,
+    declared: Sequence[Declared],
+    existing: dict[Key, catalog.MaterializedViewInfo],
+    indexes: dict[Key, dict[str, ReflectedIndex]],
+) -> tuple[dict[int, str | None], dict[int, dict[str, str | None]]]:
+    """The definitions of ``declared`` views that exist, and the shapes of their indexes that
+    the database has under the same name, as PostgreSQL prints them (by ``id`` of the view).
+
+    An index whose ``CREATE INDEX``, as SQLAlchemy writes it, is already what PostgreSQL
+    prints needs no probe.
+    """
+    probes = []
+    shapes_of: dict[int, dict[str, str | None]] = {}
+    for d in declared:
+        current = indexes.get(d.key, {})
+        shapes = shapes_of[id(d)] = {}
+        unsure = []
+        for name, index in _named_indexes(d.table).items():
+            if name not in current:
+                continue
+            shape = declared_shape(index)
+            if shape is not None and shape == current[name].shape:
+                shapes[name] = shape
+            else:
+                unsure.append(index)
+        info = existing[d.key]
+        probes.append(Probe(d.columns, d.sql, info.qualified_name, tuple(unsure)))
+    definitions = {}
+    for d, printed in zip(declared, normalise(conn, probes), strict=True):
+        definitions[id(d)] = printed.definition
+        shapes_of[id(d)].update(printed.index_shapes)
+    return definitions, shapes_of
 
 
 def compare_views(
@@ -121,33 +157,20 @@ def compare_views(
         and (include is None or include(ViewRef(key[0], key[1], None, True)))
     ]
 
-    to_probe = [d for d in declared if d.key in existing]
-    probes = []
-    # Shapes of the declared indexes that the database has under the same name: as
-    # SQLAlchemy writes them when that is what PostgreSQL prints, else probed.
-    shapes_of: dict[int, dict[str, str | None]] = {}
-    for d in to_probe:
-        current = indexes.get(d.key, {})
-        shapes = shapes_of[id(d)] = {}
-        unsure = []
-        for name, index in _named_indexes(d.table).items():
-            if name not in current:
-                continue
-            shape = declared_shape(index)
-            if shape is not None and shape == current[name].shape:
-                shapes[name] = shape
-            else:
-                unsure.append(index)
-        info = existing[d.key]
-        probes.append(Probe(d.columns, d.sql, (info.schema, info.name), tuple(unsure)))
-    normalised = normalise(conn, probes)
-    probe_of = {id(d): n.definition for d, n in zip(to_probe, normalised, strict=True)}
-    for d, n in zip(to_probe, normalised, strict=True):
-        shapes_of[id(d)].update(n.index_shapes)
+    probe_of, shapes_of = _as_printed(
+        conn, [d for d in declared if d.key in existing], existing, indexes
+    )
 
     edges: list[catalog.Dependency] | None = None
+
+    def dependency_edges() -> list[catalog.Dependency]:
+        nonlocal edges
+        if edges is None:
+            edges = catalog.dependencies(conn)
+        return edges
+
     if len(obsolete) > 1 or any((norm(i.schema), i.name) in tracked_keys for i in obsolete):
-        edges = catalog.dependencies(conn)
+        dependency_edges()
 
     def changed(item: Declared) -> bool:
         found = existing.get(item.key)
@@ -163,9 +186,7 @@ def compare_views(
     # detached like a view blocking a table change.
     blocking: set[Key] = set()
     if obsolete and replaced:
-        if edges is None:
-            edges = catalog.dependencies(conn)
-        graph, _ = graphs(edges)
+        graph, _ = graphs(dependency_edges())
         doomed = {info.qualified_name for info in obsolete}
         blocking = {d.key for d in replaced if reachable(graph, full(d.key)) & doomed}
     rebuilt: list[Declared] = []
@@ -178,14 +199,12 @@ def compare_views(
             if d.key in existing and (d.schema or default_schema, d.name) in readers
         ]
     if (altered and replaced) or rebuilt or blocking:
-        if edges is None:
-            edges = catalog.dependencies(conn)
         split = Split.plan(
             conn,
             replaced,
             rebuilt,
             altered,
-            edges,
+            dependency_edges(),
             {(norm(i.schema), i.name) for i in obsolete},
             default_schema,
             blocking,
@@ -195,9 +214,7 @@ def compare_views(
     # drop (so that downgrades give them back), and each view to replace with every view that
     # reads it (so that the replace can re-create them without reading the catalog: --sql).
     replacing = [d for d in replaced if split is None or d.key not in split.views]
-    if replacing and edges is None:
-        edges = catalog.dependencies(conn)
-    dependents = {id(d): dependents_in_order(edges or [], full(d.key)) for d in replacing}
+    dependents = {id(d): dependents_in_order(dependency_edges(), full(d.key)) for d in replacing}
     to_capture = [info.qualified_name for info in obsolete] + [full(d.key) for d in replacing]
     to_capture += [key for keys in dependents.values() for key in keys]
     access = capture_views(conn, list(dict.fromkeys(to_capture)))
