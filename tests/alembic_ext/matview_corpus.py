@@ -340,20 +340,7 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
         depends_on=[events],
     )
     # 43. every form of index on a view (see index_forms)
-    forms = mv(
-        "c43_index_forms",
-        sa.select(
-            events.c.id,
-            events.c.kind,
-            events.c.amount,
-            events.c.tags,
-            events.c.payload,
-            events.c.created_at,
-            sa.func.int4range(events.c.id, events.c.user_id, type_=pg.INT4RANGE).label("span"),
-        ),
-        unique_key="id",
-    )
-    index_forms(forms)
+    index_forms(mv("c43_index_forms", forms_query(events), unique_key="id"))
     # 44. docs/declaring.md's example: an index on a DESC aggregate
     totals = mv(
         "c44_customer_totals",
@@ -364,6 +351,20 @@ def build_corpus() -> tuple[sa.MetaData, list[MaterializedView]]:
     )
     sa.Index("c44_customer_totals_spent", totals.c.spent.desc())
     return md, views
+
+
+def forms_query(events: sa.Table) -> sa.Select[Any]:
+    """The columns :data:`INDEX_FORMS` index, from a table like the corpus's ``events``."""
+    span = sa.func.int4range(events.c.id, events.c.user_id, type_=pg.INT4RANGE)
+    return sa.select(
+        events.c.id,
+        events.c.kind,
+        events.c.amount,
+        events.c.tags,
+        events.c.payload,
+        events.c.created_at,
+        span.label("span"),
+    )
 
 
 #: Every form of index, by name: the view's columns -> (key elements, keyword arguments). The

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import render_python_code
 from alembic.operations import ops
 from matview_alembic_helpers import autogenerate, run_code
-from matview_corpus import INDEX_FORMS, index_forms
+from matview_corpus import INDEX_FORMS, forms_query, index_forms
 from sqlalchemy.dialects import postgresql as pg
 
 from sqlalchemy_matview import MaterializedView
@@ -38,20 +38,7 @@ def models(forms: bool = True, changed: bool = False) -> sa.MetaData:
         sa.Column("payload", pg.JSONB),
         sa.Column("created_at", sa.DateTime(timezone=True)),
     )
-    view = MaterializedView(
-        "mv_forms",
-        md,
-        sa.select(
-            events.c.id,
-            events.c.kind,
-            events.c.amount,
-            events.c.tags,
-            events.c.payload,
-            events.c.created_at,
-            sa.func.int4range(events.c.id, events.c.user_id, type_=pg.INT4RANGE).label("span"),
-        ),
-        unique_key="id",
-    )
+    view = MaterializedView("mv_forms", md, forms_query(events), unique_key="id")
     if forms:
         index_forms(view, CHANGED if changed else None)
     return md
