@@ -6,7 +6,9 @@ Add one line to ``env.py`` (before ``context.configure``)::
     sqlalchemy_matview.alembic.register()
 
 From then on ``alembic revision --autogenerate`` creates, replaces and drops materialized views
-and their indexes, and migrations can use ``op.create_materialized_view``,
+and their indexes, Alembic's own table comparison leaves view tables and the library's
+bookkeeping alone (:mod:`~sqlalchemy_matview.alembic.filters`), and migrations can use
+``op.create_materialized_view``,
 ``op.drop_materialized_view``, ``op.replace_materialized_view``,
 ``op.refresh_materialized_view``, ``op.set_materialized_view_comment``,
 ``op.enable_change_tracking`` and ``op.disable_change_tracking``.
@@ -29,7 +31,7 @@ _registered = False
 
 
 def register() -> None:
-    """Make Alembic aware of materialized views: operations, renderers and the comparator.
+    """Make Alembic aware of materialized views: operations, renderers, filters, comparator.
 
     Idempotent: calling it again (say, once per ``env.py`` run in a test suite) does nothing.
 
