@@ -356,7 +356,7 @@ def _restore_extras(operations: Operations, item: DependentView) -> None:
         item.name,
         item.schema,
         materialized=item.materialized,
-        grants=[g if isinstance(g, Grant) else Grant(*g) for g in item.grants],
+        grants=[Grant(*g) for g in item.grants],
         owner=item.owner,
         current_user=None,
     )
