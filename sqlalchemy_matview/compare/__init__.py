@@ -13,14 +13,20 @@ that exists already is created as a temporary plain view (with the same column n
 same connection and ``search_path``) inside one savepoint that is always rolled back, and all
 those probes are read back with ``pg_get_viewdef`` in a single query. PostgreSQL prints a
 materialized view's query exactly as it prints the same query stored as a view, so equal text
-means an equal definition, without any hand-written SQL normalisation.
+means an equal definition, without any hand-written SQL normalisation. Indexes are compared
+the same way, by what ``pg_get_indexdef`` prints (:mod:`.indexes`); the probes of every
+definition and index are sent as one ``DO`` block.
 
 The number of queries is fixed, whatever the number of views: the materialized views, their
-indexes, the default schema, the probes' definitions, the installed change tracking, and
-(only when several views are dropped, when a changed view may read a dropped one, or when views
-must be detached around table changes) the dependency graph, the views reading columns whose
-type changes, the privileges and owners of the views to drop, and the state of the views to
-re-create.
+indexes, the default schema, the probes, the installed change tracking, and (only when several
+views are dropped, when views are replaced, when a changed view may read a dropped one, or when
+views must be detached around table changes) the dependency graph, the views reading columns
+whose type changes, and in one query the privileges and owners of the views to drop and the
+state of the views to replace or re-create with their dependents.
+
+A replaced view's record (:class:`ReplaceView`) carries what the view and every view reading
+it look like -- indexes, comment, privileges, owner, dependents' definitions -- so that the
+replace can be carried out without reading the catalog (``alembic upgrade --sql``).
 
 A changed view that still reads (in the database) a view being dropped is detached as well:
 dropped before that drop, created from its new definition after it.
@@ -42,7 +48,8 @@ shows it and ``--sql`` can print it.
 
 The package is laid out by concept: :mod:`.records` (what a comparison returns),
 :mod:`.declared` (the views of the ``MetaData``), :mod:`.reflected` (what the database has),
-:mod:`.normalise` (definitions as PostgreSQL prints them), :mod:`.plan` (the order of
+:mod:`.normalise` (definitions and indexes as PostgreSQL prints them, through probes),
+:mod:`.indexes` (an index's shape, and rebuilding one exactly), :mod:`.plan` (the order of
 operations, detaching) and :mod:`.diff` (:func:`compare_views`, which ties them together).
 """
 
