@@ -182,10 +182,14 @@ def test_added_and_removed_index(conn: sa.Connection) -> None:
     added = autogenerate(conn, indexed)
     assert _index_ops(added) == [("CreateIndexOp", "ix_mv_stats")]
     run_code(conn, added.upgrade)
-    assert _indexdef(conn) == "CREATE UNIQUE INDEX ix_mv_stats ON public.mv_stats USING btree (kind)"
+    assert (
+        _indexdef(conn) == "CREATE UNIQUE INDEX ix_mv_stats ON public.mv_stats USING btree (kind)"
+    )
     removed = autogenerate(conn, bare)
     assert _index_ops(removed) == [("DropIndexOp", "ix_mv_stats")]
     run_code(conn, removed.upgrade)
     assert _indexdef(conn) is None
     run_code(conn, removed.downgrade)
-    assert _indexdef(conn) == "CREATE UNIQUE INDEX ix_mv_stats ON public.mv_stats USING btree (kind)"
+    assert (
+        _indexdef(conn) == "CREATE UNIQUE INDEX ix_mv_stats ON public.mv_stats USING btree (kind)"
+    )
