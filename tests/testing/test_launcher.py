@@ -155,7 +155,13 @@ def test_drop_database_with_open_session(pg_server: PostgresServer | ExternalSer
     name = pg_server.create_database()
     conn = _connect(pg_server.url(name))
     try:
-        pg_server.drop_database(name)
+        assert conn.execute("SELECT current_database()").fetchone() == (name,)
+        pg_server.drop_database(name)  # the open session does not block it
+        with _connect(pg_server.url("postgres")) as admin:
+            gone = admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,))
+            assert gone.fetchone() == (0,)
+        with pytest.raises(psycopg.OperationalError):  # that session was terminated
+            conn.execute("SELECT 1")
         pg_server.drop_database(name)  # missing is fine
     finally:
         conn.close()
