@@ -2,7 +2,7 @@
 
 Installed as a console script with the ``cli`` extra::
 
-    $ pip install 'sqlalchemy-matview[cli]'
+    $ pip install '/path/to/sqlalchemy-matview[cli]'   # a checkout of the repository
     $ export DATABASE_URL=postgresql://app@db.example/app
     $ matview status
     $ matview refresh mv_dashboard --concurrently always
@@ -20,11 +20,13 @@ click and rich are imported here only, so the library itself never needs them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -69,6 +71,18 @@ class CommandError(click.ClickException):
     """A one-line failure: printed as ``Error: <message>``, exit status 1."""
 
 
+class InputError(CommandError):
+    """Bad input found before anything ran: one line, exit status 2 (as for usage errors)."""
+
+    exit_code = 2
+
+
+class _BadSeconds(click.BadParameter):
+    # One line, like every other error of the command, not click's usage block.
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
 def connect_url(raw: str) -> URL:
     """Parse a database URL as the command accepts it.
 
@@ -97,7 +111,21 @@ def connect_url(raw: str) -> URL:
         url = url.set(drivername="postgresql+psycopg")
     if not url.database:
         raise CommandError(f"the database URL {_hide(raw)!r} names no database")
+    _require_driver(url, raw)
     return url
+
+
+def _require_driver(url: URL, raw: str) -> None:
+    """Fail with one line when the URL's driver is unknown or not installed."""
+    driver = url.get_driver_name()
+    try:
+        url.get_dialect().import_dbapi()
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise InputError(
+            f"the database URL {_hide(raw)!r} asks for the driver {driver!r}, which is not "
+            "installed: install it, or use postgresql:// (psycopg 3, installed with the cli "
+            "extra)"
+        ) from exc
 
 
 def _hide(raw: str) -> str:
@@ -203,6 +231,41 @@ def _require_url(raw: str | None) -> URL:
     if not raw:
         raise click.UsageError(f"no database: pass --url or set ${URL_ENV}")
     return connect_url(raw)
+
+
+if TYPE_CHECKING:  # generic in click 8.2+, not at run time in older releases
+    _FloatParam = click.ParamType[float]
+else:
+    _FloatParam = click.ParamType
+
+
+class Seconds(_FloatParam):
+    """A duration in seconds: a finite number, zero or more (``nan`` and ``inf`` are not).
+
+    Click names the flag in the message (``Invalid value for '--lock-timeout'``) and exits
+    with status 2, before anything connects.
+    """
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise _BadSeconds(f"{value!r} is not a number of seconds", ctx, param) from None
+        if not math.isfinite(number) or number < 0:
+            raise _BadSeconds(
+                f"{value!r} must be a finite number of seconds, 0 or more", ctx, param
+            )
+        return number
+
+
+SECONDS = Seconds()
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -382,12 +445,13 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
     tracked = any(r.tracked or r.last_refreshed_at is not None for r in rows)
     declared = any(r.declared is not None for r in rows)
     table = Table(title="Materialized views", title_justify="left")
-    table.add_column("view", no_wrap=True)
+    # Names wrap rather than end in an ellipsis: an operator copies them into commands.
+    table.add_column("view", overflow="fold")
     table.add_column("populated")
     table.add_column("rows", justify="right")
     table.add_column("size", justify="right")
     table.add_column("concurrent")
-    table.add_column("depends on")
+    table.add_column("depends on", overflow="fold")
     if declared:
         table.add_column("declared")
     if tracked:
@@ -497,6 +561,22 @@ class _ProgressHandler(logging.Handler):
             self.handleError(record)
 
 
+def _without_traceback(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` whose exception is reduced to its first line.
+
+    ``watch`` keeps reconnecting while the server is down; a traceback per attempt buries
+    the one line an operator needs (``-v`` keeps them).
+    """
+    if not record.exc_info or record.exc_info[1] is None:
+        return record
+    short = copy.copy(record)
+    short.msg = f"{record.getMessage()}: {_first_line(record.exc_info[1])}"
+    short.args = None
+    short.exc_info = None
+    short.exc_text = None
+    return short
+
+
 @contextmanager
 def _progress(console: Console, message: str) -> Iterator[None]:
     logger = logging.getLogger(_LOGGER)
@@ -580,8 +660,8 @@ def status(
     show_default=True,
     help="Advisory lock: skip views another process refreshes, wait for it, or take none.",
 )
-@click.option("--lock-timeout", type=float, metavar="SECONDS", help="Bound lock waits.")
-@click.option("--statement-timeout", type=float, metavar="SECONDS", help="Bound each refresh.")
+@click.option("--lock-timeout", type=SECONDS, metavar="SECONDS", help="Bound lock waits.")
+@click.option("--statement-timeout", type=SECONDS, metavar="SECONDS", help="Bound each refresh.")
 def refresh(
     url: str | None,
     metadata_path: str | None,
@@ -598,8 +678,15 @@ def refresh(
 
     One line per view; the exit status is 0 only when nothing failed.
     """
-    chosen = sum((bool(views), all_, stale))
-    if chosen != 1:
+    chosen = [
+        what for what, on in (("VIEW names", views), ("--all", all_), ("--stale", stale)) if on
+    ]
+    if len(chosen) > 1:
+        raise click.UsageError(
+            f"{' and '.join(chosen)} cannot be combined: name the views to refresh, "
+            "or pass --all, or pass --stale"
+        )
+    if not chosen:
         raise click.UsageError("name views to refresh, or pass exactly one of --all / --stale")
     db_url = _require_url(url)
     metadata = load_metadata(metadata_path) if metadata_path else None
@@ -654,7 +741,7 @@ def refresh(
 @_common
 @click.option(
     "--debounce",
-    type=float,
+    type=SECONDS,
     default=5.0,
     show_default=True,
     metavar="SECONDS",
@@ -662,7 +749,7 @@ def refresh(
 )
 @click.option(
     "--max-delay",
-    type=float,
+    type=SECONDS,
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -670,7 +757,7 @@ def refresh(
 )
 @click.option(
     "--interval",
-    type=float,
+    type=SECONDS,
     default=None,
     metavar="SECONDS",
     help="Also refresh stale views periodically, as a safety net.",
@@ -713,7 +800,12 @@ def watch(
     from . import RefreshWorker
 
     console = make_console()
-    handler = RichHandler(console=make_console(stderr=True), show_path=False)
+
+    class Handler(RichHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            super().emit(record if verbose else _without_traceback(record))
+
+    handler = Handler(console=make_console(stderr=True), show_path=False)
     logger = logging.getLogger(_LOGGER)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -283,7 +283,12 @@ def refresh(
     ``concurrently=True`` (the default) refreshes without blocking readers; it needs a
     populated view with a qualifying unique index, which a declared view gets from
     ``unique_key=``. A declared view without one raises
-    :class:`~sqlalchemy_matview.errors.ConcurrentRefreshError` here, before any SQL.
+    :class:`~sqlalchemy_matview.errors.ConcurrentRefreshError` here, before any SQL. A view
+    created ``WITH NO DATA`` (``with_data=False``) and never refreshed is not populated:
+    only the server knows, so executing the statement raises ``ConcurrentRefreshError`` then
+    (the transaction is aborted, as for any failed statement). Refresh it once with
+    ``concurrently=False``, or let :func:`~sqlalchemy_matview.refresh_views` decide: its
+    ``concurrently="auto"`` refreshes an unpopulated view plainly.
 
     Executed through an ORM ``Session``, pending changes are flushed first (on SQLAlchemy
     2.0 too), so the refresh sees them::

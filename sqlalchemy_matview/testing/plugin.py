@@ -31,6 +31,17 @@ Fixtures:
 ``pg_cron_server`` (session)
     a separate server with ``pg_cron`` preloaded (``cron.database_name =
     postgres``, background workers); skipped when no installation has pg_cron.
+``pgbouncer`` (session)
+    a :class:`~sqlalchemy_matview.testing.components.PgBouncer` in transaction
+    pooling mode in front of ``pg_server``; skipped without the ``pgbouncer``
+    program or with an external server.
+``pgbouncer_url`` (function)
+    the URL of the test's fresh database (``pg_url``) through ``pgbouncer``;
+    connect with ``connect_args=PgBouncer.CONNECT_ARGS``.
+``standby_server`` (session)
+    a :class:`~sqlalchemy_matview.testing.components.StandbyServer`: a hot
+    standby of ``pg_server`` streaming its WAL (databases created by ``pg_url``
+    appear on it); skipped with an external server.
 
 Example test::
 
@@ -51,6 +62,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
 
+from sqlalchemy_matview.testing.components import PgBouncer, StandbyServer, find_pgbouncer
 from sqlalchemy_matview.testing.launcher import (
     ExternalServer,
     Installation,
@@ -73,6 +85,9 @@ __all__ = [
     "pg_cron_server",
     "pg_server",
     "pg_url",
+    "pgbouncer",
+    "pgbouncer_url",
+    "standby_server",
 ]
 
 #: Environment variable equivalent of ``--pg-url``.
@@ -390,3 +405,63 @@ def pg_cron_server(pytestconfig: pytest.Config) -> Iterator[PostgresServer]:
         yield server
     finally:
         server.cleanup()
+
+
+def _launched(server: PostgresServer | ExternalServer, what: str) -> PostgresServer:
+    if not isinstance(server, PostgresServer):
+        pytest.skip(f"{what} needs a server launched by the tests, not {server!r}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: PostgresServer | ExternalServer) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction pooling mode in front of ``pg_server``.
+
+    Example::
+
+        import sqlalchemy as sa
+        from sqlalchemy_matview.testing.components import PgBouncer
+
+        def test_through_pgbouncer(pgbouncer, pg_url):
+            engine = sa.create_engine(
+                pgbouncer.url(pg_url.database), connect_args=PgBouncer.CONNECT_ARGS
+            )
+            ...
+    """
+    server = _launched(pg_server, "PgBouncer")
+    if find_pgbouncer() is None:
+        pytest.skip("pgbouncer not found (apt-get install pgbouncer)")
+    bouncer = PgBouncer(server, pool_mode="transaction")
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.cleanup()
+
+
+@pytest.fixture
+def pgbouncer_url(pgbouncer: PgBouncer, pg_url: URL) -> URL:
+    """The test database's URL through ``pgbouncer`` (psycopg driver)."""
+    assert pg_url.database is not None
+    return pgbouncer.url(pg_url.database)
+
+
+@pytest.fixture(scope="session")
+def standby_server(pg_server: PostgresServer | ExternalServer) -> Iterator[StandbyServer]:
+    """A hot standby of ``pg_server`` (``pg_basebackup -R``, streaming replication).
+
+    Example::
+
+        import sqlalchemy as sa
+
+        def test_on_standby(standby_server, pg_url, engine):
+            ...  # write through ``engine``; then
+            standby_server.wait_for_replay()
+            standby = sa.create_engine(standby_server.url(pg_url.database))
+    """
+    standby = StandbyServer(_launched(pg_server, "a streaming standby"))
+    try:
+        standby.start()
+        yield standby
+    finally:
+        standby.cleanup()

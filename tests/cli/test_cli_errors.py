@@ -35,7 +35,7 @@ def _one_error_line(out: str) -> str:
         ("postgresql://u@h/db", "postgresql+psycopg://u@h/db"),
         ("postgres://u:p@h:5433/db", "postgresql+psycopg://u:p@h:5433/db"),
         ("postgresql+asyncpg://u@h/db", "postgresql+psycopg://u@h/db"),
-        ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
     ],
 )
 def test_connect_url_normalises_drivers(raw: str, expected: str) -> None:

@@ -1,0 +1,66 @@
+"""``check_session``: transaction pooling and standbys are recognised, sessions are not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_matview.orchestration.pooling import check_session
+from sqlalchemy_matview.testing.components import PgBouncer, StandbyServer
+from sqlalchemy_matview.testing.launcher import PostgresServer
+
+
+def _factory(url: sa.URL) -> Callable[[], Any]:
+    def connect() -> Any:
+        return psycopg.connect(
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            dbname=url.database,
+            autocommit=True,
+            prepare_threshold=None,
+        )
+
+    return connect
+
+
+def test_direct_connection(pg_url: sa.URL) -> None:
+    found = check_session(_factory(pg_url))
+    assert (found.pooled, found.transaction_pooled, found.standby) == (False, False, False)
+
+
+def test_transaction_pooling(pgbouncer_url: sa.URL) -> None:
+    found = check_session(_factory(pgbouncer_url))
+    assert (found.pooled, found.transaction_pooled, found.standby) == (True, True, False)
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "statement"])
+def test_other_pool_modes(pg_server: PostgresServer, pg_url: sa.URL, pool_mode: Any) -> None:
+    if not isinstance(pg_server, PostgresServer):
+        pytest.skip("needs a launched server")
+    assert pg_url.database is not None
+    with PgBouncer(pg_server, pool_mode=pool_mode) as bouncer:
+        found = check_session(_factory(bouncer.url(pg_url.database)))
+    assert found.pooled
+    assert found.transaction_pooled is (pool_mode != "session")
+
+
+def test_transaction_pooling_with_a_pool_of_one(pg_server: PostgresServer, pg_url: sa.URL) -> None:
+    # The second client waits for the only server connection: still found out.
+    if not isinstance(pg_server, PostgresServer):
+        pytest.skip("needs a launched server")
+    assert pg_url.database is not None
+    with PgBouncer(pg_server, settings={"default_pool_size": "1"}) as bouncer:
+        found = check_session(_factory(bouncer.url(pg_url.database)), wait=0.5)
+    assert found.transaction_pooled
+
+
+def test_standby(standby_server: StandbyServer, pg_url: sa.URL) -> None:
+    assert pg_url.database is not None
+    standby_server.wait_for_replay()
+    found = check_session(_factory(standby_server.url(pg_url.database)))
+    assert (found.pooled, found.standby) == (False, True)
