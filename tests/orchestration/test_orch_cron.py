@@ -266,3 +266,59 @@ def test_only_if_stale_job_command_skips_a_fresh_view(engine, shop: Shop):
     assert rows(engine, shop.mv_totals) == [(2, 40)]
     with engine.begin() as conn:
         assert conn.exec_driver_sql(command).scalar() == "skipped_fresh"
+
+
+def test_schedule_refuses_bad_arguments_before_any_sql():
+    unreachable = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(ValueError, match="cron expression"):
+        schedule_refresh(unreachable, "mv_daily", "  ")
+    with pytest.raises(TypeError, match="MaterializedView, its Table or a view name"):
+        schedule_refresh(unreachable, 42, "* * * * *")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Engine, a Connection or a Session"):
+        schedule_refresh(object(), "mv_daily", "* * * * *")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Engine, a Connection or a Session"):
+        unschedule_refresh(object(), "mv_daily")  # type: ignore[arg-type]
+
+
+def test_schedule_through_a_connection_and_a_session(cron_db):
+    from sqlalchemy.orm import Session
+
+    cron_engine, app, db = cron_db
+    with app.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_plain AS SELECT id FROM t"))
+    with cron_engine.connect() as conn:
+        job = schedule_refresh(conn, "mv_plain", "0 3 * * *", concurrently=False, database=db)
+        conn.commit()
+    with Session(cron_engine) as session:
+        assert unschedule_refresh(session, "mv_plain", database=db) is True
+        session.commit()
+    with cron_engine.connect() as conn:
+        assert (
+            conn.scalar(sa.text("SELECT count(*) FROM cron.job WHERE jobid = :j"), {"j": job}) == 0
+        )
+    # database= naming the bind's own database is the same as leaving it out.
+    with cron_engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS cron_own (id int PRIMARY KEY)"))
+        conn.execute(
+            sa.text("CREATE MATERIALIZED VIEW IF NOT EXISTS mv_cron_own AS SELECT id FROM cron_own")
+        )
+    try:
+        own = schedule_refresh(
+            cron_engine, "mv_cron_own", "0 4 * * *", concurrently=False, database="postgres"
+        )
+        assert _job(cron_engine, own)[1] == "postgres"
+        assert unschedule_refresh(cron_engine, "mv_cron_own", database="postgres") is True
+    finally:
+        with cron_engine.begin() as conn:
+            conn.execute(sa.text("DROP MATERIALIZED VIEW IF EXISTS mv_cron_own"))
+            conn.execute(sa.text("DROP TABLE IF EXISTS cron_own"))
+
+
+def test_schedule_into_a_database_that_does_not_exist(cron_db):
+    cron_engine, _, _ = cron_db
+    with pytest.raises(tracking.TrackingError, match="no_such_db"):
+        schedule_refresh(cron_engine, "mv_daily", "0 3 * * *", database="no_such_db")
+    with cron_engine.connect() as conn:
+        names = conn.execute(sa.text("SELECT jobname FROM cron.job")).scalars().all()
+    assert not any("no_such_db" in n for n in names)  # nothing was scheduled
