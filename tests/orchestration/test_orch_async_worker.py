@@ -331,3 +331,30 @@ def test_survives_server_restart(driver):
             await engine.dispose()
 
         asyncio.run(main())
+
+
+def test_a_failing_on_result_is_logged_and_the_worker_goes_on(async_engine, caplog):
+    caplog.set_level(logging.ERROR, logger="sqlalchemy_matview")
+
+    async def main() -> None:
+        shop = await create_shop(async_engine)
+        calls: list[str] = []
+
+        async def explode(r: RefreshResult) -> None:
+            calls.append(r.view)
+            raise RuntimeError("callback bug")
+
+        async with RefreshWorker(
+            async_engine, shop.metadata, debounce=0.1, on_result=explode
+        ) as worker:
+            # Called for every result of the catch-up pass, though each call raises.
+            assert await wait_for(lambda: calls == ["public.mv_totals", "public.mv_top"])
+            await insert(async_engine, shop, 1, 300)
+            assert await eventually(lambda: _equals(top(async_engine, shop), [(1, 300)]))
+            assert worker.running
+
+    asyncio.run(main())
+    assert any(
+        "on_result raised for public.mv_totals" in r.getMessage() and r.exc_info
+        for r in caplog.records
+    )

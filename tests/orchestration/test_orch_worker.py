@@ -222,3 +222,24 @@ def test_two_workers_share_the_work(engine, shop: Shop):
     refreshed = [v for v, s in seen if s == "refreshed"]
     # Each change is refreshed once: the other worker skipped it (locked or already fresh).
     assert sorted(refreshed) == ["public.mv_top", "public.mv_totals"]
+
+
+def test_a_failing_on_result_is_logged_and_the_worker_goes_on(engine, shop: Shop, caplog):
+    caplog.set_level(logging.ERROR, logger="sqlalchemy_matview")
+    calls: list[str] = []
+
+    def explode(r: RefreshResult) -> None:
+        calls.append(r.view)
+        raise RuntimeError("callback bug")
+
+    with RefreshWorker(engine, shop.metadata, debounce=0.1, on_result=explode) as worker:
+        # Called for every result of the catch-up pass, though each call raises.
+        assert wait_for(lambda: calls == ["public.mv_totals", "public.mv_top"])
+        with engine.begin() as conn:
+            conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 300}])
+        assert wait_for(lambda: rows(engine, shop.mv_top) == [(1, 300)])
+        assert worker.running
+    assert any(
+        "on_result raised for public.mv_totals" in r.getMessage() and r.exc_info
+        for r in caplog.records
+    )
