@@ -55,6 +55,22 @@ def test_demo_runs_end_to_end_against_a_server(pg_server: object, pg_url: sa.URL
         engine.dispose()
 
 
+def test_demo_starts_its_own_server_without_url() -> None:
+    proc = subprocess.run(
+        [*_matview(), "demo", "--rows", "20000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Starting a throwaway PostgreSQL" in proc.stdout
+    assert "its data directory is removed at the end" in proc.stdout
+    assert "Loaded 20,000 events" in proc.stdout
+    assert "Step 9/9 · " in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
 def _reader(stream: object, lines: queue.Queue[str]) -> None:
     for line in iter(stream.readline, ""):  # type: ignore[attr-defined]
         lines.put(line)
