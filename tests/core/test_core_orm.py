@@ -103,13 +103,51 @@ def test_orm_writes_to_a_view_fail_before_any_sql(db: Engine, change: str) -> No
         assert statements == []
 
 
+def test_session_refresh_flushes_where_sqlalchemy_would_not(
+    db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library flushes before a refresh itself, not only through SQLAlchemy's autoflush.
+
+    SQLAlchemy 2.1 autoflushes before every statement a Session executes, 2.0 not before a
+    Core one: switching the Session's own autoflush off for the refresh makes 2.1 behave
+    like 2.0, so this test holds the library to it on either version.
+    """
+    with Session(db) as session:
+        session.add(Order(id=99, user_id=1, total=1000))  # pending, not flushed
+        with monkeypatch.context() as patch:
+            patch.setattr(session, "_autoflush", lambda: None)
+            session.execute(refresh(user_totals))
+            assert not session.new  # flushed by the library, before the REFRESH
+        total = session.scalar(sa.select(UserTotal.total).where(UserTotal.user_id == 1))
+        assert total == 1060
+        session.rollback()
+
+
+def test_session_refresh_respects_autoflush_off(db: Engine) -> None:
+    with Session(db, autoflush=False) as session:
+        session.add(Order(id=99, user_id=1, total=1000))
+        session.execute(refresh(user_totals))
+        assert len(session.new) == 1  # autoflush=False: the caller flushes when it wants
+        total = session.scalar(sa.select(UserTotal.total).where(UserTotal.user_id == 1))
+        assert total == 60
+        session.rollback()
+
+
 def test_loading_without_changes_is_not_a_write(db: Engine) -> None:
+    statements: list[str] = []
+    sa.event.listen(db, "before_cursor_execute", lambda *a: statements.append(a[2]))
     with Session(db) as session:
         session.execute(refresh(user_totals))
-        rows = session.scalars(sa.select(UserTotal)).all()
+        rows = session.scalars(sa.select(UserTotal).order_by(UserTotal.user_id)).all()
         rows[0].total = rows[0].total  # same value: not modified
+        assert rows[0] in session.dirty and not session.is_modified(rows[0])
         session.add(Order(id=77, user_id=2, total=1))
-        session.commit()
+        statements.clear()
+        session.commit()  # not refused: nothing is written to the view
+    assert [s.split()[0] for s in statements] == ["INSERT"]
+    assert "orders" in statements[0] and "mv_user_totals" not in statements[0]
+    with Session(db) as session:
+        assert session.get(Order, 77) is not None
 
 
 @pytest.mark.parametrize("kind", ["insert", "update", "delete"])

@@ -211,3 +211,15 @@ def test_failing_block_reports_page_and_line(
     assert message.startswith("broken.md:10: ")
     assert 'File "broken.md", line 11' in message
     assert "UndefinedColumn" in message or "nope" in message
+
+
+def test_every_executed_block_asserts_what_it_shows() -> None:
+    # A block that only prints (or only declares) passes whatever the code does: each one
+    # states its outcome with an assert, so the docs fail when the library changes.
+    silent = [
+        f"{_page_id(page)}:{block.line}"
+        for page in _runnable_pages()
+        for block in extract_blocks(page.read_text())
+        if block.language == "python" and not re.search(r"\bassert\b", block.source)
+    ]
+    assert silent == [], "python blocks without an assert (use ```py if not run)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +19,7 @@ from sqlalchemy_matview import (
 )
 from sqlalchemy_matview.errors import ExtensionNotInstalledError
 from sqlalchemy_matview.orchestration import tracking
-from sqlalchemy_matview.orchestration.cron import refresh_command
+from sqlalchemy_matview.orchestration.cron import job_name_for, refresh_command
 
 from .conftest import Shop, rows
 
@@ -111,9 +112,64 @@ def test_schedule_installs_the_refresh_function(cron_db):
     assert isinstance(job, int)
 
 
+def _every(cron_engine: sa.Engine) -> str:
+    """The most frequent schedule this pg_cron allows."""
+    with cron_engine.connect() as conn:
+        version = conn.scalar(
+            sa.text("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
+        )
+    # Second-granularity schedules arrived in pg_cron 1.5; older ones wait for a minute.
+    major_minor = tuple(map(int, version.split("-")[0].split(".")[:2]))
+    return "1 seconds" if major_minor >= (1, 5) else "* * * * *"
+
+
+def _job(cron_engine: sa.Engine, job: int) -> tuple[str, str, str]:
+    with cron_engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT command, database, jobname FROM cron.job WHERE jobid = :j"),
+            {"j": job},
+        ).one()
+    return row.command, row.database, row.jobname
+
+
+def _failures(cron_engine: sa.Engine, job: int) -> list[str]:
+    with cron_engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT return_message FROM cron.job_run_details"
+                    " WHERE jobid = :j AND status = 'failed'"
+                ),
+                {"j": job},
+            ).scalars()
+        )
+
+
+def _wait_for_count(engine: sa.Engine, table: sa.Table, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            count = conn.scalar(sa.select(sa.func.count()).select_from(table))
+        if count == expected:
+            break
+        time.sleep(0.3)
+    return count
+
+
 @pytest.mark.slow
-def test_schedule_runs_quoted_refresh_and_unschedule(cron_db):
+def test_scheduled_jobs_run_in_the_same_and_in_another_database(cron_db):
+    """Both ways of scheduling, waited for until pg_cron has run each job.
+
+    ``schedule_refresh(bind, view, ...)`` with the view in pg_cron's own database (the
+    documented default, ``cron.schedule``), and with ``database=`` naming another one
+    (``cron.schedule_in_database``). Both jobs are scheduled first so that one minute
+    boundary serves both on a pg_cron without second schedules.
+    """
     cron_engine, app, db = cron_db
+    every = _every(cron_engine)
+
+    # In another database, with names that need quoting.
     md = sa.MetaData()
     src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
     mv = MaterializedView(
@@ -124,57 +180,67 @@ def test_schedule_runs_quoted_refresh_and_unschedule(cron_db):
     with app.begin() as conn:
         conn.execute(src.insert(), [{"id": 1}, {"id": 2}])
     assert _states(app)[("public", 'Odd "Name"')].stale
-    with cron_engine.connect() as conn:
-        version = conn.scalar(
-            sa.text("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
-        )
-    # Second-granularity schedules arrived in pg_cron 1.5; older ones wait for a minute.
-    every = (
-        "1 seconds" if tuple(map(int, version.split("-")[0].split("."))) >= (1, 5) else "* * * * *"
+
+    # In pg_cron's own database, in a schema of the test's own (the database is shared).
+    schema = f"cron_same_{uuid.uuid4().hex[:8]}"
+    with cron_engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    local_md = sa.MetaData(schema=schema)
+    local_src = sa.Table("src", local_md, sa.Column("id", sa.Integer, primary_key=True))
+    local_mv = MaterializedView(
+        "mv_local", local_md, sa.select(local_src.c.id), unique_key="id", schema=schema
     )
-    job = schedule_refresh(cron_engine, mv, every, database=db)
-    assert isinstance(job, int)
-    with cron_engine.connect() as conn:
-        command, database = conn.execute(
-            sa.text("SELECT command, database FROM cron.job WHERE jobid = :j"), {"j": job}
-        ).one()
-    assert database == db
-    assert command.startswith("SELECT public.sqlalchemy_matview_refresh('public', 'Odd \"Name\"', ")
-    assert f"{lock_key(mv)}, true, 'skip', false)" in command
-    # Rescheduling under the same name replaces the job.
-    assert schedule_refresh(cron_engine, mv, every, database=db) == job
-    deadline = time.monotonic() + 75
-    count = 0
-    while time.monotonic() < deadline:
-        with app.connect() as conn:
-            count = conn.scalar(sa.select(sa.func.count()).select_from(mv.table))
-        if count == 2:
-            break
-        time.sleep(0.3)
-    assert count == 2, "the pg_cron job did not refresh the view"
-    # The job recorded itself and cleared the marks, as refresh_views would have.
-    states = _states(app)
-    state = states[("public", 'Odd "Name"')]
-    assert not state.stale and state.refresh_count >= 1
-    assert state.last_refreshed_at is not None and state.last_duration is not None
-    assert state.last_concurrently is True
-    assert states[("public", "mv_reader")].stale
-    assert [r.status for r in refresh_stale(app, md)] == ["skipped_fresh", "refreshed"]
-    with cron_engine.connect() as conn:
-        failures = (
-            conn.execute(
-                sa.text(
-                    "SELECT return_message FROM cron.job_run_details"
-                    " WHERE jobid = :j AND status = 'failed'"
-                ),
-                {"j": job},
-            )
-            .scalars()
-            .all()
+    local_md.create_all(cron_engine)
+    with cron_engine.begin() as conn:
+        conn.execute(local_src.insert(), [{"id": 1}, {"id": 2}, {"id": 3}])
+    try:
+        job = schedule_refresh(cron_engine, mv, every, database=db)
+        local_job = schedule_refresh(cron_engine, local_mv, every)
+        assert isinstance(job, int) and isinstance(local_job, int) and job != local_job
+
+        command, database, name = _job(cron_engine, job)
+        assert database == db
+        # cron.job.jobname is a `name`: PostgreSQL keeps its first 63 bytes.
+        assert name == job_name_for(mv, database=db)[:63]
+        assert command == refresh_command(mv)
+        assert command.startswith(
+            "SELECT public.sqlalchemy_matview_refresh('public', 'Odd \"Name\"', "
         )
-    assert failures == []
+        assert f"{lock_key(mv)}, true, 'skip', false)" in command
+        local_command, local_database, local_name = _job(cron_engine, local_job)
+        assert local_database == "postgres"  # the bind's own database
+        assert local_name == f"sqlalchemy_matview refresh {schema}.mv_local"
+        assert local_command == refresh_command(local_mv)
+        # Rescheduling under the same name replaces the job.
+        assert schedule_refresh(cron_engine, mv, every, database=db) == job
+
+        assert _wait_for_count(cron_engine, local_mv.table, 3, timeout=90) == 3, (
+            f"the job in pg_cron's own database did not refresh the view: "
+            f"{_failures(cron_engine, local_job)}"
+        )
+        assert _wait_for_count(app, mv.table, 2, timeout=90) == 2, (
+            f"the job in another database did not refresh the view: {_failures(cron_engine, job)}"
+        )
+        assert _failures(cron_engine, job) == []
+        assert _failures(cron_engine, local_job) == []
+        # The job recorded itself and cleared the marks, as refresh_views would have.
+        local_state = _states(cron_engine)[(schema, "mv_local")]
+        assert local_state.refresh_count >= 1 and local_state.last_concurrently is True
+        states = _states(app)
+        state = states[("public", 'Odd "Name"')]
+        assert not state.stale and state.refresh_count >= 1
+        assert state.last_refreshed_at is not None and state.last_duration is not None
+        assert state.last_concurrently is True
+        assert states[("public", "mv_reader")].stale
+        assert [r.status for r in refresh_stale(app, md)] == ["skipped_fresh", "refreshed"]
+    finally:
+        unschedule_refresh(cron_engine, local_mv)
+        local_md.drop_all(cron_engine)
+        with cron_engine.begin() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
     assert unschedule_refresh(cron_engine, mv, database=db) is True
     assert unschedule_refresh(cron_engine, mv, database=db) is False
+    assert unschedule_refresh(cron_engine, local_mv) is False
     named = schedule_refresh(
         cron_engine,
         'Odd "Name"',
@@ -200,3 +266,59 @@ def test_only_if_stale_job_command_skips_a_fresh_view(engine, shop: Shop):
     assert rows(engine, shop.mv_totals) == [(2, 40)]
     with engine.begin() as conn:
         assert conn.exec_driver_sql(command).scalar() == "skipped_fresh"
+
+
+def test_schedule_refuses_bad_arguments_before_any_sql():
+    unreachable = sa.create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(ValueError, match="cron expression"):
+        schedule_refresh(unreachable, "mv_daily", "  ")
+    with pytest.raises(TypeError, match="MaterializedView, its Table or a view name"):
+        schedule_refresh(unreachable, 42, "* * * * *")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Engine, a Connection or a Session"):
+        schedule_refresh(object(), "mv_daily", "* * * * *")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Engine, a Connection or a Session"):
+        unschedule_refresh(object(), "mv_daily")  # type: ignore[arg-type]
+
+
+def test_schedule_through_a_connection_and_a_session(cron_db):
+    from sqlalchemy.orm import Session
+
+    cron_engine, app, db = cron_db
+    with app.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_plain AS SELECT id FROM t"))
+    with cron_engine.connect() as conn:
+        job = schedule_refresh(conn, "mv_plain", "0 3 * * *", concurrently=False, database=db)
+        conn.commit()
+    with Session(cron_engine) as session:
+        assert unschedule_refresh(session, "mv_plain", database=db) is True
+        session.commit()
+    with cron_engine.connect() as conn:
+        assert (
+            conn.scalar(sa.text("SELECT count(*) FROM cron.job WHERE jobid = :j"), {"j": job}) == 0
+        )
+    # database= naming the bind's own database is the same as leaving it out.
+    with cron_engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS cron_own (id int PRIMARY KEY)"))
+        conn.execute(
+            sa.text("CREATE MATERIALIZED VIEW IF NOT EXISTS mv_cron_own AS SELECT id FROM cron_own")
+        )
+    try:
+        own = schedule_refresh(
+            cron_engine, "mv_cron_own", "0 4 * * *", concurrently=False, database="postgres"
+        )
+        assert _job(cron_engine, own)[1] == "postgres"
+        assert unschedule_refresh(cron_engine, "mv_cron_own", database="postgres") is True
+    finally:
+        with cron_engine.begin() as conn:
+            conn.execute(sa.text("DROP MATERIALIZED VIEW IF EXISTS mv_cron_own"))
+            conn.execute(sa.text("DROP TABLE IF EXISTS cron_own"))
+
+
+def test_schedule_into_a_database_that_does_not_exist(cron_db):
+    cron_engine, _, _ = cron_db
+    with pytest.raises(tracking.TrackingError, match="no_such_db"):
+        schedule_refresh(cron_engine, "mv_daily", "0 3 * * *", database="no_such_db")
+    with cron_engine.connect() as conn:
+        names = conn.execute(sa.text("SELECT jobname FROM cron.job")).scalars().all()
+    assert not any("no_such_db" in n for n in names)  # nothing was scheduled

@@ -109,14 +109,13 @@ def test_terminated_lock_holder_lets_the_next_refresh(engine):
     with engine.begin() as conn:
         conn.execute(sa.text("DROP MATERIALIZED VIEW IF EXISTS mv_quick"))
         assert conn.execute(sa.select(sa.func.pg_terminate_backend(pid))).scalar()
-    holder.join(10)
+    holder.join(60)
+    assert not holder.is_alive()
     assert holder_result == ["failed"]
     # The lock died with the backend: the next refresher gets it at once.
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_quick AS SELECT 1 AS x"))
-    started = time.monotonic()
     results = refresh_views(engine, "mv_hold", lock="wait", lock_timeout=5, statement_timeout=0.5)
     # The view itself sleeps 30s, so bound it: what matters is that the lock was granted
     # and the REFRESH ran (it then hits the statement timeout, not the lock timeout).
     assert results[0].status == "failed" and "statement timeout" in str(results[0].error)
-    assert time.monotonic() - started < 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -187,13 +188,34 @@ def test_lock_skip_wait_none(engine, track: bool):
             )
         )
         waiter.start()
-        waiter.join(0.5)
-        assert waiter.is_alive()  # still waiting
+        _wait_until_waiting_for(engine, key)
+        assert done == []  # still waiting
         holder.execute(sa.select(sa.func.pg_advisory_unlock(key)))
-        waiter.join(10)
+        waiter.join(60)
         assert done == ["refreshed"]
     finally:
         holder.close()
+
+
+def _wait_until_waiting_for(engine, key: int, timeout: float = 30.0) -> None:
+    """Until some backend waits (ungranted) for the advisory lock ``key``."""
+    # pg_locks shows the key as two unsigned 32-bit halves (see lock_key_parts).
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    deadline = time.monotonic() + timeout
+    with engine.connect() as conn:
+        while True:
+            waiting = conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND objsubid = 1 AND NOT granted AND classid = :hi AND objid = :lo"
+                ),
+                {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
+            )
+            conn.rollback()
+            if waiting:
+                return
+            assert time.monotonic() < deadline, "nothing ever waited for the lock"
+            time.sleep(0.02)
 
 
 def test_lock_key_visible_in_pg_locks(engine, shop: Shop):

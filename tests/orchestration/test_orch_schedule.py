@@ -94,3 +94,15 @@ def test_results_needing_retry_or_reconnect():
     assert not needs_retry([ok]) and needs_retry([ok, locked]) and needs_retry([lost])
     assert lost_connection([ok, locked]) is None
     assert lost_connection([ok, lost]) is gone
+
+
+def test_result_properties():
+    def result(status: str) -> RefreshResult:
+        return RefreshResult("public.a", status)  # type: ignore[arg-type]
+
+    assert result("refreshed").ok and not result("refreshed").skipped
+    assert result("skipped_fresh").ok and result("skipped_fresh").skipped
+    assert result("skipped_locked").ok and result("skipped_locked").skipped
+    assert not result("failed").ok and not result("failed").skipped
+    dependency = result("skipped_dependency_failed")
+    assert not dependency.ok and dependency.skipped

@@ -155,7 +155,13 @@ def test_drop_database_with_open_session(pg_server: PostgresServer | ExternalSer
     name = pg_server.create_database()
     conn = _connect(pg_server.url(name))
     try:
-        pg_server.drop_database(name)
+        assert conn.execute("SELECT current_database()").fetchone() == (name,)
+        pg_server.drop_database(name)  # the open session does not block it
+        with _connect(pg_server.url("postgres")) as admin:
+            gone = admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,))
+            assert gone.fetchone() == (0,)
+        with pytest.raises(psycopg.OperationalError):  # that session was terminated
+            conn.execute("SELECT 1")
         pg_server.drop_database(name)  # missing is fine
     finally:
         conn.close()
@@ -328,3 +334,64 @@ def test_plugin_skips_a_missing_major_and_reports_header(tmp_path: Path) -> None
 def test_plugin_fails_clearly_on_bad_bindir(tmp_path: Path) -> None:
     out = _run_pytest(tmp_path, env={BINDIR_ENV: str(tmp_path / "nope")})
     assert "1 error" in out and BINDIR_ENV in out
+
+
+def test_plugin_on_an_existing_server(
+    tmp_path: Path, pg_server: PostgresServer | ExternalServer
+) -> None:
+    """--pg-url: databases are made in that server, restart() skips, pg_cron is local."""
+    (tmp_path / "test_external.py").write_text(
+        textwrap.dedent(
+            """
+            import sqlalchemy as sa
+
+            def test_database_per_test(pg_url, engine):
+                with engine.connect() as conn:
+                    assert conn.scalar(sa.text("SELECT current_database()")) == pg_url.database
+
+            def test_restart_is_impossible(pg_server):
+                pg_server.restart()
+
+            def test_pg_cron_server_is_a_local_one(pg_cron_server, pg_server):
+                assert pg_cron_server.port != pg_server.url("x").port
+            """
+        )
+    )
+    url = pg_server.url("postgres").render_as_string(hide_password=False)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SQLALCHEMY_MATVIEW_", "PYTEST_"))
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "--pg-url",
+            url,
+            str(tmp_path / "test_external.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert f"sqlalchemy-matview: existing server {pg_server.url('postgres')}" in out, out
+    from sqlalchemy_matview.testing import find_installations, pg_cron_available
+
+    if any(pg_cron_available(i) for i in find_installations()):
+        assert "2 passed, 1 skipped" in out, out
+    else:
+        assert "1 passed, 2 skipped" in out and "pg_cron.so not found" in out, out
+    assert "url server cannot be restarted by the tests" in out
+
+
+def test_plugin_refuses_a_version_that_is_not_a_number(tmp_path: Path) -> None:
+    out = _run_pytest(tmp_path, "--pg-version", "sixteen")
+    assert "1 error" in out
+    assert "must be a major version, not 'sixteen'" in out

@@ -1,0 +1,76 @@
+"""Contracts other processes rely on, pinned to literal values.
+
+``lock_key`` values are stored outside this library: pg_cron jobs carry them as literals in
+their command, and other releases (or other languages) must compute the same key to
+coordinate with a running worker. A change to any value below breaks every scheduled job
+and every mixed-version deployment: it needs a migration story, not a test update.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_matview import MaterializedView, lock_key
+from sqlalchemy_matview.orchestration.cron import job_name_for, refresh_command
+from sqlalchemy_matview.orchestration.locking import lock_key_parts
+
+# (schema, name) -> (lock_key, (classid, objid) as pg_locks shows them)
+PINNED = {
+    ("public", "mv_daily"): (-6283123207096362487, (2832063675, 2298616329)),
+    ("public", "Daily Stats"): (5476311138525878931, (1275053047, 995728019)),
+    ("reporting", "mv_daily"): (-410023241908835192, (4199501320, 2891885704)),
+    ("public", "a.b"): (8414533326812730107, (1959161210, 2270941947)),
+    ("S c", 'it\'s "odd"'): (-8333806095337087830, (2354601858, 3161627818)),
+    ("public", "ünï"): (-241518092063633248, (4238734483, 733450400)),
+}
+
+
+@pytest.mark.parametrize("qname", list(PINNED), ids=[f"{s}.{n}" for s, n in PINNED])
+def test_lock_key_values_are_stable(qname: tuple[str, str]) -> None:
+    key, parts = PINNED[qname]
+    assert lock_key(qname) == key
+    assert lock_key_parts(qname) == parts
+
+
+def test_every_way_of_naming_a_view_gives_its_key() -> None:
+    md = sa.MetaData()
+    t = sa.Table("t", md, sa.Column("id", sa.Integer, primary_key=True))
+    daily = MaterializedView("mv_daily", md, sa.select(t.c.id))
+    elsewhere = MaterializedView("mv_daily", md, sa.select(t.c.id), schema="reporting")
+    public_key = PINNED[("public", "mv_daily")][0]
+    reporting_key = PINNED[("reporting", "mv_daily")][0]
+    assert lock_key("mv_daily") == lock_key((None, "mv_daily")) == public_key
+    assert lock_key(daily) == lock_key(daily.table) == public_key
+    assert lock_key(elsewhere) == lock_key(elsewhere.table) == reporting_key
+    assert lock_key("mv_daily", schema="reporting") == reporting_key
+    assert lock_key(daily, schema="reporting") == reporting_key  # undeclared schema: the default
+    assert lock_key(elsewhere, schema="other") == reporting_key  # declared schema wins
+    with pytest.raises(TypeError, match="lock_key"):
+        lock_key(42)  # type: ignore[arg-type]
+
+
+def test_pg_cron_job_command_text() -> None:
+    assert refresh_command("mv_daily") == (
+        "SELECT public.sqlalchemy_matview_refresh("
+        "'public', 'mv_daily', -6283123207096362487, true, 'skip', false)"
+        " AS sqlalchemy_matview_refresh_1"
+    )
+    assert refresh_command("Daily Stats", concurrently=False) == (
+        "SELECT public.sqlalchemy_matview_refresh("
+        "'public', 'Daily Stats', 5476311138525878931, false, 'skip', false)"
+        " AS sqlalchemy_matview_refresh_1"
+    )
+    assert refresh_command('it\'s "odd"', schema="S c", concurrently=False, only_if_stale=True) == (
+        "SELECT public.sqlalchemy_matview_refresh("
+        "'S c', 'it''s \"odd\"', -8333806095337087830, false, 'skip', true)"
+        " AS sqlalchemy_matview_refresh_1"
+    )
+
+
+def test_pg_cron_job_names() -> None:
+    assert job_name_for("mv_daily") == "sqlalchemy_matview refresh public.mv_daily"
+    assert (
+        job_name_for("mv_daily", schema="reporting", database="app")
+        == "sqlalchemy_matview refresh reporting.mv_daily in app"
+    )
