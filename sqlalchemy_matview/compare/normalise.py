@@ -99,10 +99,13 @@ class _Block(ExecutableDDLElement):
 
 
 def _dollar_tag(texts: Sequence[str], stem: str) -> str:
+    """A ``$tag$`` that quotes each of ``texts``: it first occurs where it closes the text."""
     n = 0
-    while any(f"${stem}{n}$" in text for text in texts):
+    while True:
+        tag = f"${stem}{n}$"
+        if all((text + tag).find(tag) == len(text) for text in texts):
+            return tag
         n += 1
-    return f"${stem}{n}$"
 
 
 @compiles(_Block, "postgresql")

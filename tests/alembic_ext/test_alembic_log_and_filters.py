@@ -157,3 +157,29 @@ def _statements_sent(conn: sa.Connection, work: Any) -> int:
     finally:
         sa.event.remove(conn, "before_cursor_execute", count)
     return len(statements)
+
+
+def test_probe_block_quotes_any_text(conn: sa.Connection) -> None:
+    from sqlalchemy_matview.compare.normalise import _dollar_tag
+
+    assert _dollar_tag(["SELECT 1"], "q") == "$q0$"
+    assert _dollar_tag(["SELECT '$q0$'"], "q") == "$q1$"
+    assert _dollar_tag(["SELECT 1 AS x$q0"], "q") == "$q1$"  # would close one too early
+
+    def declared(name: str, sql: str) -> sa.MetaData:
+        md = sa.MetaData()
+        columns = [sa.Column("s", sa.Text), sa.Column("x$q0", sa.Integer)]
+        MaterializedView(name, md, sql, columns=columns)
+        return md
+
+    tricky = declared("mv_dollars", "SELECT '$do0$ $$' AS s, 1 AS x$q0")
+    plain = declared("mv_plain", "SELECT 'a' AS s, 1 AS x$q0")
+    sent = {}
+    for name, md in (("mv_dollars", tricky), ("mv_plain", plain)):
+        md.create_all(conn)
+        sent[name] = _statements_sent(
+            conn, lambda md=md, name=name: compare_views(conn, md, include=lambda r: r.name == name)
+        )
+    # The same few statements: the tricky text went through the single DO block, not the
+    # statement-by-statement fallback.
+    assert sent["mv_dollars"] == sent["mv_plain"]
