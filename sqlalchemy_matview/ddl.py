@@ -8,6 +8,7 @@ Each construct is an :class:`~sqlalchemy.sql.ddl.ExecutableDDLElement`, so it ru
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement
 
-from .errors import ConcurrentRefreshError, UnsupportedDialectError
+from .errors import ConcurrentRefreshError, MaterializedViewError, UnsupportedDialectError
 from .query import Definition, as_query, query_sql
 from .schema import MaterializedView, _table_of, materialized_view_of
 
@@ -25,10 +26,19 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.selectable import TableClause
 
 __all__ = [
+    "PRIVILEGES",
+    "PUBLIC",
+    "AlterViewOwner",
+    "CatalogStatement",
     "CommentOnMaterializedView",
+    "CommentOnPlainView",
     "CreateMaterializedView",
+    "CreatePlainView",
     "DropMaterializedView",
+    "DropPlainView",
+    "GrantOnView",
     "RefreshMaterializedView",
+    "access_statements",
     "qualifying_unique_index",
     "refresh",
 ]
@@ -331,3 +341,181 @@ def _label(statement: _ViewDDL) -> str:
     table = statement.table
     schema = getattr(table, "schema", None)
     return repr(f"{schema}.{table.name}" if schema else table.name)
+
+
+# -- re-creating views as they were: plain views, privileges, owners ---------------------------
+
+#: Privileges a ``GRANT`` can give on a view or materialized view (``MAINTAIN``: PostgreSQL
+#: 17+). Only these words are ever written into a ``GRANT`` statement.
+PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
+)
+
+#: The grantee that stands for ``PUBLIC``: PostgreSQL reserves the role name ``public``.
+PUBLIC = "public"
+
+
+class _PlainViewDDL(ExecutableDDLElement):
+    inherit_cache = False
+
+    def __init__(self, name: str, schema: str | None) -> None:
+        self.table = sa.table(name, schema=schema)
+
+
+class CreatePlainView(_PlainViewDDL):
+    """``CREATE VIEW name [WITH (options)] AS query``, for re-creating a dependent view."""
+
+    def __init__(
+        self, name: str, schema: str | None, definition: Definition, options: Sequence[str] = ()
+    ) -> None:
+        super().__init__(name, schema)
+        self.definition = as_query(definition)
+        self.view_options = tuple(options)
+
+
+class DropPlainView(_PlainViewDDL):
+    """``DROP VIEW name``."""
+
+
+class CommentOnPlainView(_PlainViewDDL):
+    """``COMMENT ON VIEW name IS '...'``."""
+
+    def __init__(self, name: str, schema: str | None, comment: str) -> None:
+        super().__init__(name, schema)
+        self.comment = comment
+
+
+class CatalogStatement(ExecutableDDLElement):
+    """A complete statement as PostgreSQL printed it (``pg_get_indexdef``), run verbatim."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: str) -> None:
+        self.statement = statement
+
+
+class GrantOnView(_PlainViewDDL):
+    """``GRANT privileges ON view TO role [WITH GRANT OPTION]``; ``"public"`` is ``PUBLIC``.
+
+    Example::
+
+        GrantOnView("mv_daily", None, ("SELECT",), "Report Reader")
+        # GRANT SELECT ON mv_daily TO "Report Reader"
+    """
+
+    def __init__(
+        self,
+        name: str,
+        schema: str | None,
+        privileges: Sequence[str],
+        grantee: str,
+        grantable: bool = False,
+    ) -> None:
+        super().__init__(name, schema)
+        self.privileges = tuple(privileges)
+        self.grantee = grantee
+        self.grantable = grantable
+
+
+class AlterViewOwner(_PlainViewDDL):
+    """``ALTER [MATERIALIZED] VIEW view OWNER TO role``.
+
+    Example::
+
+        AlterViewOwner("mv_daily", None, "reporting", materialized=True)
+    """
+
+    def __init__(self, name: str, schema: str | None, owner: str, *, materialized: bool) -> None:
+        super().__init__(name, schema)
+        self.owner = owner
+        self.materialized = materialized
+
+
+def access_statements(
+    name: str,
+    schema: str | None,
+    *,
+    materialized: bool,
+    grants: Sequence[tuple[str, str, bool]],
+    owner: str | None,
+    current_user: str | None,
+) -> list[ExecutableDDLElement]:
+    """The statements giving a view just created the owner and privileges of the one it
+    replaces: ``ALTER ... OWNER TO`` first, then one ``GRANT`` per role and grant option.
+
+    The owner comes first, so that the grants are recorded as given by the owner, as they
+    were; they may then name the role running the statements. ``current_user`` is ``None``
+    when it is unknown (``--sql``): ``OWNER TO`` is then always written (a no-op for the same
+    role). ``grants`` are ``(grantee, privilege, grantable)``; the owner's own are implicit.
+    """
+    statements: list[ExecutableDDLElement] = []
+    if owner is not None and owner != current_user:
+        statements.append(AlterViewOwner(name, schema, owner, materialized=materialized))
+    grouped: dict[tuple[str, bool], list[str]] = {}
+    for grantee, privilege, grantable in grants:
+        if grantee == owner:
+            continue
+        privileges = grouped.setdefault((grantee, grantable), [])
+        if privilege not in privileges:
+            privileges.append(privilege)
+    for (grantee, grantable), privileges in grouped.items():
+        statements.append(GrantOnView(name, schema, privileges, grantee, grantable))
+    return statements
+
+
+# Reloptions of a view are "key=value" words; anything else is not written back.
+_OPTION = re.compile(r"^[a-z_]+=[A-Za-z0-9_]+$")
+
+
+@compiles(CreatePlainView, "postgresql")
+def _visit_create_view(element: CreatePlainView, compiler: DDLCompiler, **kw: Any) -> str:
+    text = "CREATE VIEW " + compiler.preparer.format_table(element.table)
+    options = [o for o in element.view_options if _OPTION.match(o)]
+    if options:
+        text += " WITH (" + ", ".join(options) + ")"
+    query = definition_query(element.definition, compiler)
+    return f"{text} AS {query}"
+
+
+@compiles(DropPlainView, "postgresql")
+def _visit_drop_view(element: DropPlainView, compiler: DDLCompiler, **kw: Any) -> str:
+    return "DROP VIEW " + compiler.preparer.format_table(element.table)
+
+
+@compiles(CommentOnPlainView, "postgresql")
+def _visit_comment_view(element: CommentOnPlainView, compiler: DDLCompiler, **kw: Any) -> str:
+    literal = compiler.sql_compiler.render_literal_value(element.comment, sa.String())
+    return f"COMMENT ON VIEW {compiler.preparer.format_table(element.table)} IS {literal}"
+
+
+@compiles(GrantOnView, "postgresql")
+def _visit_grant(element: GrantOnView, compiler: DDLCompiler, **kw: Any) -> str:
+    unknown = [p for p in element.privileges if p not in PRIVILEGES]
+    if unknown or not element.privileges:
+        raise MaterializedViewError(
+            f"GRANT on view {element.table.name!r}: {unknown or 'no privilege'} is not a "
+            f"privilege on a view; use {', '.join(sorted(PRIVILEGES))}"
+        )
+    grantee = "PUBLIC" if element.grantee == PUBLIC else compiler.preparer.quote(element.grantee)
+    text = (
+        f"GRANT {', '.join(element.privileges)} ON "
+        f"{compiler.preparer.format_table(element.table)} TO {grantee}"
+    )
+    return text + " WITH GRANT OPTION" if element.grantable else text
+
+
+@compiles(AlterViewOwner, "postgresql")
+def _visit_owner(element: AlterViewOwner, compiler: DDLCompiler, **kw: Any) -> str:
+    kind = "MATERIALIZED VIEW" if element.materialized else "VIEW"
+    return (
+        f"ALTER {kind} {compiler.preparer.format_table(element.table)} "
+        f"OWNER TO {compiler.preparer.quote(element.owner)}"
+    )
+
+
+@compiles(CatalogStatement, "postgresql")
+def _visit_catalog_statement(element: CatalogStatement, compiler: DDLCompiler, **kw: Any) -> str:
+    text: str = compiler.sql_compiler.post_process_text(  # type: ignore[no-untyped-call]
+        element.statement
+    )
+    return text

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 __all__ = [
+    "REPLACE_STRATEGIES",
     "Definition",
     "MaterializedView",
     "materialized_view_of",
@@ -39,6 +40,26 @@ INFO_KEY = "sqlalchemy_matview"
 REGISTRY_KEY = "sqlalchemy_matview.views"
 
 _MAX_IDENTIFIER_BYTES = 63
+
+#: How a migration gives a view a new definition (see ``replace_strategy=``):
+#: ``"drop_create"`` drops it and creates it again in the migration's transaction;
+#: ``"side_by_side"`` builds the new version next to the old one while readers keep reading,
+#: then swaps them in one short transaction.
+REPLACE_STRATEGIES = ("drop_create", "side_by_side")
+
+
+def check_replace_strategy(value: object, label: str) -> str | None:
+    """``value`` if it is ``None`` or one of :data:`REPLACE_STRATEGIES`, else raise.
+
+    >>> check_replace_strategy("side_by_side", "view 'mv'")
+    'side_by_side'
+    """
+    if value is None or value in REPLACE_STRATEGIES:
+        return value
+    raise DefinitionError(
+        f"{label}: replace_strategy={value!r} is not a strategy; pass "
+        f"{' or '.join(repr(s) for s in REPLACE_STRATEGIES)} (or None for the default)"
+    )
 
 
 def unique_key_index_name(view_name: str) -> str:
@@ -114,6 +135,12 @@ class MaterializedView:
         that mark it stale when they change (see :func:`sqlalchemy_matview.refresh_stale`).
     :param depends_on: extra objects the view reads from, for SQL definitions whose sources
         cannot be discovered (``Table`` or ``MaterializedView`` objects).
+    :param replace_strategy: how migrations that change the definition replace the view:
+        ``"drop_create"`` (drop it and create it again; readers wait for the rebuild) or
+        ``"side_by_side"`` (build the new version while readers keep reading the old one,
+        then swap them in milliseconds; see ``docs/alembic.md``). ``None`` (the default)
+        leaves the choice to :func:`sqlalchemy_matview.alembic.register`, whose own default
+        is ``"drop_create"``. Autogenerate writes it into the migration.
     """
 
     def __init__(
@@ -130,6 +157,7 @@ class MaterializedView:
         comment: str | None = None,
         track_changes: bool = False,
         depends_on: Iterable[sa.Table | MaterializedView] = (),
+        replace_strategy: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise DefinitionError(f"a materialized view needs a non-empty name, got {name!r}")
@@ -148,6 +176,9 @@ class MaterializedView:
         self.managed = managed
         self.comment = comment
         self.track_changes = track_changes
+        self.replace_strategy: str | None = check_replace_strategy(
+            replace_strategy, f"materialized view {self._display}"
+        )
         if track_changes and not managed:
             raise DefinitionError(
                 f"materialized view {self._display}: track_changes=True needs a managed view "

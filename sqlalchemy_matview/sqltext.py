@@ -17,13 +17,14 @@ line, ``/* ... */`` nested) are recognised as PostgreSQL does with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "MultipleStatementsError",
     "Token",
     "context_at",
+    "dollar_tag",
     "statement_body",
     "tokens",
     "top_level_items",
@@ -195,3 +196,19 @@ def top_level_items(sql: str, open_paren: int) -> tuple[list[str], int]:
             items.append(sql[begin:at].strip())
             begin = at + 1
     raise ValueError(f"unbalanced parentheses in {sql!r}")
+
+
+def dollar_tag(texts: Sequence[str], stem: str) -> str:
+    """A ``$tag$`` that quotes each of ``texts``: it first occurs where it closes the text.
+
+    >>> dollar_tag(["SELECT 'it''s'"], "q")
+    '$q0$'
+    >>> dollar_tag(["SELECT 1 AS x$q0"], "q")  # $q0$ would close it one character early
+    '$q1$'
+    """
+    n = 0
+    while True:
+        tag = f"${stem}{n}$"
+        if all((text + tag).find(tag) == len(text) for text in texts):
+            return tag
+        n += 1

@@ -14,6 +14,7 @@ by :func:`sqlalchemy_matview.alembic.register` or by the ``alembic.plugins`` ent
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from alembic.operations import MigrateOperation, Operations
@@ -21,6 +22,8 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from ..compare import PRIVILEGES, CapturedView, Grant, definition_sql
 from ..errors import MaterializedViewError
+from ..schema import REPLACE_STRATEGIES
+from ..swap import DEFAULT_SWAP_LOCK_TIMEOUT, DEFAULT_SWAP_RETRIES, check_swap_options
 
 if TYPE_CHECKING:
     from ..schema import Definition
@@ -34,6 +37,7 @@ __all__ = [
     "DropPlainViewOp",
     "EnableChangeTrackingOp",
     "InvalidGrantError",
+    "InvalidReplaceStrategyError",
     "IrreversibleOperationError",
     "RefreshMaterializedViewOp",
     "ReplaceMaterializedViewOp",
@@ -52,6 +56,19 @@ class IrreversibleOperationError(MaterializedViewError, ValueError):
 
 class InvalidGrantError(MaterializedViewError, ValueError):
     """A ``grants=`` entry of a view operation is not ``(role, privilege[, grantable])``."""
+
+
+class InvalidReplaceStrategyError(MaterializedViewError, ValueError):
+    """``strategy=`` of ``replace_materialized_view`` is not one of the strategies."""
+
+
+def _strategy(view: str, strategy: object) -> str:
+    if strategy not in REPLACE_STRATEGIES:
+        raise InvalidReplaceStrategyError(
+            f"replace_materialized_view({view!r}): strategy={strategy!r} is not a strategy; "
+            f"pass {' or '.join(repr(s) for s in REPLACE_STRATEGIES)}"
+        )
+    return str(strategy)
 
 
 def _grants(view: str, grants: Sequence[GrantSpec] | None) -> tuple[Grant, ...] | None:
@@ -377,6 +394,9 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         grants: Sequence[GrantSpec] | None = None,
         owner: str | None = None,
         dependents: Sequence[DependentView] | None = None,
+        strategy: str = "drop_create",
+        swap_lock_timeout: float | timedelta = DEFAULT_SWAP_LOCK_TIMEOUT,
+        swap_retries: int = DEFAULT_SWAP_RETRIES,
     ) -> None:
         self.name = name
         self.definition = definition
@@ -389,6 +409,10 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         self.grants = _grants(name, grants)
         self.owner = owner
         self.dependents = _dependents(dependents)
+        self.strategy = _strategy(name, strategy)
+        self.swap_lock_timeout, self.swap_retries = check_swap_options(
+            name, swap_lock_timeout, swap_retries
+        )
 
     @classmethod
     def replace_materialized_view(
@@ -406,6 +430,9 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         grants: Sequence[GrantSpec] | None = None,
         owner: str | None = None,
         dependents: Sequence[DependentView] | None = None,
+        strategy: str = "drop_create",
+        swap_lock_timeout: float | timedelta = DEFAULT_SWAP_LOCK_TIMEOUT,
+        swap_retries: int = DEFAULT_SWAP_RETRIES,
     ) -> None:
         """Give a materialized view a new definition.
 
@@ -426,6 +453,20 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         (:class:`~sqlalchemy_matview.alembic.toimpl.OfflineModeError`) before printing any
         of its SQL.
 
+        ``strategy="side_by_side"`` replaces the view without making its readers wait for
+        the rebuild (:mod:`sqlalchemy_matview.swap`): the new version, and every view
+        depending on it, is built next to the old one while readers keep reading it; then
+        one short transaction swaps them, waiting at most ``swap_lock_timeout`` seconds for
+        each lock and trying again up to ``swap_retries`` times (with a growing pause) before
+        it fails, leaving the old views as they were. Build and swap commit on their own: in
+        a migration whose transaction Alembic owns, what the migration did before is
+        committed first and a new transaction begins after the swap (Alembic's
+        ``autocommit_block``); run inside a transaction of the caller's, the operation uses a
+        savepoint and the locks last until the caller commits. A view created ``WITH NO
+        DATA`` (``with_data=False``) or not populated in the database has no reader to
+        protect, and is dropped and created. The default, ``"drop_create"``, does it all in
+        the migration's transaction.
+
         Example::
 
             op.replace_materialized_view(
@@ -435,6 +476,12 @@ class ReplaceMaterializedViewOp(MigrateOperation):
                 indexes=["CREATE UNIQUE INDEX mv_totals_kind ON mv_totals USING btree (kind)"],
                 grants=[("app_reader", "SELECT")],
                 dependents=[DependentView("big_totals", "SELECT kind FROM mv_totals")],
+            )
+            op.replace_materialized_view(
+                "mv_totals",
+                "SELECT kind, count(*) AS n, max(id) AS last_id FROM events GROUP BY kind",
+                strategy="side_by_side",
+                swap_lock_timeout=0.2,
             )
         """
         operations.invoke(
@@ -450,6 +497,9 @@ class ReplaceMaterializedViewOp(MigrateOperation):
                 grants=grants,
                 owner=owner,
                 dependents=dependents,
+                strategy=strategy,
+                swap_lock_timeout=swap_lock_timeout,
+                swap_retries=swap_retries,
             )
         )
 
@@ -472,6 +522,9 @@ class ReplaceMaterializedViewOp(MigrateOperation):
             grants=self.grants,
             owner=self.owner,
             dependents=self.dependents,
+            strategy=self.strategy,
+            swap_lock_timeout=self.swap_lock_timeout,
+            swap_retries=self.swap_retries,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:

@@ -22,6 +22,7 @@ from sqlalchemy.sql.ddl import CreateIndex, ExecutableDDLElement
 
 from ..ddl import definition_query
 from ..query import as_query
+from ..sqltext import dollar_tag as _dollar_tag
 from .indexes import INDEX_COLUMNS, probe_index, shape_of
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,6 @@ class _Block(ExecutableDDLElement):
 
     def __init__(self, statements: Sequence[ExecutableDDLElement]) -> None:
         self.statements = tuple(statements)
-
-
-def _dollar_tag(texts: Sequence[str], stem: str) -> str:
-    """A ``$tag$`` that quotes each of ``texts``: it first occurs where it closes the text."""
-    n = 0
-    while True:
-        tag = f"${stem}{n}$"
-        if all((text + tag).find(tag) == len(text) for text in texts):
-            return tag
-        n += 1
 
 
 @compiles(_Block, "postgresql")

@@ -8,6 +8,10 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
+# Defined with the GRANT statement that checks them; part of the records' vocabulary.
+from ..ddl import PRIVILEGES as PRIVILEGES
+from ..ddl import PUBLIC as PUBLIC
+
 #: ``(schema, name)`` of a view; ``None`` stands for the default schema.
 Key = tuple[str | None, str]
 #: ``(schema, name)`` as the catalog names it (the schema always given).
@@ -76,16 +80,6 @@ class ReflectedIndex:
         if self.nulls_not_distinct:
             kwargs["postgresql_nulls_not_distinct"] = True
         return sa.Index(self.name, *exprs, unique=self.unique, _table=table, **kwargs)
-
-
-#: Privileges a ``GRANT`` can give on a view or materialized view (``MAINTAIN``: PostgreSQL
-#: 17+). Only these words are ever written into a ``GRANT`` statement.
-PRIVILEGES = frozenset(
-    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN"}
-)
-
-#: The grantee that stands for ``PUBLIC``: PostgreSQL reserves the role name ``public``.
-PUBLIC = "public"
 
 
 class Grant(NamedTuple):
