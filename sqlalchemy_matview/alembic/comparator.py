@@ -27,6 +27,7 @@ from alembic.operations import ops as alembic_ops
 from .. import compare
 from ..compare import Change, ViewRef
 from ..compare.indexes import renderable_index
+from ..schema import check_replace_strategy
 from . import filters
 from .ops import (
     CreateMaterializedViewOp,
@@ -43,7 +44,13 @@ from .ops import (
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
 
-__all__ = ["compare_materialized_views", "describe", "to_operation"]
+__all__ = [
+    "REPLACE_STRATEGY_OPTION",
+    "compare_materialized_views",
+    "describe",
+    "set_default_replace_strategy",
+    "to_operation",
+]
 
 #: Under ``alembic``, so that ``alembic revision --autogenerate`` shows what it detected
 #: with the default ``alembic.ini`` logging, next to Alembic's own lines.
@@ -54,11 +61,39 @@ OBJECT_TYPE = "materialized_view"
 
 _DONE_KEY = "sqlalchemy_matview.compared"
 
+#: The ``context.configure()`` option choosing the strategy of every replace that the
+#: declaration leaves open (``MaterializedView(replace_strategy=None)``): the way to set it
+#: for projects that enable the ``sqlalchemy_matview`` plugin rather than call ``register()``.
+REPLACE_STRATEGY_OPTION = "sqlalchemy_matview_replace_strategy"
 
-def to_operation(change: Change, default_schema: str | None = None) -> alembic_ops.MigrateOperation:
+_default_strategy = "drop_create"
+
+
+def set_default_replace_strategy(strategy: str | None) -> None:
+    """The strategy of replaces that neither the view nor the configuration choose
+    (``register(replace_strategy=...)``); ``None`` restores ``"drop_create"``.
+
+    Example::
+
+        set_default_replace_strategy("side_by_side")
+    """
+    global _default_strategy
+    _default_strategy = check_replace_strategy(strategy, "register()") or "drop_create"
+
+
+def _strategy(autogen_context: AutogenContext) -> str:
+    chosen = autogen_context.opts.get(REPLACE_STRATEGY_OPTION)
+    label = f"context.configure({REPLACE_STRATEGY_OPTION}=...)"
+    return check_replace_strategy(chosen, label) or _default_strategy
+
+
+def to_operation(
+    change: Change, default_schema: str | None = None, *, replace_strategy: str = "drop_create"
+) -> alembic_ops.MigrateOperation:
     """The Alembic operation that carries out one :mod:`~sqlalchemy_matview.compare` record.
 
-    Views in ``default_schema`` are named without it.
+    Views in ``default_schema`` are named without it. ``replace_strategy`` is the strategy of
+    a replace whose view does not choose one.
     """
     if isinstance(change, compare.CreateView):
         return CreateMaterializedViewOp(
@@ -100,6 +135,7 @@ def to_operation(change: Change, default_schema: str | None = None) -> alembic_o
             ]
             if view
             else None,
+            strategy=change.replace_strategy or replace_strategy,
         )
     if isinstance(change, compare.DetachView):
         view = change.view
@@ -283,8 +319,17 @@ def compare_materialized_views(
         altered_tables=tables,
         retyped_columns=columns,
     )
-    before = [to_operation(c, default_schema) for c in changes if c.phase == "before"]
-    after = [to_operation(c, default_schema) for c in changes if c.phase != "before"]
+    strategy = _strategy(autogen_context)
+    before = [
+        to_operation(c, default_schema, replace_strategy=strategy)
+        for c in changes
+        if c.phase == "before"
+    ]
+    after = [
+        to_operation(c, default_schema, replace_strategy=strategy)
+        for c in changes
+        if c.phase != "before"
+    ]
     for message in describe(changes, default_schema or "public"):
         log.info(message)
     upgrade_ops.ops[:0] = before

@@ -15,6 +15,7 @@ from alembic.autogenerate import renderers
 from sqlalchemy.sql.elements import ClauseElement
 
 from ..compare import Grant, definition_sql
+from ..swap import DEFAULT_SWAP_LOCK_TIMEOUT, DEFAULT_SWAP_RETRIES
 from .ops import (
     CreateMaterializedViewOp,
     CreatePlainViewOp,
@@ -253,6 +254,9 @@ def _render_replace(autogen_context: AutogenContext, op: ReplaceMaterializedView
         [repr(op.name), render_sql(_definition(op.definition))],
         [
             ("schema", op.schema, None),
+            ("strategy", op.strategy, "drop_create"),
+            ("swap_lock_timeout", op.swap_lock_timeout, DEFAULT_SWAP_LOCK_TIMEOUT),
+            ("swap_retries", op.swap_retries, DEFAULT_SWAP_RETRIES),
             ("with_data", op.with_data, True),
             ("*old_definition", old, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),

@@ -27,6 +27,8 @@ class Declared:
     comment: str | None
     table: sa.Table
     track_changes: bool = False
+    #: ``MaterializedView(replace_strategy=...)``; ``None`` leaves it to the caller.
+    replace_strategy: str | None = None
     reads: set[tuple[str | None, str]] = field(default_factory=set)
     #: Tables (not views) that the declared definition reads directly.
     tables: set[tuple[str | None, str]] = field(default_factory=set)
@@ -79,6 +81,7 @@ def declared_views(
                 comment=view.comment,
                 table=view.table,
                 track_changes=view.track_changes,
+                replace_strategy=view.replace_strategy,
             )
             declared.append(item)
             by_table[id(view.table)] = item

@@ -306,6 +306,7 @@ def compare_views(
                         dependents=tuple(
                             access[k] for k in dependents.get(id(item), ()) if k in access
                         ),
+                        replace_strategy=item.replace_strategy,
                     )
                 )
             for name in sorted(declared_indexes):

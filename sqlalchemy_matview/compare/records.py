@@ -178,6 +178,9 @@ class ReplaceView:
     #: Views and materialized views reading the view (directly or not), each after what it
     #: reads.
     dependents: tuple[CapturedView, ...] = ()
+    #: How the declaration asks to replace it (``"drop_create"`` or ``"side_by_side"``);
+    #: ``None`` leaves the choice to the caller.
+    replace_strategy: str | None = None
     phase = "after"
 
 
