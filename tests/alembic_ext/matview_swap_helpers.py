@@ -95,7 +95,7 @@ class Readers:
                 for query in self.queries:
                     started = time.perf_counter()
                     try:
-                        conn.execute(query).fetchall()  # type: ignore[arg-type]
+                        conn.execute(query).fetchall()
                     except psycopg.Error as exc:
                         with self._lock:
                             self.errors.append(f"{query}: {exc}")

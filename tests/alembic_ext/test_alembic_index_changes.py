@@ -21,6 +21,7 @@ from sqlalchemy_matview import MaterializedView
 
 IndexFactory = Callable[[sa.Table], sa.Index]
 
+
 def declare(index: IndexFactory | None) -> sa.MetaData:
     md = sa.MetaData()
     events = sa.Table(

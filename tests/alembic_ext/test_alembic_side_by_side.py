@@ -147,7 +147,7 @@ def test_a_failing_dependent_leaves_everything_as_it_was(setup: sa.Engine) -> No
         conn.exec_driver_sql("DROP INDEX mv_total")
     before = _state(engine)
     # mv_big compares total with a number: text cannot be.
-    with pytest.raises(DependentViewError, match="mv_big .*operator does not exist"):
+    with pytest.raises(DependentViewError, match=r"mv_big .*operator does not exist"):
         _replace(engine, "SELECT kind, sum(amount)::text AS total FROM events GROUP BY kind")
     assert _state(engine) == before
     with engine.connect() as conn:
@@ -158,7 +158,7 @@ def test_a_failing_dependent_leaves_everything_as_it_was(setup: sa.Engine) -> No
 def test_a_failing_build_leaves_everything_as_it_was(setup: sa.Engine) -> None:
     engine = setup
     before = _state(engine)
-    with pytest.raises(SwapError, match="failed while building .*division by zero"):
+    with pytest.raises(SwapError, match=r"failed while building .*division by zero"):
         _replace(engine, "SELECT kind, (sum(amount) / 0)::int AS total FROM events GROUP BY kind")
     assert _state(engine) == before
     with engine.connect() as conn:
@@ -175,7 +175,7 @@ def test_a_failing_swap_leaves_everything_as_it_was(setup: sa.Engine, pg_url: sa
         conn.exec_driver_sql("CREATE VIEW newcomer AS SELECT kind FROM mv")
     before = _state(engine)
     gate.open()
-    with pytest.raises(SwapError, match="failed while swapping .*depend"):
+    with pytest.raises(SwapError, match=r"failed while swapping .*depend"):
         migration.result()
     assert _state(engine) == before
     with engine.connect() as conn:
@@ -202,9 +202,7 @@ def test_a_long_reader_makes_the_swap_retry_without_blocking_other_readers(
     long_reader = psycopg.connect(dsn(pg_url))
     long_reader.execute("SELECT count(*) FROM mv").fetchall()  # holds its lock until commit
     caplog.set_level(logging.INFO, "alembic.runtime.sqlalchemy_matview")
-    migration = Background(
-        lambda: _replace(engine, NEW, swap_lock_timeout=0.1, swap_retries=1000)
-    )
+    migration = Background(lambda: _replace(engine, NEW, swap_lock_timeout=0.1, swap_retries=1000))
     # The swap timed out and is sleeping before its next attempt...
     wait_until(lambda: _sleeping_backends(engine) == 1, "the swap to back off")
     # ... so a new reader gets through although the long transaction still holds its lock.
@@ -251,7 +249,8 @@ def test_an_unpopulated_view_or_one_built_without_data_is_dropped_and_created(
     _replace(engine, NEW, with_data=False)
     assert "with_data=False leaves no reader to protect" in caplog.text
     with engine.connect() as conn:
-        assert conn.scalar(sa.text("SELECT relispopulated FROM pg_class WHERE relname = 'mv'")) is False
+        populated = sa.text("SELECT relispopulated FROM pg_class WHERE relname = 'mv'")
+        assert conn.scalar(populated) is False
     caplog.clear()
     _replace(engine, OLD)
     assert "not populated, so nobody can read it" in caplog.text

@@ -1,0 +1,72 @@
+"""A replace keeps a tracked view tracked, on the tables its new definition reads."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from matview_swap_helpers import migrate
+
+from sqlalchemy_matview.orchestration.tracking import install_tracking, view_states
+
+SETUP = [
+    "CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL, amount int NOT NULL)",
+    "CREATE TABLE kinds (kind text PRIMARY KEY, label text NOT NULL)",
+    "INSERT INTO events SELECT g, 'k' || mod(g, 5), g FROM generate_series(1, 50) g",
+    "INSERT INTO kinds SELECT 'k' || g, 'kind ' || g FROM generate_series(0, 4) g",
+    "CREATE MATERIALIZED VIEW mv AS SELECT kind, sum(amount)::int AS total FROM events"
+    " GROUP BY kind",
+    "CREATE UNIQUE INDEX mv_kind ON mv (kind)",
+    "CREATE MATERIALIZED VIEW mv_top AS SELECT kind FROM mv ORDER BY total DESC LIMIT 1",
+]
+JOINED = (
+    "SELECT e.kind, sum(e.amount)::int AS total, min(k.label) AS label"
+    " FROM events e JOIN kinds k ON k.kind = e.kind GROUP BY e.kind"
+)
+KINDS_ONLY = "SELECT kind, 0 AS total, label FROM kinds"
+
+
+def _state(engine: sa.Engine) -> tuple[tuple[str, ...], bool]:
+    with engine.connect() as conn:
+        state = view_states(conn)[("public", "mv")]
+        return state.sources, state.stale
+
+
+def _refresh(engine: sa.Engine) -> None:
+    from sqlalchemy_matview import refresh_views
+
+    results = refresh_views(engine, "mv", "mv_top")
+    assert {r.status for r in results} == {"refreshed"}
+
+
+def _write(engine: sa.Engine, statement: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+
+
+@pytest.mark.parametrize("strategy", ["drop_create", "side_by_side"])
+def test_tracking_follows_the_tables_the_new_definition_reads(
+    engine: sa.Engine, strategy: str
+) -> None:
+    with engine.begin() as conn:
+        for statement in SETUP:
+            conn.exec_driver_sql(statement)
+        install_tracking(conn, None, "mv", [(None, "events")])
+    _refresh(engine)
+    assert _state(engine) == (("public.events",), False)
+
+    migrate(engine, lambda op: op.replace_materialized_view("mv", JOINED, strategy=strategy))
+    assert _state(engine)[0] == ("public.events", "public.kinds")
+    _refresh(engine)
+    _write(engine, "UPDATE kinds SET label = 'renamed' WHERE kind = 'k1'")
+    assert _state(engine)[1], "a write to the newly read table marks the view stale"
+
+    migrate(engine, lambda op: op.replace_materialized_view("mv", KINDS_ONLY, strategy=strategy))
+    assert _state(engine)[0] == ("public.kinds",)
+    _refresh(engine)
+    _write(engine, "INSERT INTO events VALUES (1000, 'k1', 1)")
+    assert not _state(engine)[1], "a table the view no longer reads does not mark it stale"
+    with engine.connect() as conn:
+        triggers = conn.scalar(
+            sa.text("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass")
+        )
+        assert triggers == 0
