@@ -13,6 +13,7 @@ MODULES = [
     "sqlalchemy_matview.ddl",
     "sqlalchemy_matview.query",
     "sqlalchemy_matview.sqltext",
+    "sqlalchemy_matview.swap",
 ]
 
 
