@@ -457,9 +457,20 @@ def _with_lock_retries(
         time.sleep(min(cap, start * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
 
 
+_CAN_CREATE_SCHEMAS = sa.text(
+    "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')"
+)
+
+
 def _run(operations: Operations, op: ReplaceMaterializedViewOp, *, own_transaction: bool) -> None:
     conn = operations.get_bind()
     label = _label(op)
+    if not conn.scalar(_CAN_CREATE_SCHEMAS):
+        raise swap.SwapError(
+            f"{label} builds the new version in a schema of its own, and the role running the "
+            "migration may not create schemas in this database: GRANT CREATE ON DATABASE to "
+            "it, or use strategy='drop_create'; nothing was changed"
+        )
     default_schema = catalog.current_schema(conn)
     own, dependents = _from_catalog(conn, op, views_first=True)
     plan = _plan(

@@ -8,6 +8,8 @@ import logging
 import psycopg
 import pytest
 import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from matview_swap_helpers import (
     GATE_FUNCTION,
     Background,
@@ -260,3 +262,32 @@ def test_an_unpopulated_view_or_one_built_without_data_is_dropped_and_created(
             range(1, 500, 5)
         )
         assert swap_leftovers(conn) == []
+
+
+def test_a_role_that_may_not_create_schemas_is_told_before_anything_runs(
+    setup: sa.Engine, pg_url: sa.URL
+) -> None:
+    engine = setup
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE ROLE no_schemas")
+        conn.exec_driver_sql("GRANT reporting TO no_schemas")
+    as_role = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    try:
+        with as_role.connect() as conn:
+            conn.exec_driver_sql("SET ROLE no_schemas")
+            conn.commit()
+            context = MigrationContext.configure(conn)
+            with (
+                pytest.raises(SwapError, match="GRANT CREATE ON DATABASE"),
+                context.begin_transaction(),
+            ):
+                Operations(context).replace_materialized_view("mv", NEW, strategy="side_by_side")
+    finally:
+        as_role.dispose()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP ROLE no_schemas")
+    with engine.connect() as conn:
+        assert swap_leftovers(conn) == []
+        assert conn.scalar(sa.text("SELECT total FROM mv WHERE kind = 'k1'")) == sum(
+            range(1, 500, 5)
+        )
