@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -54,6 +55,18 @@ PGBOUNCER_ENV = "SQLALCHEMY_MATVIEW_PGBOUNCER"
 PoolMode = Literal["session", "transaction", "statement"]
 
 _START_TIMEOUT = 30.0
+
+# Stopped at exit like the launcher's servers: a PgBouncer left running would hold its port.
+_live: dict[int, PgBouncer] = {}
+
+
+def _cleanup_live() -> None:
+    for bouncer in list(_live.values()):
+        with contextlib.suppress(Exception):
+            bouncer.cleanup()
+
+
+atexit.register(_cleanup_live)
 
 
 def find_pgbouncer() -> Path | None:
@@ -140,6 +153,7 @@ class PgBouncer:
         run_as = _run_as_for(self.server.installation)
         if self._dir is None:
             self._dir = _private_dir(run_as, "mvbouncer-")
+            _live[id(self)] = self
         self._port = _free_port()
         config = self._dir / "pgbouncer.ini"
         auth = self._dir / "users.txt"
@@ -212,6 +226,7 @@ class PgBouncer:
     def cleanup(self) -> None:
         """Stop and delete the directory. Idempotent."""
         self.stop()
+        _live.pop(id(self), None)
         directory, self._dir = self._dir, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
