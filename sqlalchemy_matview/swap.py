@@ -611,15 +611,28 @@ def changed_result_types(conn: Connection, plan: SwapPlan) -> list[str]:
     return [row.label for row in rows if list(row.old_columns) != list(row.new_columns)]
 
 
-def extra_disk_bytes(conn: Connection, plan: SwapPlan) -> int:
-    """About how much disk the build needs on top of what the old views use: their size.
-
-    Read from ``pg_class`` statistics (no lock taken, as of the last ``VACUUM``/``ANALYZE``);
-    the views must be named with their schemas (as they are online).
+_SIZES = sa.text(
     """
-    from . import catalog
+    SELECT COALESCE(sum(pg_catalog.pg_total_relation_size(c.oid)), 0)::bigint
+      FROM pg_catalog.pg_class c
+     WHERE c.oid = ANY (ARRAY(SELECT pg_catalog.to_regclass(n)
+                                FROM unnest(CAST(:names AS text[])) AS n))
+       AND c.relkind = 'm'
+    """
+)
 
-    keys = {(i.schema, i.name) for i in plan.views if i.materialized}
-    schemas = sorted({schema for schema, _ in keys if schema is not None})
-    infos = catalog.materialized_views(conn, schemas, definitions=False)
-    return sum(info.size_bytes for info in infos if info.qualified_name in keys)
+
+def extra_disk_bytes(conn: Connection, plan: SwapPlan) -> int:
+    """About how much disk the build needs on top of what the old views use: their size, with
+    their indexes and TOAST.
+
+    Read outside the build's transaction (``pg_total_relation_size`` takes a lock on each
+    view for the duration of the statement).
+    """
+    preparer = conn.dialect.identifier_preparer
+    names = [
+        preparer.format_table(sa.table(i.name, schema=i.schema))
+        for i in plan.views
+        if i.materialized
+    ]
+    return int(conn.execute(_SIZES, {"names": names}).scalar_one())

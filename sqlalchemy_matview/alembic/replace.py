@@ -457,6 +457,18 @@ def _with_lock_retries(
         time.sleep(min(cap, start * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
 
 
+def _size(size: int) -> str:
+    """``size`` bytes in a unit that reads.
+
+    >>> _size(24576), _size(15_400_000), _size(3 * 10**9)
+    ('25 kB', '15.4 MB', '3.0 GB')
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{round(size / 1e3)} kB"
+
+
 _CAN_CREATE_SCHEMAS = sa.text(
     "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')"
 )
@@ -482,10 +494,10 @@ def _run(operations: Operations, op: ReplaceMaterializedViewOp, *, own_transacti
     )
     log.info(
         "%s: building the new version and %d dependent view(s) next to the old ones (about "
-        "%.1f MB more disk until the swap)",
+        "%s more disk until the swap)",
         label,
         len(plan.dependents),
-        swap.extra_disk_bytes(conn, plan) / 1e6,
+        _size(swap.extra_disk_bytes(conn, plan)),
     )
     sync = TrackingSync.read(conn, op, own.schema or default_schema)
     if sync is not None:
@@ -508,9 +520,9 @@ def _run(operations: Operations, op: ReplaceMaterializedViewOp, *, own_transacti
             changed = swap.changed_result_types(conn, plan)
             if changed:
                 log.warning(
-                    "%s: the columns of %s change; readers' prepared statements on them fail "
-                    "once after the swap with 'cached plan must not change result type' "
-                    "(see 'zero-downtime changes' in docs/alembic.md)",
+                    "%s: the columns of %s change: readers' prepared statements returning them "
+                    "fail after the swap with 'cached plan must not change result type' (see "
+                    "\"Readers' prepared statements\" in docs/alembic.md)",
                     label,
                     ", ".join(changed),
                 )

@@ -14,6 +14,7 @@ MODULES = [
     "sqlalchemy_matview.query",
     "sqlalchemy_matview.sqltext",
     "sqlalchemy_matview.swap",
+    "sqlalchemy_matview.alembic.replace",
 ]
 
 
