@@ -318,7 +318,10 @@ class SwapPlan:
         ]
         steps += self._build_one(self.view)
         if self.dependents:
-            steps.append((None, SearchPathFirst(list(dict.fromkeys(self.staging.values())))))
+            # The staged views first, then the schemas of the views as the dependents'
+            # definitions were printed with them (see plan_swap), then the path as it is.
+            first = [*self.staging.values(), *(s for s in self.staging if s is not None)]
+            steps.append((None, SearchPathFirst(list(dict.fromkeys(first)))))
             for item in self.dependents:
                 steps += self._build_one(item)
             steps.append((None, SearchPathRestore()))
@@ -405,9 +408,13 @@ def plan_swap(
 ) -> SwapPlan:
     """The statements replacing ``view`` side by side, with ``dependents`` rebuilt against it.
 
-    ``dependents`` come each after what it reads. ``schema_taken`` says whether a schema of
-    that name exists (online); staging names are otherwise derived from the views and the new
-    definition, so that ``--sql`` prints the same script every time.
+    ``dependents`` come each after what it reads. Their definitions name the views they read
+    without a schema wherever ``search_path`` finds them: the build puts the staging schemas
+    first on it, then the swapped views' own schemas (in the order of ``view`` and
+    ``dependents``, as the definitions should have been printed with), then the path it finds.
+    ``schema_taken`` says whether a schema of that name exists (online); staging names are
+    otherwise derived from the views and the new definition, so that ``--sql`` prints the same
+    script every time.
 
     Raises :class:`SwapError` when two swapped views share a name in different schemas: the
     build finds the staged versions by name through ``search_path``.

@@ -233,6 +233,11 @@ class TrackingSync:
         if not set(self.old) <= set(self.new):
             self._install(conn, self.new)
 
+    def undo(self, conn: Connection) -> None:
+        """Back to the old tables, after :meth:`widen`, when the replace failed."""
+        if not set(self.new) <= set(self.old):
+            self._install(conn, self.old)
+
 
 # -- drop and create ---------------------------------------------------------------------------
 
@@ -474,6 +479,23 @@ _CAN_CREATE_SCHEMAS = sa.text(
 )
 
 
+@contextlib.contextmanager
+def _undone_on_failure(
+    conn: Connection, op: ReplaceMaterializedViewOp, own: bool, sync: TrackingSync | None
+) -> Iterator[None]:
+    """Change tracking as it was when the build or the swap fails (in its own transaction;
+    in the caller's, the savepoint undoes it)."""
+    try:
+        yield
+    except BaseException:
+        if sync is not None and own:
+            try:
+                _with_lock_retries(conn, op, own, lambda: sync.undo(conn))
+            except Exception:
+                log.exception("%s: could not set change tracking back", _label(op))
+        raise
+
+
 def _run(operations: Operations, op: ReplaceMaterializedViewOp, *, own_transaction: bool) -> None:
     conn = operations.get_bind()
     label = _label(op)
@@ -505,7 +527,10 @@ def _run(operations: Operations, op: ReplaceMaterializedViewOp, *, own_transacti
 
     step = "building"
     try:
-        with _transaction(conn, own_transaction):
+        with (
+            _undone_on_failure(conn, op, own_transaction, sync),
+            _transaction(conn, own_transaction),
+        ):
             for statement in plan.locks():
                 conn.execute(statement)
             started = time.perf_counter()
@@ -522,7 +547,7 @@ def _run(operations: Operations, op: ReplaceMaterializedViewOp, *, own_transacti
                 log.warning(
                     "%s: the columns of %s change: readers' prepared statements returning them "
                     "fail after the swap with 'cached plan must not change result type' (see "
-                    "\"Readers' prepared statements\" in docs/alembic.md)",
+                    '"Readers\' prepared statements" in docs/alembic.md)',
                     label,
                     ", ".join(changed),
                 )

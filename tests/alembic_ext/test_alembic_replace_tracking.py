@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from matview_swap_helpers import migrate
 
 from sqlalchemy_matview.orchestration.tracking import install_tracking, view_states
+from sqlalchemy_matview.swap import SwapError
 
 SETUP = [
     "CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL, amount int NOT NULL)",
@@ -68,5 +69,24 @@ def test_tracking_follows_the_tables_the_new_definition_reads(
     with engine.connect() as conn:
         triggers = conn.scalar(
             sa.text("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass")
+        )
+        assert triggers == 0
+
+
+def test_a_failed_side_by_side_replace_leaves_tracking_as_it_was(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        for statement in SETUP:
+            conn.exec_driver_sql(statement)
+        install_tracking(conn, None, "mv", [(None, "events")])
+    failing = JOINED.replace("sum(e.amount)::int", "(sum(e.amount) / 0)::int")
+    with pytest.raises(SwapError, match="division by zero"):
+        migrate(
+            engine,
+            lambda op: op.replace_materialized_view("mv", failing, strategy="side_by_side"),
+        )
+    assert _state(engine)[0] == ("public.events",)
+    with engine.connect() as conn:
+        triggers = conn.scalar(
+            sa.text("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'kinds'::regclass")
         )
         assert triggers == 0

@@ -24,7 +24,7 @@ from matview_swap_helpers import (
 
 from sqlalchemy_matview.alembic.toimpl import DependentViewError
 from sqlalchemy_matview.orchestration.tracking import install_tracking, tracking_installed
-from sqlalchemy_matview.swap import SwapError, SwapLockTimeoutError
+from sqlalchemy_matview.swap import SwapError, SwapLockTimeoutError, SwappedView, plan_swap
 
 VIEWS = ["mv", "mv_big", "mv_top", "mv_big_count", "mv_lazy"]
 
@@ -291,3 +291,49 @@ def test_a_role_that_may_not_create_schemas_is_told_before_anything_runs(
         assert conn.scalar(sa.text("SELECT total FROM mv WHERE kind = 'k1'")) == sum(
             range(1, 500, 5)
         )
+
+
+def test_views_in_another_schema_and_dependents_naming_it(engine: sa.Engine) -> None:
+    """The dependents' definitions name the view (and a table beside it) with their schema,
+    which is not on the search_path: they still read the new version once swapped."""
+    with engine.begin() as conn:
+        for statement in [
+            "CREATE SCHEMA reports",
+            "CREATE TABLE reports.events (id int PRIMARY KEY, kind text NOT NULL)",
+            "CREATE TABLE reports.labels (kind text PRIMARY KEY, label text NOT NULL)",
+            "INSERT INTO reports.events SELECT g, 'k' || mod(g, 3) FROM generate_series(1, 30) g",
+            "INSERT INTO reports.labels VALUES ('k0', 'zero'), ('k1', 'one'), ('k2', 'two')",
+            "CREATE MATERIALIZED VIEW reports.mv AS SELECT kind, count(*) AS n"
+            " FROM reports.events GROUP BY kind",
+            "CREATE VIEW labelled AS SELECT m.kind, m.n, l.label"
+            " FROM reports.mv m JOIN reports.labels l USING (kind)",
+            "CREATE MATERIALIZED VIEW labelled_count AS SELECT sum(n) AS n FROM labelled",
+        ]:
+            conn.exec_driver_sql(statement)
+    before = _state(engine)
+    with engine.connect() as conn:
+        definitions = catalog_state(conn, ["labelled", "labelled_count"])
+    migrate(
+        engine,
+        lambda op: op.replace_materialized_view(
+            "mv",
+            "SELECT kind, count(*) * 10 AS n FROM reports.events GROUP BY kind",
+            schema="reports",
+            strategy="side_by_side",
+        ),
+    )
+    with engine.connect() as conn:
+        assert catalog_state(conn, ["labelled", "labelled_count"]) == definitions
+        assert conn.scalar(sa.text("SELECT n FROM labelled WHERE label = 'one'")) == 100
+        assert conn.scalar(sa.text("SELECT n FROM labelled_count")) == 300
+        assert swap_leftovers(conn) == []
+    assert _state(engine).keys() == before.keys()
+
+
+def test_views_of_one_name_in_two_schemas_cannot_be_staged_together() -> None:
+    def view(schema: str | None, name: str = "mv") -> SwappedView:
+        return SwappedView(name, schema, True, "SELECT 1 AS one")
+
+    plan_swap(view(None), [view("reports", "other")])
+    with pytest.raises(SwapError, match=r"reports\.mv .*strategy='drop_create'"):
+        plan_swap(view(None), [view("reports")])
