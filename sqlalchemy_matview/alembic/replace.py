@@ -396,7 +396,9 @@ def side_by_side(operations: Operations, op: ReplaceMaterializedViewOp) -> None:
     populated = conn.scalar(_POPULATED, {"relation": relation})
     if populated is False:
         # Reading an unpopulated view fails whatever happens: nothing to protect.
-        log.info("%s: the view is not populated, so nobody can read it: drop and create", op.name)
+        log.info(
+            "%s: the view is not populated, so nobody can read it: drop and create", _label(op)
+        )
         drop_create(operations, op)
         return
     if getattr(conn.connection.dbapi_connection, "autocommit", False):

@@ -3,7 +3,10 @@ readers holding prepared statements when the view's columns change type."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -11,6 +14,8 @@ import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from matview_swap_helpers import dsn, migrate, swap_leftovers
+
+from sqlalchemy_matview.swap import SwapError
 
 SETUP = [
     "CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL, amount int NOT NULL)",
@@ -178,3 +183,29 @@ def test_unchanged_column_types_keep_prepared_statements_working(
         assert rows == [("k1", 24851)]
     finally:
         kept.close()
+
+
+def test_through_an_async_engine(setup: sa.Engine, async_engine: Any) -> None:
+    """Alembic's async template runs migrations with ``run_sync``: psycopg and asyncpg."""
+    engine = setup
+
+    def replace(definition: str) -> Callable[[sa.Connection], None]:
+        def run(conn: sa.Connection) -> None:
+            context = MigrationContext.configure(conn)
+            with context.begin_transaction():
+                Operations(context).replace_materialized_view(
+                    "mv", definition, strategy="side_by_side"
+                )
+
+        return run
+
+    async def main() -> None:
+        async with async_engine.connect() as conn:
+            with pytest.raises(SwapError, match="division by zero"):
+                await conn.run_sync(replace(SAME_TYPES.replace("+ 1", "/ 0")))
+            await conn.run_sync(replace(SAME_TYPES))
+
+    asyncio.run(main())
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT total FROM mv WHERE kind = 'k1'")) == 24851
+        assert swap_leftovers(conn) == []
