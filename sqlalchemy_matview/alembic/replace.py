@@ -71,9 +71,7 @@ def _qualified(name: str, schema: str | None) -> str:
 # -- what the view and its dependents look like -------------------------------------------------
 
 
-def _from_operation(
-    operations: Operations, op: ReplaceMaterializedViewOp
-) -> tuple[DependentView, list[DependentView]]:
+def _from_operation(op: ReplaceMaterializedViewOp) -> tuple[DependentView, list[DependentView]]:
     """Offline: the view and its dependents as the operation carries them."""
     if op.dependents is None:
         raise OfflineModeError(
@@ -135,7 +133,7 @@ def _captured_state(
     operations: Operations, op: ReplaceMaterializedViewOp, *, views_first: bool = False
 ) -> tuple[DependentView, list[DependentView]]:
     if operations.migration_context.as_sql:
-        return _from_operation(operations, op)
+        return _from_operation(op)
     return _from_catalog(operations.get_bind(), op, views_first=views_first)
 
 
@@ -382,7 +380,7 @@ def side_by_side(operations: Operations, op: ReplaceMaterializedViewOp) -> None:
         drop_create(operations, op)
         return
     if context.as_sql:
-        own, dependents = _from_operation(operations, op)
+        own, dependents = _from_operation(op)
         plan = _plan(op, own, dependents, _default_schema())
         with context.autocommit_block():
             operations.execute(sa.text("BEGIN"))
