@@ -14,14 +14,18 @@ migration context owns, as ``alembic upgrade`` does) once per strategy, the two 
 between the view's two definitions, which read the same rows. For each migration it prints the
 migration's wall time, the longest time one read took while the migration ran (the worst
 reader wait), the 99th percentile of those reads, how many reads completed, and how many
-failed. The first line is the readers alone for a few seconds: the machine's own noise.
+failed; for side_by_side, how long the swap took (from its log line: from the swap's first
+statement to its commit). The first line is the readers alone for a few seconds: the
+machine's own noise.
 Target: with side_by_side, worst reader wait <= 100 ms and 0 failed reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import random
+import re
 import statistics
 import threading
 import time
@@ -100,14 +104,31 @@ class Readers:
             return [r for r in self.reads if r.started < end and r.started + r.spent > start]
 
 
-def summary(label: str, reads: list[Read], seconds: float | None) -> str:
+class SwapTimes(logging.Handler):
+    """The swap durations that the side-by-side replace logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"swapped in (\d+) ms", record.getMessage())
+        if found:
+            self.times.append(float(found.group(1)))
+
+
+def summary(
+    label: str, reads: list[Read], seconds: float | None, swap_ms: float | None = None
+) -> str:
     spent = sorted(r.spent for r in reads)
     p99 = spent[min(len(spent) - 1, int(len(spent) * 0.99))] if spent else 0.0
     failed = sum(r.failed for r in reads)
     took = f"{seconds:8.2f} s" if seconds is not None else " " * 10
+    swap = f"{swap_ms:6.0f} ms" if swap_ms is not None else " " * 9
     return (
-        f"{label:<14}{took}  {spent[-1] * 1000 if spent else 0:9.1f} ms  {p99 * 1000:7.1f} ms"
-        f"  {statistics.median(spent) * 1000 if spent else 0:7.2f} ms  {len(reads):8,}  {failed:6}"
+        f"{label:<14}{took}  {swap}  {spent[-1] * 1000 if spent else 0:9.1f} ms"
+        f"  {p99 * 1000:7.1f} ms  {statistics.median(spent) * 1000 if spent else 0:7.2f} ms"
+        f"  {len(reads):8,}  {failed:6}"
     )
 
 
@@ -118,6 +139,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     sqlalchemy_matview.alembic.register()
+    swaps = SwapTimes()
+    logger = logging.getLogger("alembic.runtime.sqlalchemy_matview")
+    logger.addHandler(swaps)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
     settings = {"shared_buffers": "128MB", "work_mem": "64MB", **DURABLE}
     with PostgresServer(settings=settings) as server:
@@ -165,14 +191,17 @@ def main() -> None:
                     end = time.perf_counter()
                     current = target
                     time.sleep(0.5)  # reads waiting on the swap finish
-                    lines.append(summary(strategy, readers.during(start, end), end - start))
+                    swap_ms = swaps.times[-1] if strategy == "side_by_side" else None
+                    lines.append(
+                        summary(strategy, readers.during(start, end), end - start, swap_ms)
+                    )
         finally:
             readers.stop()
         engine.dispose()
 
     print(
-        f"\n{'':<14}{'migration':>10}  {'worst wait':>12}  {'p99':>10}  {'median':>10}"
-        f"  {'reads':>8}  {'failed':>6}"
+        f"\n{'':<14}{'migration':>10}  {'swap':>9}  {'worst wait':>12}  {'p99':>10}"
+        f"  {'median':>10}  {'reads':>8}  {'failed':>6}"
     )
     for line in lines:
         print(line)
