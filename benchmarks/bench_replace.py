@@ -23,6 +23,7 @@ Target: with side_by_side, worst reader wait <= 100 ms and 0 failed reads.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import random
 import re
@@ -139,6 +140,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     sqlalchemy_matview.alembic.register()
+    # The readers keep every read: a collection pass over them would stop all the threads and
+    # show as a reader wait that PostgreSQL did not cause.
+    gc.disable()
     swaps = SwapTimes()
     logger = logging.getLogger("alembic.runtime.sqlalchemy_matview")
     logger.addHandler(swaps)
