@@ -111,6 +111,8 @@ class RefreshWorker:
         #: Number of successful (re)connections so far.
         self.connections = 0
         self._stop = threading.Event()
+        # Set by the SIGINT/SIGTERM handler of run(): see there why it is not self._stop.
+        self._signal: int | None = None
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._whitelist = Whitelist(metadata, channel)
@@ -148,18 +150,24 @@ class RefreshWorker:
     def run(self) -> None:
         """Run in the calling thread until :meth:`stop`, SIGINT or SIGTERM."""
         self._stop.clear()
+        self._signal = None
         previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
 
             def handler(signum: int, frame: FrameType | None) -> None:
-                log.info("refresh worker: signal %s, stopping", signum)
-                self._stop.set()
+                # A handler runs between any two bytecodes of the main thread: inside
+                # Event.wait() holding the event's lock (Event.set() would deadlock) or in
+                # the middle of a log write (logging again raises "reentrant call", which
+                # the loop would take for a lost connection). So it only records the signal.
+                self._signal = signum
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[int(sig)] = signal.signal(sig, handler)
         try:
             self._loop()
         finally:
+            if self._signal is not None:
+                log.info("refresh worker: signal %s, stopped", self._signal)
             for signum, old in previous.items():
                 signal.signal(signum, old)
 
@@ -183,6 +191,18 @@ class RefreshWorker:
         self._whitelist.load(current_schema=current)
         return raw
 
+    def _stopping(self) -> bool:
+        return self._signal is not None or self._stop.is_set()
+
+    def _sleep(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less once stopping (a signal sets no event)."""
+        deadline = time.monotonic() + delay
+        while not self._stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._stop.wait(min(_SLICE, remaining))
+
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -191,7 +211,7 @@ class RefreshWorker:
 
     def _loop(self) -> None:
         attempt = 0
-        while not self._stop.is_set():
+        while not self._stopping():
             try:
                 self._conn = self._connect()
                 self.connections += 1
@@ -201,7 +221,7 @@ class RefreshWorker:
                 self._pass("catch-up")
                 self._listen()
             except Exception as exc:
-                if self._stop.is_set():
+                if self._stopping():
                     break
                 delay = backoff_delay(attempt, self.max_backoff)
                 attempt += 1
@@ -212,7 +232,7 @@ class RefreshWorker:
                     exc_info=exc,
                 )
                 self._close()
-                self._stop.wait(delay)
+                self._sleep(delay)
             finally:
                 self._close()
         log.info("refresh worker stopped")
@@ -222,7 +242,7 @@ class RefreshWorker:
             self.debounce, self.max_delay, self.interval, now=time.monotonic()
         )
         conn = self._conn
-        while not self._stop.is_set():
+        while not self._stopping():
             now = time.monotonic()
             deadline = schedule.deadline()
             # Never block longer than _SLICE, so that stop() is noticed promptly.
@@ -246,7 +266,7 @@ class RefreshWorker:
             lock=self.lock,
             lock_timeout=self.lock_timeout,
             statement_timeout=self.statement_timeout,
-            _should_stop=self._stop.is_set,
+            _should_stop=self._stopping,
         )
         self.passes += 1
         for result in results:

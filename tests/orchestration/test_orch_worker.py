@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -243,3 +245,75 @@ def test_a_failing_on_result_is_logged_and_the_worker_goes_on(engine, shop: Shop
         "on_result raised for public.mv_totals" in r.getMessage() and r.exc_info
         for r in caplog.records
     )
+
+
+class _SignalOnReconnect(logging.Handler):
+    """Sends SIGINT to this process while it is in the middle of logging a reconnect.
+
+    A signal handler runs between any two bytecodes of the main thread, here inside this
+    handler's emit (as it would inside a console write or inside ``Event.wait()``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.deepest = 0
+        self.sent = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.depth += 1
+        self.deepest = max(self.deepest, self.depth)
+        try:
+            if "reconnecting" in record.getMessage() and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the Python-level handler runs in here
+        finally:
+            self.depth -= 1
+
+
+def test_sigint_while_logging_stops_run(engine, shop: Shop):
+    """SIGINT arriving in the middle of a log write stops run() (it used to be lost).
+
+    The handler used to log and call Event.set(): a log write from inside another log
+    write fails in a console stream ("reentrant call"), and Event.set() inside
+    Event.wait() deadlocks. Now it only records the signal.
+    """
+    worker = RefreshWorker(engine, shop.metadata, debounce=0.1, max_backoff=0.2)
+    spy = _SignalOnReconnect()
+    logger = logging.getLogger("sqlalchemy_matview")
+    logger.addHandler(spy)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as `matview watch` does
+
+    def kill_listener() -> None:
+        assert wait_for(lambda: _worker_backends(engine) != [])
+        with engine.connect() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(:p)"
+                ),
+                {"p": _worker_backends(engine)},
+            )
+
+    killer = threading.Thread(target=kill_listener, daemon=True)
+    killer.start()
+    fired = threading.Event()
+
+    def watchdog_stop() -> None:  # so that a lost signal fails the test, not hangs it
+        fired.set()
+        worker.stop()
+
+    watchdog = threading.Timer(60, watchdog_stop)
+    watchdog.start()
+    try:
+        worker.run()
+    finally:
+        watchdog.cancel()
+        logger.removeHandler(spy)
+        logger.setLevel(level)
+    killer.join(5)
+    assert spy.sent
+    assert spy.deepest == 1, "the signal handler logged from inside a log write"
+    assert not fired.is_set(), "SIGINT was lost: the watchdog stopped the worker"
+    assert not worker.running
