@@ -64,6 +64,7 @@ async def refresh_views(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    lock_namespace: str | None = None,
 ) -> list[RefreshResult]:
     """Async :func:`sqlalchemy_matview.refresh_views`.
 
@@ -71,7 +72,9 @@ async def refresh_views(
 
         results = await refresh_views(async_engine, mv_daily)
     """
-    opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    opts = runner.run_options(
+        cascade, concurrently, lock, lock_timeout, statement_timeout, lock_namespace
+    )
     return await _run(
         bind, lambda target: runner.run_views(target, views, opts), per_view_commit=True
     )
@@ -86,6 +89,7 @@ async def refresh_all(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    lock_namespace: str | None = None,
 ) -> list[RefreshResult]:
     """Async :func:`sqlalchemy_matview.refresh_all`.
 
@@ -93,7 +97,9 @@ async def refresh_all(
 
         results = await refresh_all(async_engine, metadata)
     """
-    opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    opts = runner.run_options(
+        cascade, concurrently, lock, lock_timeout, statement_timeout, lock_namespace
+    )
     return await _run_metadata(bind, metadata, opts, stale_only=False)
 
 
@@ -106,6 +112,7 @@ async def refresh_stale(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    lock_namespace: str | None = None,
     _should_stop: Callable[[], bool] | None = None,
 ) -> list[RefreshResult]:
     """Async :func:`sqlalchemy_matview.refresh_stale`.
@@ -114,7 +121,9 @@ async def refresh_stale(
 
         results = await refresh_stale(async_engine, metadata)
     """
-    opts = runner.run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    opts = runner.run_options(
+        cascade, concurrently, lock, lock_timeout, statement_timeout, lock_namespace
+    )
     return await _run_metadata(bind, metadata, opts, stale_only=True, should_stop=_should_stop)
 
 
@@ -145,6 +154,7 @@ async def schedule_refresh(
     schema: str | None = None,
     database: str | None = None,
     only_if_stale: bool = False,
+    lock_namespace: str | None = None,
 ) -> int:
     """Async :func:`sqlalchemy_matview.schedule_refresh`.
 
@@ -163,6 +173,7 @@ async def schedule_refresh(
             schema=schema,
             database=database,
             only_if_stale=only_if_stale,
+            lock_namespace=lock_namespace,
         ),
         per_view_commit=False,
     )

@@ -662,6 +662,12 @@ def status(
 )
 @click.option("--lock-timeout", type=SECONDS, metavar="SECONDS", help="Bound lock waits.")
 @click.option("--statement-timeout", type=SECONDS, metavar="SECONDS", help="Bound each refresh.")
+@click.option(
+    "--lock-namespace",
+    envvar="MATVIEW_LOCK_NAMESPACE",
+    metavar="TEXT",
+    help="Salt of the advisory-lock keys (the one your workers use; env MATVIEW_LOCK_NAMESPACE).",
+)
 def refresh(
     url: str | None,
     metadata_path: str | None,
@@ -673,6 +679,7 @@ def refresh(
     lock: str,
     lock_timeout: float | None,
     statement_timeout: float | None,
+    lock_namespace: str | None,
 ) -> None:
     """Refresh the named views, --all of them, or the --stale ones.
 
@@ -703,6 +710,7 @@ def refresh(
         "lock": _LOCKS[lock],
         "lock_timeout": lock_timeout,
         "statement_timeout": statement_timeout,
+        "lock_namespace": lock_namespace,
     }
     console = make_console()
     engine = create_engine(db_url)

@@ -28,7 +28,7 @@ from ..ddl import refresh
 from ..errors import ExtensionNotInstalledError
 from ..schema import MaterializedView, materialized_view_of
 from . import tracking
-from .locking import DEFAULT_SCHEMA
+from .locking import DEFAULT_SCHEMA, check_namespace
 
 __all__ = ["job_name_for", "refresh_command", "schedule_refresh", "unschedule_refresh"]
 
@@ -84,6 +84,7 @@ def refresh_command(
     schema: str | None = None,
     concurrently: bool = True,
     only_if_stale: bool = False,
+    lock_namespace: str | None = None,
 ) -> str:
     """The SQL a job runs: one call of the refresh function with the view's schema and
     name as quoted literals (identifiers are quoted inside it, with ``format('%I')``).
@@ -97,7 +98,12 @@ def refresh_command(
     if declared is not None:
         refresh(declared, concurrently=concurrently)  # checks the unique key, before any SQL
     call = tracking.refresh_call(
-        view_schema, name, concurrently=concurrently, lock="skip", only_if_stale=only_if_stale
+        view_schema,
+        name,
+        concurrently=concurrently,
+        lock="skip",
+        only_if_stale=only_if_stale,
+        lock_namespace=check_namespace(lock_namespace),
     )
     return str(call.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
 
@@ -157,6 +163,7 @@ def schedule_refresh(
     schema: str | None = None,
     database: str | None = None,
     only_if_stale: bool = False,
+    lock_namespace: str | None = None,
 ) -> int:
     """Schedule a ``pg_cron`` job refreshing ``view``; returns the job id.
 
@@ -179,6 +186,11 @@ def schedule_refresh(
     a safety net that recomputes only when something changed. A view with neither is then
     never refreshed by the job.
 
+    ``lock_namespace`` salts the view's advisory-lock key (see
+    :func:`~sqlalchemy_matview.lock_key`): pass the one your workers use. The job's
+    command stores the key as a literal, so it is readable in ``cron.job`` by whoever can
+    read that table.
+
     Example::
 
         job_id = schedule_refresh(engine, mv_daily, "*/10 * * * *")
@@ -189,7 +201,11 @@ def schedule_refresh(
             f"schedule must be a cron expression such as '*/5 * * * *', got {schedule!r}"
         )
     command = refresh_command(
-        view, schema=schema, concurrently=concurrently, only_if_stale=only_if_stale
+        view,
+        schema=schema,
+        concurrently=concurrently,
+        only_if_stale=only_if_stale,
+        lock_namespace=lock_namespace,
     )
     name = job_name or job_name_for(view, schema=schema, database=database)
     with _conn(bind) as conn:

@@ -21,10 +21,12 @@ unsigned 32-bit halves, the high half in ``classid`` and the low half in ``objid
 from __future__ import annotations
 
 import hashlib
+import hmac
 
+from ..errors import MaterializedViewError
 from ..schema import MaterializedView, materialized_view_of
 
-__all__ = ["DEFAULT_SCHEMA", "lock_key", "lock_key_parts"]
+__all__ = ["DEFAULT_SCHEMA", "check_namespace", "lock_key", "lock_key_parts"]
 
 #: Schema assumed for a view declared without one (and for bare names).
 DEFAULT_SCHEMA = "public"
@@ -49,8 +51,21 @@ def _qualified(view: object, schema: str | None) -> tuple[str, str]:
     )
 
 
+def check_namespace(namespace: object) -> str | None:
+    """Validate a ``lock_namespace=`` option: ``None`` or a non-empty string."""
+    if namespace is None or (isinstance(namespace, str) and namespace):
+        return namespace
+    raise MaterializedViewError(
+        f"lock_namespace={namespace!r}: pass a non-empty string (the same one in every "
+        "process that refreshes these views), or None for the default keys"
+    )
+
+
 def lock_key(
-    view: MaterializedView | tuple[str | None, str] | str, *, schema: str | None = None
+    view: MaterializedView | tuple[str | None, str] | str,
+    *,
+    schema: str | None = None,
+    namespace: str | None = None,
 ) -> int:
     """The advisory-lock key guarding refreshes of ``view``: a signed 64-bit integer.
 
@@ -64,17 +79,34 @@ def lock_key(
     >>> -(2**63) <= lock_key("mv_daily") < 2**63
     True
 
+    ``namespace`` salts the key (HMAC-SHA-256 keyed by it): a role that can take advisory
+    locks but does not know the namespace cannot compute the key, so it cannot hold a
+    view's refreshes off by taking its lock. Every process refreshing the views must pass
+    the same ``lock_namespace=`` (``refresh_views``, ``RefreshWorker``, ``schedule_refresh``,
+    ``matview refresh --lock-namespace``). Without it the key is the documented default.
+
+    >>> lock_key("mv_daily", namespace="s3cret") != lock_key("mv_daily")
+    True
+
     Use it to hold off refreshes yourself::
 
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key(mv_daily))))
     """
     view_schema, name = _qualified(view, schema)
-    digest = hashlib.sha256(_PREFIX + view_schema.encode() + b"\x00" + name.encode()).digest()
+    message = _PREFIX + view_schema.encode() + b"\x00" + name.encode()
+    if check_namespace(namespace) is None:
+        digest = hashlib.sha256(message).digest()
+    else:
+        assert namespace is not None
+        digest = hmac.new(namespace.encode(), message, hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def lock_key_parts(
-    view: MaterializedView | tuple[str | None, str] | str, *, schema: str | None = None
+    view: MaterializedView | tuple[str | None, str] | str,
+    *,
+    schema: str | None = None,
+    namespace: str | None = None,
 ) -> tuple[int, int]:
     """``(classid, objid)``: how ``pg_locks`` shows :func:`lock_key` of ``view``.
 
@@ -82,5 +114,5 @@ def lock_key_parts(
     >>> (classid << 32 | objid) == lock_key("mv_daily") & 0xFFFFFFFFFFFFFFFF
     True
     """
-    unsigned = lock_key(view, schema=schema) & 0xFFFFFFFFFFFFFFFF
+    unsigned = lock_key(view, schema=schema, namespace=namespace) & 0xFFFFFFFFFFFFFFFF
     return (unsigned >> 32, unsigned & 0xFFFFFFFF)

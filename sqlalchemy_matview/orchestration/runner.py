@@ -39,7 +39,7 @@ from ..ddl import RefreshMaterializedView, qualifying_unique_index
 from ..errors import ConcurrentRefreshError, MaterializedViewError, UnknownViewError
 from ..schema import MaterializedView, materialized_view_of, materialized_views
 from . import tracking
-from .locking import lock_key
+from .locking import check_namespace, lock_key
 from .ordering import DependencyGraph, QName
 from .results import RefreshResult, RefreshStatus
 
@@ -82,6 +82,8 @@ class RunOptions:
     lock: LockMode
     lock_timeout: str | None
     statement_timeout: str | None
+    #: Salt of the advisory-lock keys (see :func:`~sqlalchemy_matview.lock_key`).
+    lock_namespace: str | None = None
 
 
 def _timeout(name: str, value: Timeout) -> str | None:
@@ -108,6 +110,7 @@ def run_options(
     lock: str,
     lock_timeout: Timeout,
     statement_timeout: Timeout,
+    lock_namespace: str | None = None,
 ) -> RunOptions:
     """Validate the options shared by every refresh function, before any SQL is sent."""
     if concurrently not in (True, False, "auto"):
@@ -123,7 +126,15 @@ def run_options(
         lock=lock,  # type: ignore[arg-type]
         lock_timeout=_timeout("lock_timeout", lock_timeout),
         statement_timeout=_timeout("statement_timeout", statement_timeout),
+        lock_namespace=_namespace(lock_namespace),
     )
+
+
+def _namespace(value: object) -> str | None:
+    try:
+        return check_namespace(value)
+    except MaterializedViewError as exc:
+        raise RefreshOptionError(str(exc)) from None
 
 
 # -- binds and transactions ------------------------------------------------------------
@@ -342,17 +353,17 @@ def _is_lock_timeout(exc: BaseException) -> bool:
     return code == "55P03"
 
 
-def _refresh_untracked(conn: Connection, item: _Item, concurrently: bool, lock: LockMode) -> str:
+def _refresh_untracked(conn: Connection, item: _Item, concurrently: bool, opts: RunOptions) -> str:
     """Lock and refresh where the bookkeeping (and its refresh function) is not installed.
 
     The same steps as ``tracking.REFRESH_FUNCTION`` minus the recording; a timed-out wait
     for the lock is told apart from a timed-out REFRESH by the statement that raised.
     """
-    key = sa.literal(lock_key(item.qname), sa.BigInteger)
-    if lock == "skip":
+    key = sa.literal(lock_key(item.qname, namespace=opts.lock_namespace), sa.BigInteger)
+    if opts.lock == "skip":
         if not conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key))).scalar():
             return "skipped_locked"
-    elif lock == "wait":
+    elif opts.lock == "wait":
         try:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
         except sa.exc.DBAPIError as exc:
@@ -424,11 +435,12 @@ def _refresh_one(
                     concurrently=concurrently,
                     lock=opts.lock,
                     only_if_stale=only_if_stale,
+                    lock_namespace=opts.lock_namespace,
                 )
             elif only_if_stale:
                 status = "skipped_fresh"
             else:
-                status = _refresh_untracked(conn, item, concurrently, opts.lock)
+                status = _refresh_untracked(conn, item, concurrently, opts)
             _restore_timeouts(conn, saved)
     except _LockWaitTimeout as exc:
         log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
@@ -543,6 +555,7 @@ def refresh_views(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    lock_namespace: str | None = None,
 ) -> list[RefreshResult]:
     """Refresh ``views`` in dependency order; one :class:`RefreshResult` per view.
 
@@ -563,13 +576,16 @@ def refresh_views(
     :param lock_timeout: bound on lock waits for this refresh only (seconds, a
         ``timedelta`` or a PostgreSQL duration string).
     :param statement_timeout: bound on the ``REFRESH`` itself, same forms.
+    :param lock_namespace: salt of the advisory-lock keys (see
+        :func:`~sqlalchemy_matview.lock_key`); every process refreshing the views must pass
+        the same one.
 
     Example::
 
         results = refresh_views(engine, mv_daily, cascade=True, lock_timeout=5)
         failed = [r for r in results if r.status == "failed"]
     """
-    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout, lock_namespace)
     return run_views(bind, views, opts)
 
 
@@ -582,6 +598,7 @@ def refresh_all(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    lock_namespace: str | None = None,
 ) -> list[RefreshResult]:
     """Refresh every managed view declared on ``metadata``, in dependency order.
 
@@ -593,7 +610,7 @@ def refresh_all(
         for result in refresh_all(engine, metadata):
             print(result.view, result.status, f"{result.duration:.2f}s")
     """
-    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout, lock_namespace)
     return run_metadata(bind, metadata, opts, stale_only=False)
 
 
@@ -606,6 +623,7 @@ def refresh_stale(
     lock: LockMode = "skip",
     lock_timeout: Timeout = None,
     statement_timeout: Timeout = None,
+    lock_namespace: str | None = None,
     _should_stop: Callable[[], bool] | None = None,
 ) -> list[RefreshResult]:
     """Refresh only the views of ``metadata`` whose sources changed since their last refresh.
@@ -622,5 +640,5 @@ def refresh_stale(
         results = refresh_stale(engine, metadata)
         refreshed = [r.view for r in results if r.status == "refreshed"]
     """
-    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout)
+    opts = run_options(cascade, concurrently, lock, lock_timeout, statement_timeout, lock_namespace)
     return run_metadata(bind, metadata, opts, stale_only=True, should_stop=_should_stop)

@@ -620,6 +620,7 @@ def refresh_call(
     concurrently: bool,
     lock: str = "skip",
     only_if_stale: bool = False,
+    lock_namespace: str | None = None,
 ) -> sa.Select[tuple[str]]:
     """``SELECT public.sqlalchemy_matview_refresh(...)`` for one view.
 
@@ -639,7 +640,7 @@ def refresh_call(
         getattr(call, REFRESH_FUNCTION)(
             sa.literal(schema, sa.Text),
             sa.literal(name, sa.Text),
-            sa.literal(lock_key((schema, name)), sa.BigInteger),
+            sa.literal(lock_key((schema, name), namespace=lock_namespace), sa.BigInteger),
             sa.literal(bool(concurrently), sa.Boolean),
             sa.literal(lock, sa.Text),
             sa.literal(bool(only_if_stale), sa.Boolean),
@@ -656,6 +657,7 @@ def refresh_and_record(
     concurrently: bool,
     lock: str = "skip",
     only_if_stale: bool = False,
+    lock_namespace: str | None = None,
 ) -> str:
     """Run :func:`refresh_call` in the caller's transaction; returns the status.
 
@@ -663,7 +665,12 @@ def refresh_and_record(
     for which :func:`is_lock_wait_timeout` is true.
     """
     call = refresh_call(
-        schema, name, concurrently=concurrently, lock=lock, only_if_stale=only_if_stale
+        schema,
+        name,
+        concurrently=concurrently,
+        lock=lock,
+        only_if_stale=only_if_stale,
+        lock_namespace=lock_namespace,
     )
     return str(conn.execute(call).scalar_one())
 

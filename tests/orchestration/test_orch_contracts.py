@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from sqlalchemy_matview import MaterializedView, lock_key
+from sqlalchemy_matview import MaterializedView, MaterializedViewError, lock_key
 from sqlalchemy_matview.orchestration.cron import job_name_for, refresh_command
 from sqlalchemy_matview.orchestration.locking import lock_key_parts
 
@@ -74,3 +74,32 @@ def test_pg_cron_job_names() -> None:
         job_name_for("mv_daily", schema="reporting", database="app")
         == "sqlalchemy_matview refresh reporting.mv_daily in app"
     )
+
+
+# (schema, name, lock_namespace) -> (lock_key, (classid, objid)): HMAC-SHA-256 keyed by the
+# namespace; workers, CLI runs and pg_cron jobs of one deployment must all agree on these.
+PINNED_NAMESPACED = {
+    ("public", "mv_daily", "tenant-a"): (-3002704982268961825, (3595845562, 1183849439)),
+    ("public", "mv_daily", "ünï ns"): (7251377251330052574, (1688342832, 3454030302)),
+    ("reporting", "mv_daily", "tenant-a"): (2729891637335323400, (635602427, 112096008)),
+    ("S c", 'it\'s "odd"', "tenant-a"): (4423110315091764037, (1029835621, 2640913221)),
+}
+
+
+@pytest.mark.parametrize(
+    "pinned", list(PINNED_NAMESPACED), ids=[f"{s}.{n}@{ns}" for s, n, ns in PINNED_NAMESPACED]
+)
+def test_namespaced_lock_key_values_are_stable(pinned: tuple[str, str, str]) -> None:
+    schema, name, namespace = pinned
+    key, parts = PINNED_NAMESPACED[pinned]
+    assert lock_key((schema, name), namespace=namespace) == key
+    assert lock_key_parts((schema, name), namespace=namespace) == parts
+    assert key != lock_key((schema, name))
+
+
+@pytest.mark.parametrize("bad", ["", 42, b"ns"])
+def test_lock_namespace_must_be_a_non_empty_string(bad: object) -> None:
+    with pytest.raises(MaterializedViewError, match="lock_namespace"):
+        lock_key("mv_daily", namespace=bad)  # type: ignore[arg-type]
+    with pytest.raises(MaterializedViewError, match="lock_namespace"):
+        refresh_command("mv_daily", lock_namespace=bad)  # type: ignore[arg-type]

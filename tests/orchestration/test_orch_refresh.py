@@ -163,6 +163,29 @@ def test_failure_is_reported_and_dependents_skipped(engine, shop: Shop, caplog):
 
 
 @pytest.mark.parametrize("track", [True, False], ids=["recorded", "untracked"])
+def test_lock_namespace_salts_the_key(engine, track: bool):
+    shop = build_shop(track=track)
+    shop.metadata.create_all(engine)
+    salted = lock_key(shop.mv_totals, namespace="tenant-a")
+    holder = engine.connect()
+    try:
+        holder.execute(sa.select(sa.func.pg_advisory_lock(lock_key(shop.mv_totals))))
+        # The default key is held: a namespaced refresh does not care.
+        [done] = refresh_views(engine, shop.mv_totals, lock_namespace="tenant-a")
+        assert done.status == "refreshed"
+        holder.execute(sa.select(sa.func.pg_advisory_unlock_all()))
+        holder.execute(sa.select(sa.func.pg_advisory_lock(salted)))
+        [skipped] = refresh_views(engine, shop.mv_totals, lock_namespace="tenant-a")
+        assert skipped.status == "skipped_locked"
+        [unsalted] = refresh_views(engine, shop.mv_totals)
+        assert unsalted.status == "refreshed"
+    finally:
+        holder.close()
+    with pytest.raises(RefreshOptionError, match="lock_namespace"):
+        refresh_views(engine, shop.mv_totals, lock_namespace="")
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["recorded", "untracked"])
 def test_lock_skip_wait_none(engine, track: bool):
     # With tracking the database function takes the lock; without, the runner does.
     shop = build_shop(track=track)
