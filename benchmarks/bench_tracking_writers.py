@@ -1,0 +1,324 @@
+"""What change tracking costs concurrent writers: ``pgbench`` on a tracked vs an untracked table.
+
+    python benchmarks/bench_tracking_writers.py [--duration 10] [--rounds 3] [--clients 1,8]
+        [--scripts insert,update] [--durability default|async|both] [--worker]
+
+One throwaway server (the project's launcher) holds two identical tables: ``ev_tracked``,
+read by a materialized view declared with ``track_changes=True``, and ``ev_plain``, read by
+nothing. For every script and client count, each round runs ``pgbench -n -f SCRIPT -c N -j 2
+-T DURATION`` once per table; the side that goes first alternates from round to round so
+neither side always gets the warmer (or the more loaded) half of the machine's time.
+
+Scripts (one pgbench transaction = one autocommit statement = one writing transaction):
+
+``insert``
+    ``INSERT INTO <table> (grp, v) VALUES (random, 1)``
+``update``
+    ``UPDATE <table> SET v = v + 1 WHERE id = random(1, 100000)`` (100,000 rows preloaded)
+
+Durability: ``default`` is the server's own defaults (``fsync``, ``synchronous_commit``,
+``full_page_writes`` on: the launcher's speed settings are undone); ``async`` is the same
+with ``synchronous_commit = off``. ``both`` runs the whole set on one server, switching with
+``ALTER DATABASE ... SET``.
+
+While the tracked side runs, a sampler reads the wait events of pgbench's backends from
+``pg_stat_activity`` every 20 ms; the report shows the most frequent ones (``CPU`` = not
+waiting). With ``--worker`` a :class:`~sqlalchemy_matview.RefreshWorker` (debounce 0.1 s)
+refreshes the view during every run (both sides, so both pay for its load), so the view
+keeps going fresh -> stale; without it nothing refreshes and the view stays stale after the
+first write, the change log growing by one row per writing transaction (the worst case for
+the log, the best for anything that only acts on a fresh -> stale transition).
+
+Prints the median TPS of each side, the ratio tracked/untracked (median of the per-round
+ratios, with their range), the load average around each set, and the PostgreSQL version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from sqlalchemy_matview import MaterializedView, RefreshWorker, refresh_stale
+from sqlalchemy_matview.testing.launcher import PostgresServer
+
+SIDES = ("tracked", "untracked")
+TABLES = {"tracked": "ev_tracked", "untracked": "ev_plain"}
+PRELOAD = 100_000
+
+SCRIPTS = {
+    "insert": "\\set g random(1, 1000)\nINSERT INTO {table} (grp, v) VALUES (:g, 1);\n",
+    "update": f"\\set id random(1, {PRELOAD})\nUPDATE {{table}} SET v = v + 1 WHERE id = :id;\n",
+}
+
+# The launcher starts servers for speed (fsync off...); "default" puts PostgreSQL's own back.
+DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+
+_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
+
+
+def find_pgbench(server: PostgresServer) -> str:
+    beside = server.installation.bindir / "pgbench"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("pgbench")
+    if found is None:
+        sys.exit("pgbench not found (Debian: postgresql-15 ships it in /usr/lib/postgresql/15/bin)")
+    return found
+
+
+@dataclass
+class Cell:
+    """One (durability, script, clients) combination: TPS per side per round."""
+
+    tps: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SIDES})
+    waits: collections.Counter[str] = field(default_factory=collections.Counter)
+    samples: int = 0
+    load: list[float] = field(default_factory=list)
+
+
+class WaitSampler:
+    """Counts the wait events of pgbench's backends until stopped."""
+
+    def __init__(self, engine: sa.Engine, database: str) -> None:
+        self.engine = engine
+        self.database = database
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        query = sa.text(
+            "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w"
+            " FROM pg_stat_activity"
+            " WHERE application_name = 'pgbench' AND datname = :db AND state = 'active'"
+        )
+        with self.engine.connect() as conn:
+            while not self._stop.wait(0.02):
+                for (wait,) in conn.execute(query, {"db": self.database}):
+                    self.counts[wait] += 1
+                    self.samples += 1
+                conn.rollback()
+
+
+def declare() -> sa.MetaData:
+    md = sa.MetaData()
+    for name in TABLES.values():
+        sa.Table(
+            name,
+            md,
+            sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+            sa.Column("grp", sa.Integer, nullable=False),
+            sa.Column("v", sa.Integer, nullable=False),
+        )
+    tracked = md.tables[TABLES["tracked"]]
+    MaterializedView(
+        "mv_tracked",
+        md,
+        sa.select(sa.func.count().label("n"), sa.func.sum(tracked.c.v).label("total")),
+        columns=[sa.Column("n", sa.BigInteger), sa.Column("total", sa.BigInteger)],
+        track_changes=True,
+    )
+    return md
+
+
+@dataclass
+class Run:
+    """One ``pgbench`` invocation against one table."""
+
+    exe: str
+    server: PostgresServer
+    database: str
+    script: Path
+    clients: int
+
+    def measure(self, duration: int, sample_into: Cell | None) -> float:
+        """TPS over ``duration`` seconds; with ``sample_into``, its backends' waits too."""
+        if sample_into is None:
+            return self._pgbench(duration)
+        engine = sa.create_engine(self.server.url(self.database))
+        try:
+            with WaitSampler(engine, self.database) as sampler:
+                tps = self._pgbench(duration)
+        finally:
+            engine.dispose()
+        sample_into.waits.update(sampler.counts)
+        sample_into.samples += sampler.samples
+        return tps
+
+    def _pgbench(self, duration: int) -> float:
+        cmd = [
+            self.exe,
+            "-n",  # no vacuum of pgbench's own tables: we have none
+            "-f",
+            str(self.script),
+            "-c",
+            str(self.clients),
+            "-j",
+            str(min(2, self.clients)),
+            "-T",
+            str(duration),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.server.port),
+            "-U",
+            "postgres",
+            self.database,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        match = _TPS.search(proc.stdout)
+        if proc.returncode != 0 or match is None:
+            sys.exit(f"pgbench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return float(match.group(1))
+
+
+def set_durability(engine: sa.Engine, database: str, mode: str) -> None:
+    """Per database: the server's command line (``-c``) would override ``ALTER SYSTEM``."""
+    value = "off" if mode == "async" else "on"
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        target = conn.dialect.identifier_preparer.quote(database)
+        conn.execute(sa.text(f"ALTER DATABASE {target} SET synchronous_commit = {value}"))
+    fresh = sa.create_engine(engine.url, poolclass=sa.NullPool)  # a new session, like pgbench's
+    with fresh.connect() as conn:
+        seen = conn.scalar(sa.text("SHOW synchronous_commit"))
+    fresh.dispose()
+    if seen != value:
+        sys.exit(f"synchronous_commit is {seen!r} in a new session, wanted {value!r}")
+
+
+def reset_tables(engine: sa.Engine, md: sa.MetaData) -> None:
+    """Same starting point for every run: the preloaded rows, a vacuumed heap, no change log."""
+    with engine.begin() as conn:
+        for table in TABLES.values():
+            conn.execute(sa.text(f"TRUNCATE {table} RESTART IDENTITY"))
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {table} (grp, v) SELECT g % 1000, 0 FROM generate_series(1, :n) g"
+                ),
+                {"n": PRELOAD},
+            )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        # Clears the change rows the preload left behind (wherever the bookkeeping lives).
+        refresh_stale(engine, md)
+        for table in TABLES.values():
+            conn.execute(sa.text(f"VACUUM ANALYZE {table}"))
+        conn.execute(sa.text("CHECKPOINT"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", default="1,8", help="comma-separated client counts")
+    parser.add_argument("--scripts", default="insert,update", help=",".join(SCRIPTS))
+    parser.add_argument("--durability", choices=("default", "async", "both"), default="both")
+    parser.add_argument("--worker", action="store_true", help="a RefreshWorker runs meanwhile")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    scripts = [s.strip() for s in args.scripts.split(",")]
+    for s in scripts:
+        if s not in SCRIPTS:
+            parser.error(f"unknown script {s!r}; pick from {', '.join(SCRIPTS)}")
+    modes = ["default", "async"] if args.durability == "both" else [args.durability]
+
+    md = declare()
+    settings = {**DURABLE, "shared_buffers": "128MB", "max_connections": "100"}
+    results: dict[tuple[str, str, int], Cell] = {}
+    with PostgresServer(settings=settings) as server, tempfile.TemporaryDirectory() as tmp:
+        exe = find_pgbench(server)
+        database = server.create_database()
+        engine = sa.create_engine(server.url(database))
+        md.create_all(engine)
+        with engine.connect() as conn:
+            version = conn.scalar(sa.text("SHOW server_version"))
+            triggers = conn.execute(
+                sa.text(
+                    "SELECT tgrelid::regclass::text || ': ' || tgname || ' (tgtype '"
+                    " || tgtype || ', ' || tgenabled::text || ')' FROM pg_trigger"
+                    " WHERE NOT tgisinternal ORDER BY 1"
+                )
+            ).scalars()
+            trigger_list = list(triggers)
+        print(
+            f"PostgreSQL {version}; {os.cpu_count()} CPUs ({platform.machine()}); pgbench {exe}\n"
+            f"{args.duration} s x {args.rounds} rounds per cell, -j 2, {PRELOAD:,} rows preloaded,"
+            f" worker {'on' if args.worker else 'off'}\n"
+            f"triggers: {'; '.join(trigger_list) or 'none'}"
+        )
+        paths: dict[tuple[str, str], Path] = {}
+        for script in scripts:
+            for side, table in TABLES.items():
+                path = Path(tmp) / f"{script}_{side}.sql"
+                path.write_text(SCRIPTS[script].format(table=table))
+                paths[(script, side)] = path
+
+        worker = RefreshWorker(engine, md, debounce=0.1) if args.worker else None
+        if worker is not None:
+            worker.start()
+        try:
+            for mode in modes:
+                set_durability(engine, database, mode)
+                for script in scripts:
+                    for n in clients:
+                        cell = results.setdefault((mode, script, n), Cell())
+                        for rnd in range(args.rounds):
+                            order = SIDES if rnd % 2 == 0 else SIDES[::-1]
+                            for side in order:
+                                reset_tables(engine, md)
+                                cell.load.append(os.getloadavg()[0])
+                                run = Run(exe, server, database, paths[(script, side)], n)
+                                tps = run.measure(
+                                    args.duration, cell if side == "tracked" else None
+                                )
+                                cell.tps[side].append(tps)
+                                print(
+                                    f"  {mode:7} {script:6} c={n:<2} round {rnd + 1} {side:9}"
+                                    f" {tps:9.0f} tps",
+                                    flush=True,
+                                )
+        finally:
+            if worker is not None:
+                worker.stop(timeout=30)
+            engine.dispose()
+
+    print(
+        "\ndurability script  clients  tracked tps  untracked tps  ratio (range)       "
+        "load    top waits of the tracked side (share of backend samples)"
+    )
+    for (mode, script, n), cell in results.items():
+        tracked = statistics.median(cell.tps["tracked"])
+        plain = statistics.median(cell.tps["untracked"])
+        ratios = [t / p for t, p in zip(cell.tps["tracked"], cell.tps["untracked"], strict=True)]
+        top = ", ".join(f"{w} {c / max(cell.samples, 1):.0%}" for w, c in cell.waits.most_common(4))
+        label = "sync_commit=off" if mode == "async" else "default"
+        print(
+            f"{label:15} {script:6} {n:>3} {tracked:12.0f} {plain:14.0f}"
+            f"  {statistics.median(ratios):5.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+            f"  {min(cell.load):.1f}-{max(cell.load):.1f}  {top}"
+        )
+
+
+if __name__ == "__main__":
+    main()
