@@ -1,6 +1,7 @@
-"""What production puts around PostgreSQL, for tests: PgBouncer and a streaming hot standby.
+"""What production puts around PostgreSQL, for tests: PgBouncer, a streaming hot standby,
+and a logical replication publisher/subscriber pair.
 
-Both run the real programs (Debian's ``pgbouncer`` package; ``pg_basebackup`` and
+All run the real programs (Debian's ``pgbouncer`` package; ``pg_basebackup`` and
 ``postgres`` of the primary's installation), as the same unprivileged user as the
 :class:`~sqlalchemy_matview.testing.launcher.PostgresServer` they serve, on free ports in
 temporary directories.
@@ -30,7 +31,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -38,6 +39,7 @@ from typing import Any, Literal
 from sqlalchemy.engine import URL
 
 from .launcher import (
+    Installation,
     PostgresLaunchError,
     PostgresServer,
     _free_port,
@@ -47,7 +49,13 @@ from .launcher import (
     _url_for,
 )
 
-__all__ = ["PGBOUNCER_ENV", "PgBouncer", "StandbyServer", "find_pgbouncer"]
+__all__ = [
+    "PGBOUNCER_ENV",
+    "LogicalReplication",
+    "PgBouncer",
+    "StandbyServer",
+    "find_pgbouncer",
+]
 
 #: Environment variable naming the ``pgbouncer`` executable to use.
 PGBOUNCER_ENV = "SQLALCHEMY_MATVIEW_PGBOUNCER"
@@ -326,3 +334,207 @@ class StandbyServer(PostgresServer):
 
     def __repr__(self) -> str:
         return "<StandbyServer of " + repr(self.primary) + ">"
+
+
+class LogicalReplication:
+    """Two clusters: a ``publisher`` (``wal_level = logical``) and a ``subscriber``.
+
+    Both are :class:`~sqlalchemy_matview.testing.launcher.PostgresServer` of the same
+    installation. Logical replication works per database: :meth:`create_database` makes the
+    same (empty) database on both; create the tables on both sides (logical replication
+    copies rows, not DDL), then :meth:`publish` on the publisher, :meth:`subscribe` on the
+    subscriber, write on the publisher and :meth:`wait_caught_up` before reading the
+    subscriber. Rows arrive through the subscription's apply worker, which runs with
+    ``session_replication_role = replica``: only triggers enabled ``REPLICA`` or ``ALWAYS``
+    fire for them, and statement triggers never do.
+
+    Example::
+
+        with LogicalReplication() as pair:
+            db = pair.create_database()
+            for server in (pair.publisher, pair.subscriber):
+                with server._connect(db) as conn:
+                    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            pair.publish(db, ["t"])
+            pair.subscribe(db)
+            with pair.publisher._connect(db) as conn:
+                conn.execute("INSERT INTO t VALUES (1)")
+            pair.wait_caught_up(db)
+            engine = sa.create_engine(pair.subscriber.url(db))
+    """
+
+    #: The publication and subscription names :meth:`publish` and :meth:`subscribe` use
+    #: by default.
+    NAME = "mv_test"
+
+    PUBLISHER_SETTINGS: Mapping[str, str] = {
+        "wal_level": "logical",
+        "max_replication_slots": "20",
+        "max_wal_senders": "20",
+    }
+
+    def __init__(
+        self,
+        installation: Installation | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.publisher = PostgresServer(
+            installation, settings={**self.PUBLISHER_SETTINGS, **(settings or {})}
+        )
+        self.subscriber = PostgresServer(self.publisher.installation, settings=settings)
+
+    def start(self) -> LogicalReplication:
+        self.publisher.start()
+        try:
+            self.subscriber.start()
+        except BaseException:
+            self.publisher.cleanup()
+            raise
+        return self
+
+    def cleanup(self) -> None:
+        """Stop both servers and delete their directories. Idempotent."""
+        try:
+            self.subscriber.cleanup()
+        finally:
+            self.publisher.cleanup()
+
+    def create_database(self, name: str | None = None) -> str:
+        """Create the same empty database on both servers; returns its name."""
+        name = self.publisher.create_database(name)
+        self.subscriber.create_database(name)
+        return name
+
+    def drop_database(self, name: str) -> None:
+        """Drop the subscriptions in ``name`` (and with them their slots), then ``name``
+        on both servers. Missing is fine."""
+        from psycopg import sql
+
+        with contextlib.suppress(Exception), self.subscriber._connect(name) as conn:
+            subscriptions = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT subname FROM pg_catalog.pg_subscription s"
+                    " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid"
+                    " WHERE d.datname = current_database()"
+                )
+            ]
+            for sub in subscriptions:
+                conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(sub)))
+        self.subscriber.drop_database(name)
+        with self.publisher._connect() as conn:
+            # A slot left by a subscription that could not be dropped keeps the database.
+            slots = conn.execute(
+                "SELECT slot_name FROM pg_catalog.pg_replication_slots WHERE database = %s",
+                (name,),
+            ).fetchall()
+            for (slot,) in slots:
+                with contextlib.suppress(Exception):
+                    conn.execute("SELECT pg_catalog.pg_drop_replication_slot(%s)", (slot,))
+        self.publisher.drop_database(name)
+
+    def publish(
+        self, database: str, tables: Sequence[str] | None = None, *, name: str = NAME
+    ) -> None:
+        """``CREATE PUBLICATION name FOR TABLE ...`` (every table when ``tables`` is None)
+        on the publisher. Table names may be ``schema.table``."""
+        from psycopg import sql
+
+        target: sql.Composable
+        if tables is None:
+            target = sql.SQL("FOR ALL TABLES")
+        else:
+            target = sql.SQL("FOR TABLE {}").format(
+                sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in tables)
+            )
+        with self.publisher._connect(database) as conn:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} {}").format(sql.Identifier(name), target))
+
+    def subscribe(
+        self,
+        database: str,
+        *,
+        publication: str = NAME,
+        name: str = NAME,
+        copy_data: bool = True,
+        timeout: float = 60.0,
+    ) -> None:
+        """``CREATE SUBSCRIPTION`` in ``database`` on the subscriber, to the same database
+        on the publisher; returns once the initial copy of every table is done."""
+        from psycopg import sql
+
+        conninfo = f"host=127.0.0.1 port={self.publisher.port} user=postgres dbname={database}"
+        with self.subscriber._connect(database) as conn:
+            conn.execute(
+                sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH ({})").format(
+                    sql.Identifier(name),
+                    sql.Literal(conninfo),
+                    sql.Identifier(publication),
+                    sql.SQL("copy_data = true" if copy_data else "copy_data = false"),
+                )
+            )
+            self._until(
+                timeout,
+                f"the subscription {name} in {database} did not finish its initial copy",
+                lambda: conn.execute(
+                    "SELECT pg_catalog.count(*) = 0 FROM pg_catalog.pg_subscription_rel r"
+                    " JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid"
+                    " WHERE s.subname = %s AND r.srsubstate NOT IN ('r', 's')",
+                    (name,),
+                ).fetchone(),
+            )
+        self.wait_caught_up(database, name=name, timeout=timeout)
+
+    def wait_caught_up(self, database: str, *, name: str = NAME, timeout: float = 60.0) -> float:
+        """Wait until the subscription ``name`` has applied every transaction the
+        publisher had committed when called; returns the seconds it took."""
+        started = time.monotonic()
+        with self.publisher._connect(database) as conn:
+            # Under synchronous_commit off (the launcher's default) earlier commits may still
+            # sit in WAL buffers, where no walsender reads them: a synchronous commit flushes
+            # everything before it. It must write WAL of its own: a transaction whose only
+            # record is its commit is committed asynchronously whatever the setting. A
+            # transactional logical message is such a record, and pgoutput does not send it
+            # to subscriptions that did not ask for messages.
+            with conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit = on")
+                conn.execute("SELECT pg_catalog.pg_logical_emit_message(true, 'mv_test', '')")
+            row = conn.execute("SELECT pg_catalog.pg_current_wal_lsn()::text").fetchone()
+            assert row is not None
+            target = str(row[0])
+            self._until(
+                timeout,
+                f"the subscription {name} did not apply the publisher's WAL up to {target}",
+                lambda: conn.execute(
+                    "SELECT replay_lsn >= %s::pg_lsn FROM pg_catalog.pg_stat_replication"
+                    " WHERE application_name = %s AND state = 'streaming'",
+                    (target, name),
+                ).fetchone(),
+            )
+        return time.monotonic() - started
+
+    @staticmethod
+    def _until(timeout: float, message: str, check: Callable[[], tuple[Any, ...] | None]) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = check()
+            if row is not None and row[0]:
+                return
+            if time.monotonic() > deadline:
+                raise PostgresLaunchError(f"{message} within {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def __enter__(self) -> LogicalReplication:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        return f"<LogicalReplication {self.publisher!r} -> {self.subscriber!r}>"

@@ -42,6 +42,13 @@ Fixtures:
     a :class:`~sqlalchemy_matview.testing.components.StandbyServer`: a hot
     standby of ``pg_server`` streaming its WAL (databases created by ``pg_url``
     appear on it); skipped with an external server.
+``logical_replication`` (session)
+    a :class:`~sqlalchemy_matview.testing.components.LogicalReplication`: two more
+    servers of ``pg_server``'s installation, a publisher (``wal_level = logical``) and a
+    subscriber; skipped with an external server.
+``logical_replication_db`` (function)
+    the name of a fresh database on both servers of ``logical_replication``; its
+    subscriptions (and their slots) and the database are dropped after the test.
 
 Example test::
 
@@ -62,7 +69,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
 
-from sqlalchemy_matview.testing.components import PgBouncer, StandbyServer, find_pgbouncer
+from sqlalchemy_matview.testing.components import (
+    LogicalReplication,
+    PgBouncer,
+    StandbyServer,
+    find_pgbouncer,
+)
 from sqlalchemy_matview.testing.launcher import (
     ExternalServer,
     Installation,
@@ -82,6 +94,8 @@ __all__ = [
     "VERSION_ENV",
     "async_engine",
     "engine",
+    "logical_replication",
+    "logical_replication_db",
     "pg_cron_server",
     "pg_server",
     "pg_url",
@@ -465,3 +479,36 @@ def standby_server(pg_server: PostgresServer | ExternalServer) -> Iterator[Stand
         yield standby
     finally:
         standby.cleanup()
+
+
+@pytest.fixture(scope="session")
+def logical_replication(
+    pg_server: PostgresServer | ExternalServer,
+) -> Iterator[LogicalReplication]:
+    """A logical replication publisher and subscriber (two servers of their own).
+
+    Example::
+
+        def test_replicated(logical_replication, logical_replication_db):
+            pair, db = logical_replication, logical_replication_db
+            ...  # CREATE TABLE on both, then
+            pair.publish(db, ["events"])
+            pair.subscribe(db)
+    """
+    server = _launched(pg_server, "logical replication")
+    pair = LogicalReplication(server.installation)
+    try:
+        pair.start()
+        yield pair
+    finally:
+        pair.cleanup()
+
+
+@pytest.fixture
+def logical_replication_db(logical_replication: LogicalReplication) -> Iterator[str]:
+    """A fresh database of the same name on the publisher and the subscriber."""
+    name = logical_replication.create_database()
+    try:
+        yield name
+    finally:
+        logical_replication.drop_database(name)
