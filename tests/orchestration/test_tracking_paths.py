@@ -1,0 +1,185 @@
+"""Every way a row reaches a tracked source marks the view stale, and refresh_stale fixes it.
+
+Each test writes one way, then checks through the public API only: ``refresh_stale``
+refreshes the view (``"refreshed"``), the view's rows are right, and the next
+``refresh_stale`` finds it fresh. A path that does not mark the view stale leaves
+``"skipped_fresh"`` and wrong rows: the view silently serves old data.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from sqlalchemy_matview import MaterializedView, refresh_stale
+
+VIEW = "public.mv_sum"
+
+
+def _declare(**table_kw: Any) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
+    md = sa.MetaData()
+    t = sa.Table(
+        "src",
+        md,
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.Column("v", sa.Integer, nullable=False),
+        **table_kw,
+    )
+    mv = MaterializedView(
+        "mv_sum",
+        md,
+        sa.select(
+            sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(t.c.v), 0).label("total")
+        ),
+        columns=[sa.Column("n", sa.BigInteger), sa.Column("total", sa.BigInteger)],
+        track_changes=True,
+    )
+    return md, t, mv
+
+
+def _view_rows(engine: Engine, mv: MaterializedView) -> tuple[int, int]:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(mv.c.n, mv.c.total)).one()
+    return int(row.n), int(row.total)
+
+
+def _source_rows(engine: Engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT count(*), coalesce(sum(v), 0) FROM src")).one()
+    return int(row[0]), int(row[1])
+
+
+def _assert_marked_and_refreshed(engine: Engine, md: sa.MetaData, mv: MaterializedView) -> None:
+    statuses = {r.view: r.status for r in refresh_stale(engine, md)}
+    assert statuses[VIEW] == "refreshed", "the write did not mark the view stale"
+    assert _view_rows(engine, mv) == _source_rows(engine)
+    assert {r.view: r.status for r in refresh_stale(engine, md)}[VIEW] == "skipped_fresh"
+
+
+def _write(engine: Engine, statement: str | Callable[[Connection], object]) -> None:
+    with engine.begin() as conn:
+        if isinstance(statement, str):
+            conn.execute(sa.text(statement))
+        else:
+            statement(conn)
+
+
+# -- a plain table ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plain(engine: Engine) -> tuple[sa.MetaData, MaterializedView]:
+    md, _, mv = _declare()
+    md.create_all(engine)
+    _write(engine, "INSERT INTO src SELECT g, g FROM generate_series(1, 10) g")
+    _assert_marked_and_refreshed(engine, md, mv)
+    return md, mv
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO src VALUES (100, 100)",
+        "UPDATE src SET v = v + 1 WHERE id = 3",
+        "DELETE FROM src WHERE id = 4",
+        "TRUNCATE src",
+        "INSERT INTO src SELECT * FROM src",  # reads the source while writing it
+        "MERGE INTO src USING (VALUES (1, 50), (200, 200)) AS s(id, v) ON src.id = s.id"
+        " WHEN MATCHED THEN UPDATE SET v = s.v WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)",
+    ],
+    ids=["insert", "update", "delete", "truncate", "insert_select", "merge"],
+)
+def test_plain_table_writes(
+    engine: Engine, plain: tuple[sa.MetaData, MaterializedView], statement: str
+) -> None:
+    md, mv = plain
+    _write(engine, statement)
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_copy_from_stdin(engine: Engine, plain: tuple[sa.MetaData, MaterializedView]) -> None:
+    md, mv = plain
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cur, cur.copy("COPY src (id, v) FROM STDIN") as copy:  # type: ignore[attr-defined]
+            copy.write(io.StringIO("500\t5\n501\t6\n").getvalue())
+        raw.commit()
+    finally:
+        raw.close()
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_update_that_changes_nothing_visible_still_marks(
+    engine: Engine, plain: tuple[sa.MetaData, MaterializedView]
+) -> None:
+    # Zero rows matched: nothing changed, refreshing is allowed but must not be required.
+    # A matched row rewritten with its own value did write a new tuple: must mark.
+    md, mv = plain
+    _write(engine, "UPDATE src SET v = v WHERE id = 1")
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_write_through_an_updatable_plain_view(
+    engine: Engine, plain: tuple[sa.MetaData, MaterializedView]
+) -> None:
+    md, mv = plain
+    _write(engine, "CREATE VIEW src_api AS SELECT id, v FROM src")
+    _write(engine, "INSERT INTO src_api VALUES (300, 3)")
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_writes_rolled_back_leave_the_view_fresh(
+    engine: Engine, plain: tuple[sa.MetaData, MaterializedView]
+) -> None:
+    md, _ = plain
+    with engine.connect() as conn:
+        conn.execute(sa.text("INSERT INTO src VALUES (400, 4)"))
+        conn.rollback()
+    assert {r.view: r.status for r in refresh_stale(engine, md)}[VIEW] == "skipped_fresh"
+
+
+# -- partitions ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def partitioned(engine: Engine) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
+    """``src`` partitioned by range of id, two leaves made before tracking was enabled."""
+    md, src, mv = _declare(postgresql_partition_by="RANGE (id)")
+    src.create(engine)
+    _write(engine, "CREATE TABLE src_a PARTITION OF src FOR VALUES FROM (0) TO (100)")
+    _write(engine, "CREATE TABLE src_b PARTITION OF src FOR VALUES FROM (100) TO (200)")
+    _write(engine, "INSERT INTO src SELECT g, 1 FROM generate_series(0, 199) g")
+    md.create_all(engine)  # the view and its tracking, on a table that has partitions
+    return md, src, mv
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO src VALUES (5, 10)",
+        "UPDATE src SET v = 7 WHERE id = 150",
+        "UPDATE src SET id = 150 WHERE id = 50",  # moves the row to the other partition
+        "DELETE FROM src WHERE id = 103",
+        "TRUNCATE src",
+    ],
+    ids=[
+        "insert_parent",
+        "update_parent",
+        "update_moves_row",
+        "delete_parent",
+        "truncate_parent",
+    ],
+)
+def test_partitioned_writes(
+    engine: Engine,
+    partitioned: tuple[sa.MetaData, sa.Table, MaterializedView],
+    statement: str,
+) -> None:
+    md, _, mv = partitioned
+    _write(engine, statement)
+    _assert_marked_and_refreshed(engine, md, mv)
