@@ -28,6 +28,7 @@ from .errors import (
     ReadOnlyMaterializedViewError,
     UnknownViewError,
     UnsupportedDialectError,
+    WorkerOptionError,
 )
 from .orchestration import (
     RefreshResult,
@@ -65,6 +66,7 @@ __all__ = [
     "RefreshWorker",
     "UnknownViewError",
     "UnsupportedDialectError",
+    "WorkerOptionError",
     "__version__",
     "lock_key",
     "materialized_view_of",

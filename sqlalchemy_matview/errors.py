@@ -18,6 +18,7 @@ __all__ = [
     "ReadOnlyMaterializedViewError",
     "UnknownViewError",
     "UnsupportedDialectError",
+    "WorkerOptionError",
 ]
 
 
@@ -51,3 +52,7 @@ class DependencyCycleError(MaterializedViewError, ValueError):
 
 class ExtensionNotInstalledError(MaterializedViewError, RuntimeError):
     """A PostgreSQL extension the operation needs (such as ``pg_cron``) is missing."""
+
+
+class WorkerOptionError(MaterializedViewError, ValueError):
+    """A :class:`~sqlalchemy_matview.RefreshWorker` option is invalid (checked in ``__init__``)."""

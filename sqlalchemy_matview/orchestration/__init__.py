@@ -7,16 +7,18 @@ Named ``orchestration`` rather than ``refresh`` so that it never shadows the
 from __future__ import annotations
 
 from .cron import schedule_refresh, unschedule_refresh
-from .locking import lock_key, lock_key_parts
+from .locking import LockHolder, lock_holders, lock_key, lock_key_parts
 from .results import RefreshResult
 from .runner import refresh_all, refresh_stale, refresh_views
 from .tracking import ViewState, view_states
 from .worker import RefreshWorker
 
 __all__ = [
+    "LockHolder",
     "RefreshResult",
     "RefreshWorker",
     "ViewState",
+    "lock_holders",
     "lock_key",
     "lock_key_parts",
     "refresh_all",

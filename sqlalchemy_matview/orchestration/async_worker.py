@@ -21,18 +21,19 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .locking import lock_holders, lock_key
 from .results import RefreshResult
 from .runner import LockMode, Timeout
 from .schedule import (
     RefreshSchedule,
-    Whitelist,
     backoff_delay,
-    check_timings,
+    log_locked,
     lost_connection,
     needs_retry,
 )
 from .tracking import CHANNEL
 from .worker import UnsupportedDriverError
+from .worker_options import WorkerBase
 
 __all__ = ["RefreshWorker"]
 
@@ -158,13 +159,16 @@ class _PsycopgListener(_Listener):
 OnResult = Callable[[RefreshResult], Any] | Callable[[RefreshResult], Awaitable[Any]]
 
 
-class RefreshWorker:
+class RefreshWorker(WorkerBase):
     """Listen for changes and refresh stale views from an asyncio application.
 
     The asyncio twin of :class:`sqlalchemy_matview.RefreshWorker`, with the same
-    parameters and the same decisions: it ``LISTEN``\\ s on ``channel`` on a connection
-    of its own (never one from the engine's pool), ignores and logs payloads that do not
-    name a view declared on ``metadata``, runs
+    parameters, the same checks of them (:class:`~sqlalchemy_matview.errors.WorkerOptionError`)
+    and the same decisions: it ``LISTEN``\\ s on ``channel`` on a connection of its own
+    (never one from the engine's pool), ignores and counts payloads that do not name a view
+    declared on ``metadata`` (:attr:`ignored_notifications`, at most 3 log lines a
+    minute), names the holder of a lock that kept a view from being refreshed for longer
+    than ``max_delay``, runs
     :func:`sqlalchemy_matview.asyncio.refresh_stale` after ``debounce`` seconds of quiet
     but never more than ``max_delay`` seconds after the first change, adds a periodic
     pass every ``interval`` seconds if given, and after its connection dies reconnects
@@ -215,21 +219,23 @@ class RefreshWorker:
                 f"but the engine uses {dialect.name}+{dialect.driver}; create it from a "
                 "postgresql+asyncpg:// or postgresql+psycopg:// URL"
             )
-        self.debounce, self.max_delay, self.interval = check_timings(debounce, max_delay, interval)
-        self.engine = engine
-        self.metadata = metadata
-        self.channel = channel
-        self.lock: LockMode = lock
+        self._configure(
+            "sqlalchemy_matview.asyncio.RefreshWorker",
+            engine,
+            metadata,
+            debounce=debounce,
+            max_delay=max_delay,
+            interval=interval,
+            channel=channel,
+            lock=lock,
+            on_result=on_result,
+            concurrently=concurrently,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            max_backoff=max_backoff,
+        )
+        self.engine: AsyncEngine = engine
         self.on_result = on_result
-        self.concurrently = concurrently
-        self.lock_timeout = lock_timeout
-        self.statement_timeout = statement_timeout
-        self.max_backoff = max_backoff
-        #: Completed ``refresh_stale`` passes (catch-ups, debounced and periodic ones).
-        self.passes = 0
-        #: Number of successful (re)connections so far.
-        self.connections = 0
-        self._whitelist = Whitelist(metadata, channel)
         self._stopping = False
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -354,8 +360,8 @@ class RefreshWorker:
                     log.info("refresh worker listening on %r", self.channel)
                     attempt = 0
                     # LISTEN comes first, so nothing committed after this pass goes unnoticed.
-                    await self._pass("catch-up")
-                    await self._listen(listener)
+                    unfinished = await self._pass("catch-up")
+                    await self._listen(listener, unfinished)
                 except Exception as exc:
                     if self._stopping:
                         break
@@ -379,10 +385,12 @@ class RefreshWorker:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), seconds)
 
-    async def _listen(self, listener: _Listener) -> None:
+    async def _listen(self, listener: _Listener, unfinished: bool) -> None:
         schedule = RefreshSchedule(
             self.debounce, self.max_delay, self.interval, now=time.monotonic()
         )
+        # A view the catch-up pass found locked is retried like after any other pass.
+        schedule.finished(unfinished, time.monotonic())
         queue = listener.queue
         last_seen = time.monotonic()
         while not self._stopping:
@@ -404,6 +412,7 @@ class RefreshWorker:
             if self._stopping:
                 break
             now = time.monotonic()
+            self._whitelist.flush(now)
             if not items and now - last_seen >= _PING:
                 await asyncio.wait_for(listener.ping(), _PING)
                 last_seen = now
@@ -440,4 +449,16 @@ class RefreshWorker:
         err = lost_connection(results)
         if err is not None:
             raise err  # the server went away: reconnect, then catch up
+        for view, seconds in self._locked.update(results, time.monotonic()):
+            log_locked(view, seconds, await self._holders(view))
         return needs_retry(results)
+
+    async def _holders(self, view: str) -> list[Any] | None:
+        schema, _, name = view.partition(".")
+        key = lock_key(self._whitelist.views.get(view, (schema, name)))
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(lambda c: list(lock_holders(c, key)))
+        except Exception as exc:  # the warning matters more than who is named in it
+            log.debug("refresh worker: cannot read pg_locks: %s", exc)
+            return None

@@ -22,11 +22,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from ..errors import MaterializedViewError
 from ..schema import MaterializedView, materialized_view_of
 
-__all__ = ["DEFAULT_SCHEMA", "check_namespace", "lock_key", "lock_key_parts"]
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "LockHolder",
+    "check_namespace",
+    "lock_holders",
+    "lock_key",
+    "lock_key_parts",
+]
 
 #: Schema assumed for a view declared without one (and for bare names).
 DEFAULT_SCHEMA = "public"
@@ -116,3 +128,54 @@ def lock_key_parts(
     """
     unsigned = lock_key(view, schema=schema, namespace=namespace) & 0xFFFFFFFFFFFFFFFF
     return (unsigned >> 32, unsigned & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """A session holding (``granted``) or waiting for an advisory lock, from ``pg_locks``.
+
+    ``pg_stat_activity`` shows ``state``, ``query`` and ``xact_start`` of other roles'
+    sessions only to superusers and members of ``pg_read_all_stats``: None otherwise.
+    """
+
+    pid: int
+    granted: bool
+    application_name: str | None
+    user: str | None
+    client_addr: str | None
+    state: str | None
+    xact_start: datetime | None
+    query: str | None
+
+
+_HOLDERS = sa.text(
+    """
+    SELECT l.pid, l.granted, a.application_name, a.usename, a.client_addr::text,
+           a.state, a.xact_start, a.query
+      FROM pg_catalog.pg_locks AS l
+      LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.objsubid = 1
+       AND l.classid::pg_catalog.int8 = :classid AND l.objid::pg_catalog.int8 = :objid
+       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
+                          WHERE d.datname = pg_catalog.current_database())
+     ORDER BY l.granted DESC, l.pid
+    """
+).bindparams(
+    sa.bindparam("classid", type_=sa.BigInteger), sa.bindparam("objid", type_=sa.BigInteger)
+)
+
+
+def lock_holders(conn: Connection, key: int) -> list[LockHolder]:
+    """The sessions holding, then those waiting for, the advisory lock ``key`` in this database.
+
+    ``key`` is a :func:`lock_key`; both the session-level (``pg_advisory_lock``) and the
+    transaction-level form show up here.
+
+    Example::
+
+        for holder in lock_holders(conn, lock_key(mv_daily)):
+            print(holder.pid, holder.application_name, holder.granted)
+    """
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    rows = conn.execute(_HOLDERS, {"classid": unsigned >> 32, "objid": unsigned & 0xFFFFFFFF})
+    return [LockHolder(*row) for row in rows]

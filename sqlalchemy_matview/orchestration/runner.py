@@ -23,6 +23,7 @@ Misuse (an unknown view name, a bad option) raises before any refresh is sent.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -96,6 +97,10 @@ def _timeout(name: str, value: Timeout) -> str | None:
     if isinstance(value, (int, float)):
         if value < 0:
             raise RefreshOptionError(f"{name}={value!r}: a timeout cannot be negative")
+        if not math.isfinite(value):
+            raise RefreshOptionError(
+                f"{name}={value!r}: pass a finite number of seconds, or None for no timeout"
+            )
         return f"{round(value * 1000)}ms"
     if isinstance(value, str) and value.strip():
         return value.strip()

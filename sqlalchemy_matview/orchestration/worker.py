@@ -15,17 +15,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..errors import MaterializedViewError
+from .locking import lock_holders, lock_key
 from .results import RefreshResult
 from .runner import LockMode, Timeout, refresh_stale
 from .schedule import (
     RefreshSchedule,
-    Whitelist,
     backoff_delay,
-    check_timings,
+    log_locked,
     lost_connection,
     needs_retry,
 )
 from .tracking import CHANNEL
+from .worker_options import WorkerBase
 
 __all__ = ["RefreshWorker", "UnsupportedDriverError"]
 
@@ -38,7 +39,7 @@ class UnsupportedDriverError(MaterializedViewError, TypeError):
     """The worker listens with psycopg (3); the engine uses another driver."""
 
 
-class RefreshWorker:
+class RefreshWorker(WorkerBase):
     """Listen for changes and refresh stale views, debounced, surviving faults.
 
     The worker opens its own connection (never one from the engine's pool) and
@@ -47,16 +48,30 @@ class RefreshWorker:
     :func:`~sqlalchemy_matview.refresh_stale` runs after ``debounce`` seconds of quiet,
     but never more than ``max_delay`` seconds after the first change. ``interval`` adds a
     periodic pass as a safety net. Payloads that do not name a view declared on
-    ``metadata`` are logged and ignored.
+    ``metadata`` are ignored and counted (:attr:`ignored_notifications`); any role that may
+    connect can send them, so they cost no memory and at most 3 log lines a minute.
 
     When its connection dies (terminated backend, server restart) it reconnects with
     capped exponential backoff and, after every (re)connect, refreshes whatever became
     stale meanwhile: no change is lost, since staleness lives in the database. Any
     number of workers may run against one database; the views' advisory locks make sure
-    at most one refreshes a view at a time.
+    at most one refreshes a view at a time. A view skipped because another session holds
+    its lock is retried; once that has lasted ``max_delay`` seconds, a WARNING names the
+    holder (pid, ``application_name``; see
+    :func:`~sqlalchemy_matview.orchestration.locking.lock_holders`).
+
+    Every option is checked here, before anything connects:
+    :class:`~sqlalchemy_matview.errors.WorkerOptionError` names the option and the fix
+    (an unknown ``lock``, a delay that is negative, NaN or infinite, a ``metadata`` that
+    declares no view with ``track_changes=True``...).
 
     :param engine: a sync psycopg ``Engine``; refreshes use its pool.
-    :param metadata: the ``MetaData`` declaring the views.
+    :param metadata: the ``MetaData`` declaring the views; at least one must have
+        ``track_changes=True`` (nothing else wakes the worker).
+    :param debounce: seconds of quiet after a change before the pass (0 or more).
+    :param max_delay: longest wait after the first change of a burst, in seconds (0 or
+        more; raised to ``debounce`` when smaller).
+    :param interval: seconds between periodic passes (more than 0), or None.
     :param lock: passed to ``refresh_stale`` (``"skip"``: leave a view to the worker
         already refreshing it).
     :param on_result: called with every :class:`RefreshResult` (in the worker thread).
@@ -96,26 +111,28 @@ class RefreshWorker:
                 f"{engine.dialect.name}+{engine.dialect.driver}; create it from a "
                 "postgresql+psycopg:// URL"
             )
-        self.debounce, self.max_delay, self.interval = check_timings(debounce, max_delay, interval)
-        self.engine = engine
-        self.metadata = metadata
-        self.channel = channel
-        self.lock: LockMode = lock
+        self._configure(
+            "RefreshWorker",
+            engine,
+            metadata,
+            debounce=debounce,
+            max_delay=max_delay,
+            interval=interval,
+            channel=channel,
+            lock=lock,
+            on_result=on_result,
+            concurrently=concurrently,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            max_backoff=max_backoff,
+        )
+        self.engine: Engine = engine
         self.on_result = on_result
-        self.concurrently = concurrently
-        self.lock_timeout = lock_timeout
-        self.statement_timeout = statement_timeout
-        self.max_backoff = max_backoff
-        #: Completed ``refresh_stale`` passes (catch-ups, debounced and periodic ones).
-        self.passes = 0
-        #: Number of successful (re)connections so far.
-        self.connections = 0
         self._stop = threading.Event()
         # Set by the SIGINT/SIGTERM handler of run(): see there why it is not self._stop.
         self._signal: int | None = None
         self._thread: threading.Thread | None = None
         self._conn: Any = None
-        self._whitelist = Whitelist(metadata, channel)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -218,8 +235,8 @@ class RefreshWorker:
                 log.info("refresh worker listening on %r", self.channel)
                 attempt = 0
                 # LISTEN comes first, so nothing committed after this pass goes unnoticed.
-                self._pass("catch-up")
-                self._listen()
+                unfinished = self._pass("catch-up")
+                self._listen(unfinished)
             except Exception as exc:
                 if self._stopping():
                     break
@@ -237,10 +254,12 @@ class RefreshWorker:
                 self._close()
         log.info("refresh worker stopped")
 
-    def _listen(self) -> None:
+    def _listen(self, unfinished: bool) -> None:
         schedule = RefreshSchedule(
             self.debounce, self.max_delay, self.interval, now=time.monotonic()
         )
+        # A view the catch-up pass found locked is retried like after any other pass.
+        schedule.finished(unfinished, time.monotonic())
         conn = self._conn
         while not self._stopping():
             now = time.monotonic()
@@ -250,6 +269,7 @@ class RefreshWorker:
             for notify in conn.notifies(timeout=wait):
                 if self._whitelist.accept(notify.payload):
                     schedule.changed(time.monotonic())
+            self._whitelist.flush(time.monotonic())
             reason = schedule.take(time.monotonic())
             if reason is None:
                 continue
@@ -278,4 +298,16 @@ class RefreshWorker:
         err = lost_connection(results)
         if err is not None:
             raise err  # the server went away: reconnect, then catch up
+        for view, seconds in self._locked.update(results, time.monotonic()):
+            log_locked(view, seconds, self._holders(view))
         return needs_retry(results)
+
+    def _holders(self, view: str) -> list[Any] | None:
+        schema, _, name = view.partition(".")
+        key = lock_key(self._whitelist.views.get(view, (schema, name)))
+        try:
+            with self.engine.connect() as conn:
+                return list(lock_holders(conn, key))
+        except Exception as exc:  # the warning matters more than who is named in it
+            log.debug("refresh worker: cannot read pg_locks: %s", exc)
+            return None

@@ -257,8 +257,8 @@ def test_rejects_sync_engines_and_other_drivers(engine, pg_url):
     with pytest.raises(TypeError, match="AsyncEngine"):
         RefreshWorker(engine, sa.MetaData())  # type: ignore[arg-type]
     aeng = create_async_engine(pg_url.set(drivername="postgresql+psycopg"))
-    with pytest.raises(ValueError, match="debounce"):
-        RefreshWorker(aeng, sa.MetaData(), interval=0)
+    with pytest.raises(ValueError, match="interval"):
+        RefreshWorker(aeng, build_shop().metadata, interval=0)
     # The dialect's driver name is all the check reads; no other async driver is installed.
     aeng.dialect.driver = "aiopg"
     with pytest.raises(UnsupportedDriverError, match="asyncpg or psycopg"):

@@ -143,7 +143,7 @@ def test_worker_rejects_async_engine_and_bad_timings(pg_url):
         RefreshWorker(aeng, sa.MetaData())  # type: ignore[arg-type]
     eng = sa.create_engine(pg_url)
     with pytest.raises(ValueError, match="debounce"):
-        RefreshWorker(eng, sa.MetaData(), debounce=-1)
+        RefreshWorker(eng, build_shop().metadata, debounce=-1)
     eng.dispose()
 
 
