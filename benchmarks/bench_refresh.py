@@ -21,7 +21,6 @@ import time
 import sqlalchemy as sa
 
 from sqlalchemy_matview import MaterializedView, refresh_stale, refresh_views
-from sqlalchemy_matview.orchestration import tracking
 from sqlalchemy_matview.testing.launcher import PostgresServer
 
 
@@ -59,19 +58,17 @@ def main() -> None:
         unique_key="grp",
         track_changes=True,
     )
-    tracking.attach(mv)
     plain_t = sa.Table("bulk_plain", md, sa.Column("id", sa.BigInteger), sa.Column("v", sa.Integer))
     tracked_t = sa.Table(
         "bulk_tracked", md, sa.Column("id", sa.BigInteger), sa.Column("v", sa.Integer)
     )
-    mv_bulk = MaterializedView(
+    MaterializedView(
         "mv_bulk",
         md,
         sa.select(sa.func.count().label("n")).select_from(tracked_t),
         columns=[sa.Column("n", sa.BigInteger)],
         track_changes=True,
     )
-    tracking.attach(mv_bulk)
 
     with PostgresServer(settings={"shared_buffers": "128MB", "work_mem": "64MB"}) as server:
         engine = sa.create_engine(server.url(server.create_database()))

@@ -12,6 +12,10 @@ REFRESH MATERIALIZED VIEW CONCURRENTLY mv
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .bookkeeping import set_tracking_schema, tracking_schema
 from .ddl import (
     CommentOnMaterializedView,
     CreateMaterializedView,
@@ -26,19 +30,10 @@ from .errors import (
     ExtensionNotInstalledError,
     MaterializedViewError,
     ReadOnlyMaterializedViewError,
+    TrackingInstallError,
     UnknownViewError,
     UnsupportedDialectError,
     WorkerOptionError,
-)
-from .orchestration import (
-    RefreshResult,
-    RefreshWorker,
-    lock_key,
-    refresh_all,
-    refresh_stale,
-    refresh_views,
-    schedule_refresh,
-    unschedule_refresh,
 )
 from .reflection import reflect_materialized_views
 from .schema import (
@@ -48,7 +43,43 @@ from .schema import (
     unique_key_index_name,
 )
 
+if TYPE_CHECKING:
+    from .orchestration import (
+        RefreshResult,
+        RefreshWorker,
+        lock_key,
+        refresh_all,
+        refresh_stale,
+        refresh_views,
+        schedule_refresh,
+        unschedule_refresh,
+    )
+
 __version__ = "0.1.0"
+
+# The orchestration layer is loaded on first use of one of its names, so that importing a
+# declaration module (``sqlalchemy_matview.schema``) never imports it.
+_ORCHESTRATION = frozenset(
+    {
+        "RefreshResult",
+        "RefreshWorker",
+        "lock_key",
+        "refresh_all",
+        "refresh_stale",
+        "refresh_views",
+        "schedule_refresh",
+        "unschedule_refresh",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ORCHESTRATION:
+        value = getattr(importlib.import_module(".orchestration", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CommentOnMaterializedView",
@@ -64,6 +95,7 @@ __all__ = [
     "RefreshMaterializedView",
     "RefreshResult",
     "RefreshWorker",
+    "TrackingInstallError",
     "UnknownViewError",
     "UnsupportedDialectError",
     "WorkerOptionError",
@@ -77,6 +109,8 @@ __all__ = [
     "refresh_stale",
     "refresh_views",
     "schedule_refresh",
+    "set_tracking_schema",
+    "tracking_schema",
     "unique_key_index_name",
     "unschedule_refresh",
 ]

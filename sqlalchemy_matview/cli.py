@@ -40,6 +40,7 @@ from rich.table import Table
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from . import __version__, catalog
+from .bookkeeping import tracking_schema
 from .errors import MaterializedViewError
 from .schema import MaterializedView, materialized_views
 
@@ -296,6 +297,8 @@ class ViewStatus:
     tracked: bool = False
     stale: bool | None = None
     stale_since: datetime.datetime | None = None
+    #: Writing transactions not covered by a refresh yet (counted up to a cap).
+    pending_changes: int | None = None
     last_refreshed_at: datetime.datetime | None = None
     last_duration: float | None = None
 
@@ -323,7 +326,7 @@ def _seconds(value: object) -> float | None:
     return None
 
 
-def _view_states(conn: Connection) -> dict[tuple[str, str], Any]:
+def _view_states(conn: Connection, metadata: sa.MetaData | None) -> dict[tuple[str, str], Any]:
     try:
         from .orchestration.tracking import view_states
     except ImportError:
@@ -331,7 +334,7 @@ def _view_states(conn: Connection) -> dict[tuple[str, str], Any]:
     # A database without the state table must not abort the caller's transaction.
     with conn.begin_nested() as savepoint:
         try:
-            states: dict[tuple[str, str], Any] = dict(view_states(conn))
+            states: dict[tuple[str, str], Any] = dict(view_states(conn, tracking_schema(metadata)))
         except sa.exc.ProgrammingError:
             savepoint.rollback()
             return {}
@@ -350,7 +353,7 @@ def collect_status(
     deps: dict[tuple[str, str], list[str]] = {}
     for dep in catalog.dependencies(conn):
         deps.setdefault(dep.dependent, []).append(".".join(dep.referenced))
-    states = _view_states(conn)
+    states = _view_states(conn, metadata)
     current = catalog.current_schema(conn)
     declared: dict[tuple[str, str], MaterializedView] = {}
     if metadata is not None:
@@ -398,6 +401,7 @@ def _apply_state(row: ViewStatus, state: Any) -> None:
     row.tracked = bool(getattr(state, "tracked", True))
     row.stale = bool(getattr(state, "stale", False)) if row.tracked else None
     row.stale_since = getattr(state, "stale_since", None)
+    row.pending_changes = getattr(state, "pending_changes", None) if row.tracked else None
     row.last_refreshed_at = getattr(state, "last_refreshed_at", None)
     row.last_duration = _seconds(getattr(state, "last_duration", None))
 
@@ -434,6 +438,10 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+# view_states() counts pending changes up to this many (a status never scans the log).
+_PENDING_CAP = 1000
 
 
 def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
@@ -476,7 +484,9 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
             if not row.tracked:
                 stale = "[dim]not tracked[/]"
             elif row.stale:
-                stale = f"[yellow]{_ago(row.stale_since, now)}[/]"
+                pending = row.pending_changes or 0
+                more = "+" if pending >= _PENDING_CAP else ""
+                stale = f"[yellow]{_ago(row.stale_since, now)} ({pending:,}{more} pending)[/]"
             else:
                 stale = "[green]fresh[/]"
             line += [stale, _ago(row.last_refreshed_at, now), _duration(row.last_duration)]

@@ -16,6 +16,7 @@ __all__ = [
     "ExtensionNotInstalledError",
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",
+    "TrackingInstallError",
     "UnknownViewError",
     "UnsupportedDialectError",
     "WorkerOptionError",
@@ -56,3 +57,8 @@ class ExtensionNotInstalledError(MaterializedViewError, RuntimeError):
 
 class WorkerOptionError(MaterializedViewError, ValueError):
     """A :class:`~sqlalchemy_matview.RefreshWorker` option is invalid (checked in ``__init__``)."""
+
+
+class TrackingInstallError(MaterializedViewError, RuntimeError):
+    """Change tracking's bookkeeping exists but is owned by a role the current one does not
+    trust (it could run code with the app's privileges); the message names object and owner."""

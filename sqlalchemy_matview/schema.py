@@ -18,7 +18,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import NullType
 
-from . import _compat
+from . import _compat, bookkeeping
 from .errors import DefinitionError
 from .query import Definition, Query, as_query, check_query
 
@@ -223,10 +223,14 @@ class MaterializedView:
                     self.table.add_is_dependent_on(source)
             _compat.install_ddl(self)
             if track_changes:
-                # create_all installs the triggers, drop_all removes them (issue 4).
-                from .orchestration import tracking
-
-                tracking.attach(self)
+                # create_all installs the triggers, drop_all removes them; the
+                # orchestration layer does it (bookkeeping.tracking_hooks).
+                # On the MetaData, so that it runs on every create_all, also when the view
+                # exists already: tracking is repaired (or moved from 0.1.0's layout).
+                if not sa.event.contains(metadata, "after_create", _tracking_after_create):
+                    sa.event.listen(metadata, "after_create", _tracking_after_create)
+                sa.event.listen(self.table, "after_create", _tracking_after_create_view)
+                sa.event.listen(self.table, "before_drop", _tracking_before_drop)
         registry[key] = self
         from . import readonly
 
@@ -480,3 +484,21 @@ def _table_of(target: object) -> sa.Table | None:
         if isinstance(local, sa.Table):
             return local
     return None
+
+
+def _tracking_after_create(target: sa.MetaData, connection: Any, **kw: Any) -> None:
+    tracked = [v for v in materialized_views(target, managed=True) if v.track_changes]
+    if tracked:
+        bookkeeping.tracking_hooks()[0](tracked, connection, **kw)
+
+
+def _tracking_after_create_view(target: sa.Table, connection: Any, **kw: Any) -> None:
+    view = target.info.get(INFO_KEY)
+    if isinstance(view, MaterializedView) and view.track_changes:
+        bookkeeping.tracking_hooks()[0]([view], connection, **kw)
+
+
+def _tracking_before_drop(target: sa.Table, connection: Any, **kw: Any) -> None:
+    view = target.info.get(INFO_KEY)
+    if isinstance(view, MaterializedView):
+        bookkeeping.tracking_hooks()[1](view, connection, **kw)

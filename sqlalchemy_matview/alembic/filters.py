@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from ..bookkeeping import DEFAULT_SCHEMA, LEGACY_TABLES, is_bookkeeping_table, tracking_schema
 from ..compare import is_view_table
 
 if TYPE_CHECKING:
@@ -26,42 +27,41 @@ if TYPE_CHECKING:
 __all__ = ["BOOKKEEPING_SCHEMA", "LEGACY_BOOKKEEPING_TABLES", "install", "is_bookkeeping"]
 
 #: The schema that holds the library's bookkeeping (change tracking's tables and functions).
-BOOKKEEPING_SCHEMA = "sqlalchemy_matview"
+BOOKKEEPING_SCHEMA = DEFAULT_SCHEMA
 #: Tables that change tracking kept in ``public`` before it had a schema of its own.
-LEGACY_BOOKKEEPING_TABLES = frozenset({"sqlalchemy_matview_state", "sqlalchemy_matview_changes"})
+LEGACY_BOOKKEEPING_TABLES = LEGACY_TABLES
 
 _INSTALLED = "_sqlalchemy_matview_filters"
 
 
-def is_bookkeeping(schema: str, name: str) -> bool:
+def is_bookkeeping(schema: str, name: str, own_schema: str | None = None) -> bool:
     """True for a table of the library's own bookkeeping, which migrations never compare.
 
-    ``schema`` is the table's schema as the catalog names it. This is the one place that
-    decides it: everything in :data:`BOOKKEEPING_SCHEMA`, and the tables change tracking
-    kept in ``public`` before.
+    ``schema`` is the table's schema as the catalog names it; ``own_schema`` the tracking
+    schema (default ``sqlalchemy_matview``). Decided by
+    :func:`~sqlalchemy_matview.bookkeeping.is_bookkeeping_table`.
 
     >>> is_bookkeeping("public", "sqlalchemy_matview_state")
     True
     >>> is_bookkeeping("public", "orders")
     False
     """
-    return schema == BOOKKEEPING_SCHEMA or (
-        schema == "public" and name in LEGACY_BOOKKEEPING_TABLES
-    )
+    return is_bookkeeping_table(schema, name, tracking_schema=own_schema)
 
 
-def _filters(default_schema: str) -> tuple[Any, Any]:
+def _filters(default_schema: str, own_schema: str) -> tuple[Any, Any]:
     def include_object(obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any) -> bool:
         if type_ != "table" or not isinstance(obj, sa.Table):
             return True
         if not reflected:
             return not is_view_table(obj)
-        return not is_bookkeeping(obj.schema or default_schema, obj.name)
+        return not is_bookkeeping(obj.schema or default_schema, obj.name, own_schema)
 
     def include_name(name: Any, type_: str, parent_names: Mapping[str, Any]) -> bool:
         if type_ != "table" or name is None:
             return True
-        return not is_bookkeeping(parent_names.get("schema_name") or default_schema, name)
+        schema = parent_names.get("schema_name") or default_schema
+        return not is_bookkeeping(schema, name, own_schema)
 
     return include_object, include_name
 
@@ -79,7 +79,9 @@ def install(
         return continue_result()
     setattr(autogen_context, _INSTALLED, True)
     default_schema = autogen_context.connection.dialect.default_schema_name or "public"
-    include_object, include_name = _filters(default_schema)
+    metadata = autogen_context.metadata
+    own = tracking_schema(metadata if isinstance(metadata, sa.MetaData) else None)
+    include_object, include_name = _filters(default_schema, own)
     # In front, so that the project's own filters never see a view as a table.
     autogen_context._object_filters.insert(0, include_object)
     autogen_context._name_filters.insert(0, include_name)

@@ -3,7 +3,7 @@
 A job's command calls the same database function every refresh of this library runs
 (:func:`~sqlalchemy_matview.orchestration.tracking.refresh_call`)::
 
-    SELECT public.sqlalchemy_matview_refresh('public', 'mv_daily', <lock_key>, true, 'skip', false)
+    SELECT sqlalchemy_matview.refresh('public', 'mv_daily', <lock_key>, true, 'skip', false)
 
 It takes the view's transaction-level advisory lock and does nothing when another refresher
 holds it, so a cron refresh never overlaps one made by
@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from ..bookkeeping import tracking_schema
 from ..ddl import refresh
 from ..errors import ExtensionNotInstalledError
 from ..schema import MaterializedView, materialized_view_of
@@ -90,8 +91,8 @@ def refresh_command(
     name as quoted literals (identifiers are quoted inside it, with ``format('%I')``).
     For example ``refresh_command("Daily Stats", concurrently=False)`` is::
 
-        SELECT public.sqlalchemy_matview_refresh('public', 'Daily Stats', <lock_key>,
-                                                 false, 'skip', false) AS ...
+        SELECT sqlalchemy_matview.refresh('public', 'Daily Stats', <lock_key>,
+                                          false, 'skip', false) AS ...
     """
     view_schema, name = _qname(view, schema)
     declared = materialized_view_of(view)
@@ -104,11 +105,17 @@ def refresh_command(
         lock="skip",
         only_if_stale=only_if_stale,
         lock_namespace=check_namespace(lock_namespace),
+        tracking_schema_name=_bookkeeping_schema(view),
     )
     return str(call.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
 
 
-def _ensure_refresh_function(conn: Connection, database: str | None) -> None:
+def _bookkeeping_schema(view: MaterializedView | sa.Table | str) -> str:
+    declared = materialized_view_of(view)
+    return tracking_schema(declared.metadata if declared is not None else None)
+
+
+def _ensure_refresh_function(conn: Connection, database: str | None, schema: str) -> None:
     """Install the bookkeeping (and the refresh function) in the database holding the view.
 
     With ``database`` naming another database than ``conn``'s, a short-lived connection
@@ -116,7 +123,7 @@ def _ensure_refresh_function(conn: Connection, database: str | None) -> None:
     """
     current = conn.execute(sa.text("SELECT current_database()")).scalar_one()
     if database is None or database == current:
-        tracking.ensure_state_tables(conn)
+        tracking.ensure_bookkeeping(conn, schema)
         return
     url = conn.engine.url.set(database=database)
     if conn.dialect.is_async:
@@ -124,11 +131,11 @@ def _ensure_refresh_function(conn: Connection, database: str | None) -> None:
     other = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with other.begin() as target:
-            tracking.ensure_state_tables(target)
+            tracking.ensure_bookkeeping(target, schema)
     except sa.exc.DBAPIError as exc:
         raise tracking.TrackingError(
             f"cannot install the refresh function in database {database!r} ({exc.orig}); "
-            "run sqlalchemy_matview.orchestration.tracking.ensure_state_tables() there "
+            "run sqlalchemy_matview.orchestration.tracking.ensure_bookkeeping() there "
             "(or metadata.create_all() with a track_changes view), then schedule again"
         ) from exc
     finally:
@@ -216,7 +223,7 @@ def schedule_refresh(
                 "database (cron.schedule_in_database needs 1.4+); upgrade pg_cron or "
                 "install it in the view's database"
             )
-        _ensure_refresh_function(conn, database)
+        _ensure_refresh_function(conn, database, _bookkeeping_schema(view))
         params = {"name": name, "schedule": schedule, "command": command}
         if database is not None:
             job = conn.execute(

@@ -46,6 +46,9 @@ class RefreshResult:
     duration: float = 0.0
     #: The exception behind ``"failed"`` (or a lock timeout behind ``"skipped_locked"``).
     error: BaseException | None = None
+    #: Changes to its sources committed while it was being refreshed: the view is still
+    #: stale and another refresh is due (a worker refreshes it again).
+    pending: bool = False
 
     @property
     def ok(self) -> bool:

@@ -3,7 +3,7 @@
 Each view is refreshed in its own transaction (or savepoint, inside a caller's
 transaction) which applies ``lock_timeout`` / ``statement_timeout`` with
 ``set_config(..., is_local)`` and then, where the bookkeeping tables exist, runs the
-database function ``public.sqlalchemy_matview_refresh()`` (the one pg_cron jobs run, see
+database function ``sqlalchemy_matview.refresh()`` (the one pg_cron jobs run, see
 :func:`~sqlalchemy_matview.orchestration.tracking.refresh_call`), which in order:
 
 1. takes the view's advisory lock (:func:`~sqlalchemy_matview.lock_key`), or skips;
@@ -11,7 +11,8 @@ database function ``public.sqlalchemy_matview_refresh()`` (the one pg_cron jobs 
    (another process may have refreshed it a moment ago);
 3. runs ``REFRESH MATERIALIZED VIEW [CONCURRENTLY]``;
 4. clears the changes that the refresh's snapshot covered, records when and how long, and
-   marks the materialized views that read this one stale.
+   marks the materialized views that read this one stale; changes committed during the
+   refresh are reported as :attr:`RefreshResult.pending`.
 
 Without the bookkeeping tables (no view tracks changes) steps 1 and 3 run from Python.
 
@@ -27,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Literal, TypeAlias
 
@@ -36,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from .. import catalog
+from ..bookkeeping import tracking_schema
 from ..ddl import RefreshMaterializedView, qualifying_unique_index
 from ..errors import ConcurrentRefreshError, MaterializedViewError, UnknownViewError
 from ..schema import MaterializedView, materialized_view_of, materialized_views
@@ -208,6 +210,7 @@ class _Plan:
     graph: DependencyGraph
     tracking_on: bool
     stale: set[QName] = field(default_factory=set)
+    tracking_schema: str | None = None
 
 
 def _qualify(view: MaterializedView, current: str) -> QName:
@@ -304,9 +307,21 @@ def _plan(
                 concurrent_index=bool(info and info.concurrent_index),
             )
         )
-    tracking_on = tracking.state_tables_exist(conn)
-    stale = tracking.stale_views(conn) if (tracking_on and want_stale) else set()
-    return _Plan(items=items, graph=graph, tracking_on=tracking_on, stale=stale)
+    schema = _bookkeeping_schema(metadata, [v for _, v in resolved if v is not None])
+    tracking_on = tracking.bookkeeping_installed(conn, schema)
+    stale = tracking.stale_views(conn, schema) if (tracking_on and want_stale) else set()
+    return _Plan(
+        items=items, graph=graph, tracking_on=tracking_on, stale=stale, tracking_schema=schema
+    )
+
+
+def _bookkeeping_schema(metadata: sa.MetaData | None, declared: Sequence[MaterializedView]) -> str:
+    """The tracking schema of the run: its MetaData's, else its declared views'."""
+    if metadata is not None:
+        return tracking_schema(metadata)
+    for view in declared:
+        return tracking_schema(view.metadata)
+    return tracking_schema()
 
 
 # -- one view ----------------------------------------------------------------------------
@@ -384,6 +399,7 @@ _OUTCOMES: dict[str, RefreshStatus] = {
     "refreshed": "refreshed",
     "skipped_locked": "skipped_locked",
     "skipped_fresh": "skipped_fresh",
+    "refreshed_pending": "refreshed",
 }
 
 
@@ -441,6 +457,7 @@ def _refresh_one(
                     lock=opts.lock,
                     only_if_stale=only_if_stale,
                     lock_namespace=opts.lock_namespace,
+                    tracking_schema_name=plan.tracking_schema,
                 )
             elif only_if_stale:
                 status = "skipped_fresh"
@@ -458,6 +475,8 @@ def _refresh_one(
         return result("failed", concurrently, exc)
     outcome = _OUTCOMES[status]
     done = result(outcome, concurrently)
+    if status == "refreshed_pending":
+        done = replace(done, pending=True)
     if outcome == "refreshed":
         log.info(
             "refreshed %s%s in %.3fs",

@@ -1,99 +1,78 @@
-"""Durable change tracking: statement-level triggers, a change log, and per-view state.
+"""Durable change tracking: triggers, a change log, and per-view state, in a schema of its own.
 
-Two small tables in schema ``public``, created on first use (never part of your
-``MetaData``):
+The bookkeeping lives in the schema :func:`~sqlalchemy_matview.bookkeeping.tracking_schema`
+names (``sqlalchemy_matview`` unless :func:`~sqlalchemy_matview.bookkeeping.set_tracking_schema`
+says otherwise), created by the library on first use and never part of your ``MetaData``:
+the tables ``views`` and ``changes`` and the functions ``mark_stale`` (the triggers'),
+``refresh``, ``track``, ``untrack`` and ``sync_triggers``. The design -- writers that never
+queue on each other or on ``NOTIFY``, refreshes that never lose a change -- is described
+in :mod:`~sqlalchemy_matview.orchestration.tracking_sql` and ``docs/change-tracking.md``.
 
-``sqlalchemy_matview_state`` (:data:`STATE_TABLE`)
-    one row per view: whether it is tracked, the oids of the tables it is tracked on,
-    and the history of its last refresh (when, how long, how, how many times).
-``sqlalchemy_matview_changes`` (:data:`CHANGES_TABLE`)
-    one row per (view, writing transaction): the durable "this view is stale" mark.
+Before using bookkeeping objects that already exist, :func:`ensure_bookkeeping` checks
+that they are owned by the current role (or a role it is a member of, or a superuser) and
+otherwise raises :class:`~sqlalchemy_matview.errors.TrackingInstallError`: another role
+could otherwise have created them first and have its code run with the app's privileges.
 
-A statement-level trigger on each source table runs
-``public.sqlalchemy_matview_mark_stale()``, which looks the table up by oid in the state
-table (view names are data, never code), adds a change row for every view tracking it and
-calls ``pg_notify('sqlalchemy_matview', '<schema>.<view>')``.
-
-Every refresh made through this library, and every pg_cron job of
-:func:`~sqlalchemy_matview.schedule_refresh`, runs ``public.sqlalchemy_matview_refresh()``
-(:data:`REFRESH_FUNCTION`, see :func:`refresh_call`): it takes the view's advisory lock,
-refreshes, clears the changes covered, records the refresh and marks dependents stale, in
-the caller's transaction.
-
-Why a change log and not a boolean or a counter on the state row: a counter needs an
-``UPDATE`` of one row per write, so every writing transaction on a tracked table would hold
-that row's lock until it commits, and concurrent writers would queue behind each other. An
-``INSERT ... ON CONFLICT DO NOTHING`` keyed by the writer's transaction id never waits on
-another writer. A refresh clears exactly the change rows its own snapshot could see
-(``pg_visible_in_snapshot``), so a write committed while the refresh ran keeps the
-view stale: no change is ever lost. The change rows' ids are the view's *version*.
+Databases tracked by release 0.1.0 (bookkeeping in ``public``) are moved on the first
+:func:`ensure_bookkeeping`: what was tracked is tracked again in the new schema, pending
+changes stay pending, and the old triggers, tables and functions are dropped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.compiler import IdentifierPreparer
 
-from ..errors import MaterializedViewError
+from ..bookkeeping import (
+    CHANGES_TABLE,
+    CHANNEL,
+    LEGACY_SCHEMA,
+    LEGACY_TRIGGER,
+    VIEWS_TABLE,
+    register_tracking_hooks,
+    tracking_schema,
+)
+from ..errors import MaterializedViewError, TrackingInstallError
 from ..schema import MaterializedView
 from ._sql import PreparedDDL
 from .locking import lock_key
+from .tracking_sql import (
+    ADVISORY_TIMEOUT_MARK,
+    FUNCTIONS,
+    MARKER,
+    SETUP_LOCK_KEY,
+    setup_statements,
+)
 
 __all__ = [
-    "CHANGES_TABLE",
     "CHANNEL",
-    "REFRESH_FUNCTION",
-    "STATE_SCHEMA",
-    "STATE_TABLE",
-    "TRIGGER_FUNCTION",
-    "TRIGGER_NAME",
+    "PENDING_CAP",
     "TrackingError",
     "ViewState",
-    "attach",
-    "ensure_state_tables",
+    "bookkeeping_installed",
+    "ensure_bookkeeping",
     "install_tracking",
     "is_lock_wait_timeout",
     "refresh_and_record",
     "refresh_call",
     "stale_views",
-    "state_tables_exist",
     "tracking_installed",
+    "uninstall_bookkeeping",
     "uninstall_tracking",
     "view_states",
 ]
 
 log = logging.getLogger("sqlalchemy_matview")
 
-#: Schema holding the bookkeeping tables and the trigger function.
-STATE_SCHEMA = "public"
-#: Per-view state: tracking, sources, last refresh.
-STATE_TABLE = "sqlalchemy_matview_state"
-#: The change log: one row per (view, writing transaction) not yet covered by a refresh.
-CHANGES_TABLE = "sqlalchemy_matview_changes"
-#: The trigger function every tracked table's trigger runs.
-TRIGGER_FUNCTION = "sqlalchemy_matview_mark_stale"
-#: Name of the (single, shared) trigger on each tracked table.
-TRIGGER_NAME = "sqlalchemy_matview_track"
-#: The ``NOTIFY`` channel; the payload is the view's ``schema.name``.
-CHANNEL = "sqlalchemy_matview"
-#: The function refreshing one view and recording it (see :func:`refresh_call`).
-REFRESH_FUNCTION = "sqlalchemy_matview_refresh"
-#: Starts the message of a refresh that timed out waiting for another refresher's lock.
-ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
-
-# The refresh function's argument types, as to_regprocedure() wants them.
-_REFRESH_ARGS = "text, text, bigint, boolean, text, boolean"
-
-# Serialises creation of the bookkeeping objects among concurrent create_all() calls:
-# CREATE TABLE IF NOT EXISTS alone can still fail on the pg_type unique index.
-_SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
+#: :attr:`ViewState.pending_changes` counts at most this many (it is a lower bound then),
+#: so that a status query never scans a change log that grew while nothing refreshed.
+PENDING_CAP = 1000
 
 
 class TrackingError(MaterializedViewError, RuntimeError):
@@ -102,7 +81,7 @@ class TrackingError(MaterializedViewError, RuntimeError):
 
 @dataclass(frozen=True)
 class ViewState:
-    """What the state table says about one view (see :func:`view_states`)."""
+    """What the bookkeeping says about one view (see :func:`view_states`)."""
 
     schema: str
     name: str
@@ -112,13 +91,8 @@ class ViewState:
     stale: bool
     #: When the oldest uncovered change was made (``None`` when fresh).
     stale_since: datetime | None
-    #: Number of (transaction) changes not covered yet.
+    #: Writing transactions not covered yet, counted up to :data:`PENDING_CAP`.
     pending_changes: int
-    #: Highest change id recorded for the view (grows with every writing transaction).
-    version: int
-    #: Highest change id covered by a refresh; ``stale`` is ``version > refreshed_version``
-    #: in spirit, though the exact test is "uncovered change rows exist".
-    refreshed_version: int
     last_refreshed_at: datetime | None
     #: Seconds the last refresh took.
     last_duration: float | None
@@ -132,242 +106,225 @@ class ViewState:
         return f"{self.schema}.{self.name}"
 
 
-# -- bookkeeping objects ----------------------------------------------------------------
+# -- the bookkeeping objects ---------------------------------------------------------------
 
 
-def _q(preparer: IdentifierPreparer, *names: str) -> str:
-    return ".".join(preparer.quote(n) for n in names)
+def _quoted(conn: Connection, schema: str) -> str:
+    return str(conn.dialect.identifier_preparer.quote_schema(schema))
 
 
-def _setup_statements(preparer: IdentifierPreparer) -> list[str]:
-    state = _q(preparer, STATE_SCHEMA, STATE_TABLE)
-    changes = _q(preparer, STATE_SCHEMA, CHANGES_TABLE)
-    func = _q(preparer, STATE_SCHEMA, TRIGGER_FUNCTION)
-    return [
-        f"CREATE TABLE IF NOT EXISTS {state} ("
-        " id serial PRIMARY KEY,"
-        " view_schema text NOT NULL,"
-        " view_name text NOT NULL,"
-        " tracked boolean NOT NULL DEFAULT false,"
-        " source_oids oid[] NOT NULL DEFAULT '{}',"
-        " refreshed_version bigint NOT NULL DEFAULT 0,"
-        " last_refreshed_at timestamptz,"
-        " last_duration double precision,"
-        " last_concurrently boolean,"
-        " refresh_count bigint NOT NULL DEFAULT 0,"
-        " UNIQUE (view_schema, view_name))",
-        f"CREATE TABLE IF NOT EXISTS {changes} ("
-        " view_id integer NOT NULL,"
-        # bigint rather than xid8: tools that reflect every table (Alembic autogenerate)
-        # know bigint; a 64-bit transaction id fits, and is cast back to xid8 when compared.
-        " txid bigint NOT NULL,"
-        " id bigserial NOT NULL,"
-        " changed_at timestamptz NOT NULL DEFAULT now(),"
-        " PRIMARY KEY (view_id, txid))",
-        # SECURITY DEFINER: any role allowed to write a source table may mark views stale
-        # without privileges on the bookkeeping tables; the pinned search_path keeps it
-        # from resolving anything through the caller's path.
-        f"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger"
-        " LANGUAGE plpgsql SECURITY DEFINER"
-        " SET search_path = pg_catalog, pg_temp AS $body$"
-        " DECLARE r record;"
-        " BEGIN"
-        f"  FOR r IN SELECT id, view_schema, view_name FROM {state}"
-        "   WHERE TG_RELID = ANY (source_oids) LOOP"
-        f"   INSERT INTO {changes} (view_id, txid)"
-        "    VALUES (r.id, pg_current_xact_id()::text::bigint)"
-        "    ON CONFLICT DO NOTHING;"
-        f"   PERFORM pg_notify('{CHANNEL}', r.view_schema || '.' || r.view_name);"
-        "  END LOOP;"
-        "  RETURN NULL;"
-        " END $body$",
-        _refresh_function(preparer, state, changes),
-    ]
+def _constant(text: str) -> PreparedDDL:
+    return PreparedDDL(lambda _preparer: text)
 
 
-def _refresh_function(preparer: IdentifierPreparer, state: str, changes: str) -> str:
-    """``CREATE FUNCTION`` of :data:`REFRESH_FUNCTION` (see :func:`refresh_and_record`)."""
-    return _REFRESH_FUNCTION_TEMPLATE.format(
-        func=_q(preparer, STATE_SCHEMA, REFRESH_FUNCTION),
-        state=state,
-        changes=changes,
-        channel=CHANNEL,
-        mark=ADVISORY_TIMEOUT_MARK,
-    )
+# The current role, a role it is a member of (explicitly: pg_has_role() is true for any
+# role when the caller is a superuser, the very case where trusting a squatter is worst),
+# or a superuser.
+_TRUSTED = (
+    "({owner} IN (WITH RECURSIVE m(r) AS ("
+    " SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+    " UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN m ON a.member = m.r)"
+    " SELECT m.r FROM m)"
+    " OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = {owner}))"
+)
+
+# Every object in the bookkeeping schema, and the schema itself, with its owner and
+# whether the current role may trust it.
+_INVENTORY = sa.text(
+    f"""
+    SELECT 'schema' AS kind, n.nspname::text AS name,
+           pg_catalog.pg_get_userbyid(n.nspowner)::text AS owner,
+           {_TRUSTED.format(owner="n.nspowner")} AS trusted,
+           pg_catalog.obj_description(n.oid, 'pg_namespace') AS marker
+      FROM pg_catalog.pg_namespace n WHERE n.nspname = :schema
+    UNION ALL
+    SELECT 'relation', n.nspname || '.' || c.relname,
+           pg_catalog.pg_get_userbyid(c.relowner)::text,
+           {_TRUSTED.format(owner="c.relowner")}, NULL
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = :schema
+    UNION ALL
+    SELECT 'function', n.nspname || '.' || p.proname,
+           pg_catalog.pg_get_userbyid(p.proowner)::text,
+           {_TRUSTED.format(owner="p.proowner")}, NULL
+      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname = :schema
+    """
+)
 
 
-# The one implementation of "refresh one view and record it", shared by the runner
-# (refresh_views and friends, the worker) and pg_cron jobs, so that a scheduled refresh
-# clears the staleness marks and records itself like any other.
-#
-# Not SECURITY DEFINER: the refresh must run with the caller's privileges (only the view's
-# owner may refresh it), and callers already write the bookkeeping tables themselves. No
-# pinned search_path either, so the view's own functions resolve as in a bare REFRESH;
-# everything here is schema-qualified instead. Names arrive as arguments and reach SQL
-# only through quote_ident() (what format('%I') does; a percent sign here would be taken
-# for a placeholder by pyformat drivers when the function is created).
-_REFRESH_FUNCTION_TEMPLATE = """
-CREATE OR REPLACE FUNCTION {func}(
-    target_schema text, target_name text, lock_key bigint,
-    refresh_concurrently boolean DEFAULT false, lock_mode text DEFAULT 'skip',
-    only_if_stale boolean DEFAULT false)
-RETURNS text LANGUAGE plpgsql VOLATILE AS $body$
-DECLARE
-    target text := pg_catalog.quote_ident(target_schema) || '.'
-                   || pg_catalog.quote_ident(target_name);
-    target_oid oid;
-    view_snapshot pg_catalog.pg_snapshot;
-    started timestamptz;
-    spent double precision;
-    dep_schemas text[];
-    dep_names text[];
-BEGIN
-    IF lock_mode = 'skip' THEN
-        IF NOT pg_catalog.pg_try_advisory_xact_lock(lock_key) THEN
-            RETURN 'skipped_locked';
-        END IF;
-    ELSIF lock_mode = 'wait' THEN
-        BEGIN
-            PERFORM pg_catalog.pg_advisory_xact_lock(lock_key);
-        EXCEPTION WHEN lock_not_available THEN
-            -- Tells the caller the wait for another refresher timed out, not the REFRESH.
-            RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
-                MESSAGE = '{mark} ' || target,
-                HINT = 'another process is refreshing it; raise lock_timeout or skip it';
-        END;
-    ELSIF lock_mode IS DISTINCT FROM 'none' THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'lock_mode ' || pg_catalog.quote_nullable(lock_mode)
-                      || ': pass skip, wait or none';
-    END IF;
-    -- Checked under the lock: another process may have refreshed it a moment ago.
-    IF only_if_stale AND NOT EXISTS (
-        SELECT 1 FROM {state} s JOIN {changes} c ON c.view_id = s.id
-         WHERE s.view_schema = target_schema AND s.view_name = target_name) THEN
-        RETURN 'skipped_fresh';
-    END IF;
-    -- Taken before the REFRESH, whose own snapshot is later and so sees at least as much:
-    -- every change visible here is in the refreshed data.
-    view_snapshot := pg_catalog.pg_current_snapshot();
-    started := pg_catalog.clock_timestamp();
-    IF refresh_concurrently THEN
-        EXECUTE 'REFRESH MATERIALIZED VIEW CONCURRENTLY ' || target;
-    ELSE
-        EXECUTE 'REFRESH MATERIALIZED VIEW ' || target;
-    END IF;
-    spent := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - started);
-    target_oid := pg_catalog.to_regclass(target);
-    INSERT INTO {state} (view_schema, view_name) VALUES (target_schema, target_name)
-        ON CONFLICT (view_schema, view_name) DO NOTHING;
-    -- A change committed while the refresh ran is invisible to view_snapshot: its row
-    -- stays, and so does the view's staleness.
-    WITH covered AS (
-        DELETE FROM {changes} c USING {state} s
-         WHERE s.view_schema = target_schema AND s.view_name = target_name
-           AND c.view_id = s.id
-           AND (pg_catalog.pg_visible_in_snapshot(c.txid::text::xid8, view_snapshot)
-                OR c.txid = pg_catalog.pg_current_xact_id_if_assigned()::text::bigint)
-        RETURNING c.id)
-    UPDATE {state}
-       SET refreshed_version = GREATEST(refreshed_version,
-                                        COALESCE((SELECT max(id) FROM covered), 0)),
-           last_refreshed_at = pg_catalog.clock_timestamp(),
-           last_duration = spent,
-           last_concurrently = refresh_concurrently,
-           refresh_count = refresh_count + 1
-     WHERE view_schema = target_schema AND view_name = target_name;
-    -- The materialized views reading this one, directly or through plain views only.
-    SELECT pg_catalog.array_agg(deps.nspname ORDER BY deps.nspname, deps.relname),
-           pg_catalog.array_agg(deps.relname ORDER BY deps.nspname, deps.relname)
-      INTO dep_schemas, dep_names
-      FROM (WITH RECURSIVE readers(oid, relkind) AS (
-                SELECT r.ev_class, c.relkind
-                  FROM pg_catalog.pg_depend d
-                  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-                  JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
-                 WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-                   AND d.deptype = 'n' AND d.refobjid = target_oid
-                   AND r.ev_class <> target_oid
-              UNION
-                SELECT r.ev_class, c.relkind
-                  FROM readers
-                  JOIN pg_catalog.pg_depend d ON d.refobjid = readers.oid
-                  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
-                  JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
-                 WHERE readers.relkind = 'v'
-                   AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-                   AND d.deptype = 'n' AND r.ev_class <> readers.oid)
-            SELECT DISTINCT n.nspname::text AS nspname, c.relname::text AS relname
-              FROM readers
-              JOIN pg_catalog.pg_class c ON c.oid = readers.oid
-              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-             WHERE readers.relkind = 'm' AND readers.oid <> target_oid) AS deps;
-    IF dep_names IS NOT NULL THEN
-        INSERT INTO {state} (view_schema, view_name)
-            SELECT * FROM unnest(dep_schemas, dep_names)
-            ON CONFLICT (view_schema, view_name) DO NOTHING;
-        INSERT INTO {changes} (view_id, txid)
-            SELECT s.id, pg_catalog.pg_current_xact_id()::text::bigint
-              FROM {state} s
-              JOIN unnest(dep_schemas, dep_names) AS d(sch, nam)
-                ON s.view_schema = d.sch AND s.view_name = d.nam
-            ON CONFLICT DO NOTHING;
-        PERFORM pg_catalog.pg_notify('{channel}', d.sch || '.' || d.nam)
-           FROM unnest(dep_schemas, dep_names) AS d(sch, nam);
-    END IF;
-    RETURN 'refreshed';
-END
-$body$
-"""
+@dataclass(frozen=True)
+class _Inventory:
+    exists: bool
+    current: bool  # every object present, at the current version
 
 
-def state_tables_exist(conn: Connection) -> bool:
-    """True when the state table, the change log and both functions all exist."""
-    return bool(
-        conn.execute(
-            sa.text(
-                "SELECT to_regclass(:state) IS NOT NULL AND to_regclass(:changes) IS NOT NULL"
-                " AND to_regprocedure(:func) IS NOT NULL AND to_regprocedure(:refresh) IS NOT NULL"
-            ),
-            {
-                "state": f"{STATE_SCHEMA}.{STATE_TABLE}",
-                "changes": f"{STATE_SCHEMA}.{CHANGES_TABLE}",
-                "func": f"{STATE_SCHEMA}.{TRIGGER_FUNCTION}()",
-                "refresh": f"{STATE_SCHEMA}.{REFRESH_FUNCTION}({_REFRESH_ARGS})",
-            },
-        ).scalar_one()
-    )
+def _inventory(conn: Connection, schema: str, *, strict: bool) -> _Inventory:
+    rows = conn.execute(_INVENTORY, {"schema": schema}).all()
+    for row in rows:
+        if not row.trusted:
+            message = (
+                f"the change-tracking {row.kind} {row.name!r} is owned by role {row.owner!r}, "
+                "which the current role neither is nor belongs to: another role may have "
+                "created it to run code with your privileges. Drop it (as a superuser) or "
+                "name another schema with set_tracking_schema(metadata, ...)"
+            )
+            if strict:
+                raise TrackingInstallError(message)
+            log.warning("change tracking ignored: %s", message)
+            return _Inventory(exists=False, current=False)
+    marker = next((r.marker for r in rows if r.kind == "schema"), None)
+    names = {r.name for r in rows}
+    complete = {f"{schema}.{VIEWS_TABLE}", f"{schema}.{CHANGES_TABLE}"} | {
+        f"{schema}.{f}" for f in FUNCTIONS
+    }
+    return _Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)
 
 
-def _constant(text: str) -> Callable[[IdentifierPreparer], str]:
-    return lambda _preparer: text
+def bookkeeping_installed(conn: Connection, schema: str | None = None) -> bool:
+    """True when the bookkeeping is installed (at this version) and trustworthy.
+
+    Objects owned by a role the current one does not trust count as absent (with a
+    warning): nothing of theirs is ever called.
+    """
+    return _inventory(conn, schema or tracking_schema(), strict=False).current
 
 
-def ensure_state_tables(conn: Connection) -> None:
-    """Create the bookkeeping tables, the trigger function and the refresh function if
-    missing (safe to race).
+def ensure_bookkeeping(conn: Connection, schema: str | None = None) -> None:
+    """Create (or upgrade) the bookkeeping schema, tables and functions; safe to race.
+
+    Raises :class:`~sqlalchemy_matview.errors.TrackingInstallError` naming an existing
+    object and its owner when that owner is not trusted (see the module docstring). Also
+    moves the bookkeeping of release 0.1.0 out of ``public``.
 
     Example::
 
         with engine.begin() as conn:
-            ensure_state_tables(conn)
+            ensure_bookkeeping(conn)
     """
-    if state_tables_exist(conn):
+    schema = schema or tracking_schema()
+    if _inventory(conn, schema, strict=True).current and not _legacy_present(conn):
         return
     conn.execute(
-        sa.select(sa.func.pg_advisory_xact_lock(sa.literal(_SETUP_LOCK_KEY, sa.BigInteger)))
+        sa.select(sa.func.pg_advisory_xact_lock(sa.literal(SETUP_LOCK_KEY, sa.BigInteger)))
     )
-    for statement in _setup_statements(conn.dialect.identifier_preparer):
-        conn.execute(PreparedDDL(_constant(statement)))
+    inventory = _inventory(conn, schema, strict=True)  # again, under the lock
+    quoted = _quoted(conn, schema)
+    if not inventory.current:
+        if not inventory.exists:
+            conn.execute(_constant(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))
+        for statement in setup_statements(quoted, schema):
+            conn.execute(_constant(statement))
+        log.info("change-tracking bookkeeping installed in schema %s", schema)
+    _move_legacy(conn, schema)
 
 
-# -- installing and removing triggers -----------------------------------------------------
+# -- 0.1.0's bookkeeping in public ---------------------------------------------------------------
+
+_LEGACY_STATE = f"{LEGACY_SCHEMA}.sqlalchemy_matview_state"
+_LEGACY_CHANGES = f"{LEGACY_SCHEMA}.sqlalchemy_matview_changes"
+_LEGACY_FUNCTIONS = (
+    f"{LEGACY_SCHEMA}.sqlalchemy_matview_mark_stale()",
+    f"{LEGACY_SCHEMA}.sqlalchemy_matview_refresh(text, text, bigint, boolean, text, boolean)",
+)
+
+
+def _legacy_present(conn: Connection) -> bool:
+    return bool(
+        conn.execute(
+            sa.text("SELECT pg_catalog.to_regclass(:state) IS NOT NULL"), {"state": _LEGACY_STATE}
+        ).scalar()
+    )
+
+
+def _move_legacy(conn: Connection, schema: str) -> None:
+    if not _legacy_present(conn):
+        return
+    owner = conn.execute(
+        sa.text(
+            "SELECT pg_catalog.pg_get_userbyid(c.relowner)::text AS owner,"
+            f" {_TRUSTED.format(owner='c.relowner')} AS trusted"
+            " FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(:state)"
+        ),
+        {"state": _LEGACY_STATE},
+    ).one()
+    if not owner.trusted:
+        raise TrackingInstallError(
+            f"table {_LEGACY_STATE!r} (change tracking of sqlalchemy-matview 0.1.0) is owned "
+            f"by role {owner.owner!r}, which the current role neither is nor belongs to; "
+            "drop it as a superuser, then run create_all again"
+        )
+    rows = conn.execute(
+        sa.text(
+            "SELECT s.view_schema, s.view_name, s.tracked,"
+            " ARRAY(SELECT o.oid::pg_catalog.regclass FROM pg_catalog.unnest(s.source_oids)"
+            "       AS o(oid) JOIN pg_catalog.pg_class c ON c.oid = o.oid) AS sources,"
+            f" EXISTS (SELECT 1 FROM {_LEGACY_CHANGES} c WHERE c.view_id = s.id) AS stale"
+            f" FROM {_LEGACY_STATE} s"
+        )
+    ).all()
+    quoted = _quoted(conn, schema)
+    for row in rows:
+        if row.tracked:
+            conn.execute(
+                sa.text(f"SELECT {quoted}.track(:s, :n, CAST(:src AS pg_catalog.regclass[]))"),
+                {"s": row.view_schema, "n": row.view_name, "src": [str(r) for r in row.sources]},
+            )
+        if row.stale:
+            _mark_stale_now(conn, quoted, row.view_schema, row.view_name)
+    # Dropping the old function drops the old triggers that call it.
+    for signature in _LEGACY_FUNCTIONS:
+        conn.execute(_constant(f"DROP FUNCTION IF EXISTS {signature} CASCADE"))
+    conn.execute(_constant(f"DROP TABLE IF EXISTS {_LEGACY_CHANGES}, {_LEGACY_STATE}"))
+    log.warning(
+        "moved the change tracking of %d view(s) from schema public to %s (sqlalchemy-matview "
+        "0.1.0's layout); pg_cron jobs made by 0.1.0 call a function that no longer exists: "
+        "run schedule_refresh() again for each",
+        len(rows),
+        schema,
+    )
+
+
+def _mark_stale_now(conn: Connection, quoted: str, view_schema: str, view_name: str) -> None:
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {quoted}.{VIEWS_TABLE} (view_schema, view_name) VALUES (:s, :n)"
+            " ON CONFLICT (view_schema, view_name) DO NOTHING"
+        ),
+        {"s": view_schema, "n": view_name},
+    )
+    conn.execute(
+        sa.text(
+            f"INSERT INTO {quoted}.{CHANGES_TABLE} (view_id, txid)"
+            " SELECT v.id, pg_catalog.pg_current_xact_id()::text::bigint"
+            f" FROM {quoted}.{VIEWS_TABLE} v"
+            " WHERE v.view_schema = :s AND v.view_name = :n ON CONFLICT DO NOTHING"
+        ),
+        {"s": view_schema, "n": view_name},
+    )
+
+
+def uninstall_bookkeeping(conn: Connection, schema: str | None = None) -> None:
+    """Remove every object of change tracking: triggers, tables, functions, the schema.
+
+    Also 0.1.0's objects in ``public``. Idempotent. Refuses (``TrackingInstallError``) to
+    drop a schema holding objects the current role does not trust.
+    """
+    schema = schema or tracking_schema()
+    inventory = _inventory(conn, schema, strict=True)
+    for signature in _LEGACY_FUNCTIONS:
+        conn.execute(_constant(f"DROP FUNCTION IF EXISTS {signature} CASCADE"))
+    conn.execute(_constant(f"DROP TABLE IF EXISTS {_LEGACY_CHANGES}, {_LEGACY_STATE}"))
+    if inventory.exists:
+        # The triggers depend on mark_stale(): CASCADE drops them with it.
+        conn.execute(_constant(f"DROP SCHEMA {_quoted(conn, schema)} CASCADE"))
+
+
+# -- installing and removing a view's tracking ----------------------------------------------
 
 _RESOLVE = sa.text(
     """
-    SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind
+    SELECT c.oid::pg_catalog.regclass::text AS rel
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relname = :name
        AND (n.nspname = :schema
@@ -377,55 +334,9 @@ _RESOLVE = sa.text(
     """
 )
 
-# Plain views are looked through to the tables they read, recursively; materialized views
-# are not: their own refreshes mark their dependents stale.
-_BASE_TABLES = sa.text(
-    """
-    WITH RECURSIVE rels(oid) AS (
-        SELECT unnest(CAST(:oids AS oid[]))
-      UNION
-        SELECT d.refobjid
-          FROM rels
-          JOIN pg_catalog.pg_class c ON c.oid = rels.oid AND c.relkind = 'v'
-          JOIN pg_catalog.pg_rewrite r ON r.ev_class = c.oid
-          JOIN pg_catalog.pg_depend d ON d.objid = r.oid
-               AND d.classid = 'pg_catalog.pg_rewrite'::regclass
-               AND d.refclassid = 'pg_catalog.pg_class'::regclass
-               AND d.deptype = 'n' AND d.refobjid <> c.oid
-    )
-    SELECT c.oid, n.nspname, c.relname
-      FROM rels
-      JOIN pg_catalog.pg_class c ON c.oid = rels.oid
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.relkind IN ('r', 'p')
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-     ORDER BY n.nspname, c.relname
-    """
-)
-
-_HAS_TRIGGER = sa.text(
-    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger"
-    " WHERE tgrelid = CAST(:oid AS oid) AND tgname = :name)"
-)
-
 
 def _current_schema(conn: Connection) -> str:
-    return str(conn.execute(sa.text("SELECT current_schema()")).scalar_one())
-
-
-def _trigger_ddl(schema: str, table: str, drop: bool) -> PreparedDDL:
-    def build(preparer: IdentifierPreparer) -> str:
-        target = preparer.format_table(sa.table(table, schema=schema))
-        trigger = preparer.quote(TRIGGER_NAME)
-        if drop:
-            return f"DROP TRIGGER IF EXISTS {trigger} ON {target}"
-        return (
-            f"CREATE TRIGGER {trigger}"
-            f" AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {target}"
-            f" FOR EACH STATEMENT EXECUTE FUNCTION {_q(preparer, STATE_SCHEMA, TRIGGER_FUNCTION)}()"
-        )
-
-    return PreparedDDL(build)
+    return str(conn.execute(sa.text("SELECT pg_catalog.current_schema()")).scalar_one())
 
 
 def install_tracking(
@@ -433,80 +344,62 @@ def install_tracking(
     view_schema: str | None,
     view_name: str,
     sources: Sequence[tuple[str | None, str]],
+    *,
+    schema: str | None = None,
 ) -> None:
     """Track ``view_schema.view_name``: writes to ``sources`` mark it stale (idempotent).
 
     ``sources`` are ``(schema, name)`` of what the view reads (``None`` schema: resolved
     through ``search_path``). Plain views among them are looked through to their tables;
     materialized views are skipped (refreshing them marks this view stale). Runs in the
-    caller's transaction; re-running it replaces the tracked set of tables.
+    caller's transaction; re-running it replaces the tracked set of tables and repairs
+    missing or altered triggers. ``schema`` is the bookkeeping schema.
 
     Example (what ``create_all`` does for ``track_changes=True``)::
 
         with engine.begin() as conn:
             install_tracking(conn, None, "mv_daily", [(None, "events")])
     """
-    ensure_state_tables(conn)
-    schema = view_schema or _current_schema(conn)
-    oids: list[int] = []
+    schema = schema or tracking_schema()
+    ensure_bookkeeping(conn, schema)
+    target_schema = view_schema or _current_schema(conn)
+    rels: list[str] = []
     for source_schema, source_name in sources:
-        row = conn.execute(_RESOLVE, {"schema": source_schema, "name": source_name}).first()
-        if row is None:
+        rel = conn.execute(_RESOLVE, {"schema": source_schema, "name": source_name}).scalar()
+        if rel is None:
             label = f"{source_schema}.{source_name}" if source_schema else source_name
             raise TrackingError(
-                f"cannot track materialized view '{schema}.{view_name}': its source {label!r} "
-                "does not exist; create the table first (create_all orders it before the view)"
+                f"cannot track materialized view '{target_schema}.{view_name}': its source "
+                f"{label!r} does not exist; create the table first (create_all orders it "
+                "before the view)"
             )
-        oids.append(int(row.oid))
-    tables = conn.execute(_BASE_TABLES, {"oids": oids}).all()
+        rels.append(str(rel))
+    # The regclass[] is parsed with the caller's search_path, which produced the names.
+    tables = conn.execute(
+        sa.text(
+            f"SELECT ARRAY(SELECT pg_catalog.unnest({_quoted(conn, schema)}.track("
+            ":s, :n, CAST(:src AS pg_catalog.regclass[])))::text)"
+        ),
+        {"s": target_schema, "n": view_name, "src": rels},
+    ).scalar_one()
     if sources and not tables:
         log.warning(
             "materialized view %s.%s: track_changes found no base table among its sources; "
             "only refreshes of the views it reads will mark it stale",
-            schema,
+            target_schema,
             view_name,
         )
-    conn.execute(
-        sa.text(
-            f"INSERT INTO {STATE_SCHEMA}.{STATE_TABLE}"
-            " (view_schema, view_name, tracked, source_oids)"
-            " VALUES (:schema, :name, true, CAST(:oids AS oid[]))"
-            " ON CONFLICT (view_schema, view_name) DO UPDATE"
-            " SET tracked = true, source_oids = EXCLUDED.source_oids"
-        ),
-        {"schema": schema, "name": view_name, "oids": [int(t.oid) for t in tables]},
-    )
-    for table in tables:
-        if not conn.execute(_HAS_TRIGGER, {"oid": int(table.oid), "name": TRIGGER_NAME}).scalar():
-            conn.execute(_trigger_ddl(table.nspname, table.relname, drop=False))
-    _drop_unused_triggers(conn)
     log.info(
         "change tracking installed for %s.%s on %s",
-        schema,
+        target_schema,
         view_name,
-        ", ".join(f"{t.nspname}.{t.relname}" for t in tables) or "no table",
+        ", ".join(tables) or "no table",
     )
 
 
-_UNUSED_TRIGGERS = sa.text(
-    f"""
-    SELECT n.nspname, c.relname
-      FROM pg_catalog.pg_trigger t
-      JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE t.tgname = :name
-       AND NOT EXISTS (SELECT 1 FROM {STATE_SCHEMA}.{STATE_TABLE} s
-                        WHERE s.tracked AND t.tgrelid = ANY (s.source_oids))
-    """
-)
-
-
-def _drop_unused_triggers(conn: Connection) -> None:
-    for row in conn.execute(_UNUSED_TRIGGERS, {"name": TRIGGER_NAME}).all():
-        conn.execute(_trigger_ddl(row.nspname, row.relname, drop=True))
-
-
-def uninstall_tracking(conn: Connection, view_schema: str | None, view_name: str) -> None:
+def uninstall_tracking(
+    conn: Connection, view_schema: str | None, view_name: str, *, schema: str | None = None
+) -> None:
     """Stop tracking the view: forget its state and drop triggers no other view needs.
 
     Idempotent, and a no-op when tracking was never set up in this database.
@@ -516,60 +409,55 @@ def uninstall_tracking(conn: Connection, view_schema: str | None, view_name: str
         with engine.begin() as conn:
             uninstall_tracking(conn, None, "mv_daily")
     """
-    if not state_tables_exist(conn):
+    schema = schema or tracking_schema()
+    if not bookkeeping_installed(conn, schema):
         return
-    schema = view_schema or _current_schema(conn)
-    params = {"schema": schema, "name": view_name}
     conn.execute(
-        sa.text(
-            f"DELETE FROM {STATE_SCHEMA}.{CHANGES_TABLE} c USING {STATE_SCHEMA}.{STATE_TABLE} s"
-            " WHERE c.view_id = s.id AND s.view_schema = :schema AND s.view_name = :name"
-        ),
-        params,
+        sa.text(f"SELECT {_quoted(conn, schema)}.untrack(:s, :n)"),
+        {"s": view_schema or _current_schema(conn), "n": view_name},
     )
-    conn.execute(
-        sa.text(
-            f"DELETE FROM {STATE_SCHEMA}.{STATE_TABLE}"
-            " WHERE view_schema = :schema AND view_name = :name"
-        ),
-        params,
-    )
-    _drop_unused_triggers(conn)
 
 
-def tracking_installed(conn: Connection) -> set[tuple[str, str]]:
+def tracking_installed(conn: Connection, schema: str | None = None) -> set[tuple[str, str]]:
     """``(schema, name)`` of every view whose change tracking is installed."""
-    if not state_tables_exist(conn):
+    schema = schema or tracking_schema()
+    if not bookkeeping_installed(conn, schema):
         return set()
     rows = conn.execute(
-        sa.text(f"SELECT view_schema, view_name FROM {STATE_SCHEMA}.{STATE_TABLE} WHERE tracked")
+        sa.text(
+            "SELECT view_schema, view_name"
+            f" FROM {_quoted(conn, schema)}.{VIEWS_TABLE} WHERE tracked"
+        )
     )
     return {(r.view_schema, r.view_name) for r in rows}
 
 
-_STATES = sa.text(
-    f"""
-    SELECT s.view_schema, s.view_name, s.tracked, s.refreshed_version, s.last_refreshed_at,
-           s.last_duration, s.last_concurrently, s.refresh_count,
-           COALESCE(c.pending, 0) AS pending, c.max_id, c.stale_since,
-           ARRAY(SELECT n.nspname || '.' || r.relname
-                   FROM unnest(s.source_oids) AS o(oid)
-                   JOIN pg_catalog.pg_class r ON r.oid = o.oid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
-                  ORDER BY 1) AS sources
-      FROM {STATE_SCHEMA}.{STATE_TABLE} s
-      LEFT JOIN LATERAL (
-           SELECT count(*) AS pending, max(id) AS max_id, min(changed_at) AS stale_since
-             FROM {STATE_SCHEMA}.{CHANGES_TABLE} WHERE view_id = s.id) c ON true
-     ORDER BY s.view_schema, s.view_name
-    """
-)
+def _states_query(quoted: str) -> sa.TextClause:
+    # Bounded per view: an index probe for the oldest mark and at most PENDING_CAP rows.
+    return sa.text(
+        f"""
+        SELECT v.view_schema, v.view_name, v.tracked, v.last_refreshed_at,
+               v.last_duration, v.last_concurrently, v.refresh_count,
+               (SELECT pg_catalog.count(*) FROM (
+                    SELECT 1 FROM {quoted}.{CHANGES_TABLE} c WHERE c.view_id = v.id
+                     LIMIT {PENDING_CAP}) AS capped) AS pending,
+               (SELECT c.changed_at FROM {quoted}.{CHANGES_TABLE} c WHERE c.view_id = v.id
+                 ORDER BY c.txid LIMIT 1) AS stale_since,
+               ARRAY(SELECT n.nspname || '.' || r.relname
+                       FROM pg_catalog.unnest(v.sources) AS s(rel)
+                       JOIN pg_catalog.pg_class r ON r.oid = s.rel::oid
+                       JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+                      ORDER BY 1) AS sources
+          FROM {quoted}.{VIEWS_TABLE} v
+         ORDER BY v.view_schema, v.view_name
+        """
+    )
 
 
-def view_states(conn: Connection) -> dict[tuple[str, str], ViewState]:
-    """Every view the state table knows (tracked, or refreshed through this library).
+def view_states(conn: Connection, schema: str | None = None) -> dict[tuple[str, str], ViewState]:
+    """Every view the bookkeeping knows (tracked, or refreshed through this library).
 
-    Empty when tracking was never set up. One query.
+    Empty when tracking was never set up. One query, which never scans the change log.
 
     Example::
 
@@ -577,10 +465,11 @@ def view_states(conn: Connection) -> dict[tuple[str, str], ViewState]:
             for (schema, name), state in view_states(conn).items():
                 print(schema, name, state.stale, state.last_refreshed_at)
     """
-    if not state_tables_exist(conn):
+    schema = schema or tracking_schema()
+    if not bookkeeping_installed(conn, schema):
         return {}
     out: dict[tuple[str, str], ViewState] = {}
-    for r in conn.execute(_STATES):
+    for r in conn.execute(_states_query(_quoted(conn, schema))):
         pending = int(r.pending)
         out[(r.view_schema, r.view_name)] = ViewState(
             schema=r.view_schema,
@@ -589,8 +478,6 @@ def view_states(conn: Connection) -> dict[tuple[str, str], ViewState]:
             stale=pending > 0,
             stale_since=r.stale_since,
             pending_changes=pending,
-            version=max(int(r.max_id or 0), int(r.refreshed_version)),
-            refreshed_version=int(r.refreshed_version),
             last_refreshed_at=r.last_refreshed_at,
             last_duration=r.last_duration,
             last_concurrently=r.last_concurrently,
@@ -600,17 +487,19 @@ def view_states(conn: Connection) -> dict[tuple[str, str], ViewState]:
     return out
 
 
-# -- what the runner needs ----------------------------------------------------------------------
-
-_STALE = sa.text(
-    f"SELECT s.view_schema, s.view_name FROM {STATE_SCHEMA}.{STATE_TABLE} s"
-    f" WHERE EXISTS (SELECT 1 FROM {STATE_SCHEMA}.{CHANGES_TABLE} c WHERE c.view_id = s.id)"
-)
-
-
-def stale_views(conn: Connection) -> set[tuple[str, str]]:
+def stale_views(conn: Connection, schema: str | None = None) -> set[tuple[str, str]]:
     """``(schema, name)`` of every view with uncovered changes (one query)."""
-    return {(r.view_schema, r.view_name) for r in conn.execute(_STALE)}
+    quoted = _quoted(conn, schema or tracking_schema())
+    rows = conn.execute(
+        sa.text(
+            f"SELECT v.view_schema, v.view_name FROM {quoted}.{VIEWS_TABLE} v"
+            f" WHERE EXISTS (SELECT 1 FROM {quoted}.{CHANGES_TABLE} c WHERE c.view_id = v.id)"
+        )
+    )
+    return {(r.view_schema, r.view_name) for r in rows}
+
+
+# -- refreshing ----------------------------------------------------------------------------------
 
 
 def refresh_call(
@@ -621,23 +510,25 @@ def refresh_call(
     lock: str = "skip",
     only_if_stale: bool = False,
     lock_namespace: str | None = None,
+    tracking_schema_name: str | None = None,
 ) -> sa.Select[tuple[str]]:
-    """``SELECT public.sqlalchemy_matview_refresh(...)`` for one view.
+    """``SELECT sqlalchemy_matview.refresh(...)`` for one view.
 
     The runner executes it; :func:`~sqlalchemy_matview.schedule_refresh` compiles it with
     literal values into a pg_cron job's command. The function takes the view's advisory
     lock (``lock``: ``"skip"``, ``"wait"`` or ``"none"``), returns ``"skipped_locked"`` or,
     with ``only_if_stale``, ``"skipped_fresh"`` when there is nothing to do, and otherwise
     refreshes the view, clears the changes its snapshot covered, records the refresh and
-    marks the materialized views reading it stale, returning ``"refreshed"``.
+    marks the materialized views reading it stale, returning ``"refreshed"`` or
+    ``"refreshed_pending"`` (changes committed during the refresh keep it stale).
 
     Example::
 
         status = conn.scalar(refresh_call("public", "mv_daily", concurrently=True))
     """
-    call = getattr(sa.func, STATE_SCHEMA)
+    function = getattr(sa.func, tracking_schema_name or tracking_schema()).refresh
     return sa.select(
-        getattr(call, REFRESH_FUNCTION)(
+        function(
             sa.literal(schema, sa.Text),
             sa.literal(name, sa.Text),
             sa.literal(lock_key((schema, name), namespace=lock_namespace), sa.BigInteger),
@@ -658,6 +549,7 @@ def refresh_and_record(
     lock: str = "skip",
     only_if_stale: bool = False,
     lock_namespace: str | None = None,
+    tracking_schema_name: str | None = None,
 ) -> str:
     """Run :func:`refresh_call` in the caller's transaction; returns the status.
 
@@ -671,6 +563,7 @@ def refresh_and_record(
         lock=lock,
         only_if_stale=only_if_stale,
         lock_namespace=lock_namespace,
+        tracking_schema_name=tracking_schema_name,
     )
     return str(conn.execute(call).scalar_one())
 
@@ -682,36 +575,36 @@ def is_lock_wait_timeout(exc: BaseException) -> bool:
     return code == "55P03" and ADVISORY_TIMEOUT_MARK in str(exc)
 
 
-# -- create_all / drop_all -------------------------------------------------------------------
+# -- create_all / drop_all (registered with the declaration layer) ---------------------------------
 
 
 def _source_names(view: MaterializedView) -> list[tuple[str | None, str]]:
     return [(t.schema, t.name) for t in view.sources if t is not view.table]
 
 
-def attach(view: MaterializedView) -> None:
-    """Make ``create_all`` install, and ``drop_all`` remove, the view's change tracking.
-
-    Called by ``MaterializedView(..., track_changes=True)``; idempotent.
-
-    Example::
-
-        mv = MaterializedView("mv_counts", metadata, select(...), track_changes=True)
-        metadata.create_all(engine)   # triggers are on the source tables now
-    """
-    if sa.event.contains(view.table, "after_create", _after_create):
-        return
-    sa.event.listen(view.table, "after_create", _after_create)
-    sa.event.listen(view.table, "before_drop", _before_drop)
-
-
-def _after_create(target: sa.Table, connection: Connection, **kw: Any) -> None:
-    view = target.info.get("sqlalchemy_matview")
-    if isinstance(view, MaterializedView) and view.track_changes:
-        install_tracking(connection, view.schema, view.name, _source_names(view))
+def _after_create(views: Sequence[MaterializedView], connection: Connection, **kw: Any) -> None:
+    """``create_all``: install, repair or move the tracking of every tracked view that
+    exists (``create_all(tables=...)`` may have left some out)."""
+    for view in views:
+        name = connection.dialect.identifier_preparer.format_table(view.table)
+        if connection.execute(sa.select(sa.func.pg_catalog.to_regclass(name))).scalar() is None:
+            continue
+        install_tracking(
+            connection,
+            view.schema,
+            view.name,
+            _source_names(view),
+            schema=tracking_schema(view.metadata),
+        )
 
 
-def _before_drop(target: sa.Table, connection: Connection, **kw: Any) -> None:
-    view = target.info.get("sqlalchemy_matview")
-    if isinstance(view, MaterializedView):
-        uninstall_tracking(connection, view.schema, view.name)
+def _before_drop(view: MaterializedView, connection: Connection, **kw: Any) -> None:
+    uninstall_tracking(connection, view.schema, view.name, schema=tracking_schema(view.metadata))
+
+
+register_tracking_hooks(_after_create, _before_drop)
+
+# Kept for callers of 0.1.0's names.
+state_tables_exist = bookkeeping_installed
+ensure_state_tables = ensure_bookkeeping
+LEGACY_TRIGGER_NAME = LEGACY_TRIGGER

@@ -181,10 +181,15 @@ def test_max_delay_bounds_a_stream_of_changes(async_engine):
         async with worker:
             assert await wait_for(lambda: worker.passes >= 1)
             first_write = time.monotonic()
-            # Writes every 0.1s never leave 3s of quiet: only max_delay can end the wait
-            # while they go on. Without it this loop would run into its 60s deadline.
+            await insert(async_engine, shop, 1, 1)
+            # Writers notify only when a view turns stale (and during its refresh): the
+            # stream of notifications is sent directly. Every 0.1s never leaves 3s of quiet:
+            # only max_delay can end the wait. Without it this loop would hit its deadline.
             while not refreshed_at and time.monotonic() - first_write < 60:
-                await insert(async_engine, shop, 1, 1)
+                async with async_engine.begin() as conn:
+                    await conn.execute(
+                        sa.select(sa.func.pg_notify("sqlalchemy_matview", "public.mv_totals"))
+                    )
                 await asyncio.sleep(0.1)
             assert refreshed_at, "max_delay did not force a refresh during continuous writes"
             # Never before max_delay (measured from before the first write).

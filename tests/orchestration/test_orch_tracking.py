@@ -5,6 +5,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from sqlalchemy_matview import MaterializedView, refresh_stale, refresh_views
+from sqlalchemy_matview.bookkeeping import (
+    TRIGGER_NAMES,
+    TRIGGER_ROW,
+    TRIGGER_STATEMENT,
+    TRIGGER_TRUNCATE,
+)
 from sqlalchemy_matview.orchestration import tracking
 
 from .conftest import Shop, build_shop, rows
@@ -16,22 +22,32 @@ def _statuses(results):
 
 def _trigger_count(conn) -> int:
     return conn.scalar(
-        sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = :n"),
-        {"n": tracking.TRIGGER_NAME},
+        sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = ANY(:n) AND tgparentid = 0"),
+        {"n": list(TRIGGER_NAMES)},
     )
 
 
-def test_create_all_installs_statement_triggers(engine, shop: Shop):
+def test_create_all_installs_statement_triggers_and_a_replica_twin(engine, shop: Shop):
     with engine.connect() as conn:
         assert tracking.tracking_installed(conn) == {("public", "mv_totals")}
         trig = conn.execute(
-            sa.text("SELECT tgtype, tgrelid::regclass::text FROM pg_trigger WHERE tgname = :n"),
-            {"n": tracking.TRIGGER_NAME},
+            sa.text(
+                "SELECT tgname, tgtype, tgenabled, tgrelid::regclass::text FROM pg_trigger"
+                " WHERE tgname = ANY(:n) ORDER BY tgname"
+            ),
+            {"n": list(TRIGGER_NAMES)},
         ).all()
-    assert [t[1] for t in trig] == ["orders"]
-    tgtype = trig[0][0]
-    assert tgtype & 1 == 0  # TRIGGER_TYPE_ROW unset: statement level
-    assert tgtype & (4 | 8 | 16 | 32) == 4 | 8 | 16 | 32  # insert, delete, update, truncate
+    by_name = {t.tgname: t for t in trig}
+    assert sorted(by_name) == sorted([TRIGGER_ROW, TRIGGER_STATEMENT, TRIGGER_TRUNCATE])
+    assert {t[3] for t in trig} == {"orders"}
+    insert, delete, update, truncate, row = 4, 8, 16, 32, 1
+    statement = by_name[TRIGGER_STATEMENT]
+    assert statement.tgtype & row == 0 and statement.tgenabled == "O"
+    assert statement.tgtype & (insert | delete | update | truncate) == insert | delete | update
+    twin = by_name[TRIGGER_ROW]  # fires only for logical replication's apply
+    assert twin.tgtype & row and twin.tgenabled == "R"
+    assert by_name[TRIGGER_TRUNCATE].tgtype & (truncate | row) == truncate
+    assert by_name[TRIGGER_TRUNCATE].tgenabled == "A"
 
 
 def test_writes_mark_stale_and_refresh_stale_clears(engine, shop: Shop):
@@ -58,7 +74,6 @@ def test_writes_mark_stale_and_refresh_stale_clears(engine, shop: Shop):
     totals = states[("public", "mv_totals")]
     assert totals.refresh_count == 1 and totals.last_refreshed_at is not None
     assert totals.last_duration is not None and totals.last_concurrently is True
-    assert totals.refreshed_version == totals.version > 0
     assert _statuses(refresh_stale(engine, shop.metadata)) == {
         "public.mv_totals": "skipped_fresh",
         "public.mv_top": "skipped_fresh",
@@ -164,8 +179,8 @@ def test_drop_all_removes_triggers_but_keeps_other_views_tracking(engine):
             ("public", "mv_count"),
         }
         tracking.uninstall_tracking(conn, None, "mv_totals")
-        # mv_count still needs the trigger on orders.
-        assert _trigger_count(conn) == 1
+        # mv_count still needs the triggers on orders.
+        assert _trigger_count(conn) == 3
     md.drop_all(engine)
     with engine.connect() as conn:
         assert tracking.tracking_installed(conn) == set()

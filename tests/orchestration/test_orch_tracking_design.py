@@ -1,0 +1,425 @@
+"""Change tracking's design: one notify per fresh->stale transition, no lost change during a
+refresh, every write path, restored marks, squatting, layering, 0.1.0's layout moved."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from sqlalchemy_matview import (
+    MaterializedView,
+    TrackingInstallError,
+    refresh_stale,
+    refresh_views,
+)
+from sqlalchemy_matview.bookkeeping import LEGACY_TRIGGER, TRIGGER_NAMES
+from sqlalchemy_matview.orchestration import tracking
+
+from .conftest import Shop
+
+GATE = 4242  # advisory key a view's query waits on, held by a test to pause a refresh
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def listener(engine: Engine) -> Iterator[psycopg.Connection]:
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("LISTEN sqlalchemy_matview")
+        yield conn
+
+
+def _payloads(listener: psycopg.Connection, timeout: float = 0.5) -> list[str]:
+    return [n.payload for n in listener.notifies(timeout=timeout)]
+
+
+def _state(engine: Engine, name: str) -> tracking.ViewState:
+    with engine.connect() as conn:
+        return tracking.view_states(conn)[("public", name)]
+
+
+def test_one_notify_per_fresh_to_stale_transition(engine, shop: Shop, listener):
+    for i in range(3):  # three writing transactions
+        with engine.begin() as conn:
+            conn.execute(shop.orders.insert(), [{"customer": i, "amount": 1}])
+    assert _payloads(listener) == ["public.mv_totals"]
+    assert _state(engine, "mv_totals").pending_changes == 3
+    [result, _] = refresh_stale(engine, shop.metadata)
+    assert result.status == "refreshed" and not result.pending
+    _payloads(listener)  # the refresh marks (and notifies) mv_top
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 9, "amount": 1}])
+    assert _payloads(listener) == ["public.mv_totals"]  # stale again: notified again
+
+
+def _gated_view(engine: Engine) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
+    """A tracked view whose REFRESH waits while the test holds advisory lock GATE."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION public.gate() RETURNS int LANGUAGE sql VOLATILE AS"
+                f" 'SELECT 1 FROM (SELECT pg_catalog.pg_advisory_xact_lock_shared({GATE})) g'"
+            )
+        )
+    md = sa.MetaData()
+    src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
+    view = MaterializedView(
+        "mv_gated",
+        md,
+        sa.select(src.c.id).where(sa.func.public.gate() == 1),
+        columns=[sa.Column("id", sa.Integer)],
+        track_changes=True,
+    )
+    md.create_all(engine)
+    return md, src, view
+
+
+def _waiting_on(engine: Engine, key: int) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.scalar(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND NOT granted AND objid = :k AND classid = 0)"
+                ),
+                {"k": key},
+            )
+        )
+
+
+def test_change_committed_during_a_refresh_stays_pending_and_wakes_again(engine, listener):
+    md, src, view = _gated_view(engine)
+    with engine.begin() as conn:
+        conn.execute(src.insert(), [{"id": 1}])
+    assert _payloads(listener) == ["public.mv_gated"]
+    gate = engine.connect()
+    results: list[object] = []
+    try:
+        gate.execute(sa.select(sa.func.pg_advisory_lock(GATE)))
+        refresher = threading.Thread(target=lambda: results.extend(refresh_stale(engine, md)))
+        refresher.start()
+        # The refresh has taken its snapshot and the barrier, and waits inside REFRESH.
+        assert wait_for(lambda: _waiting_on(engine, GATE))
+        with engine.begin() as conn:  # never waits on the refresh
+            conn.execute(src.insert(), [{"id": 2}])
+        # The writer could not take the barrier: it notified, before the refresh is over.
+        assert _payloads(listener, timeout=5) == ["public.mv_gated"]
+        gate.execute(sa.select(sa.func.pg_advisory_unlock(GATE)))
+        refresher.join(60)
+    finally:
+        gate.close()
+    [result] = results
+    assert result.status == "refreshed" and result.pending  # type: ignore[attr-defined]
+    state = _state(engine, "mv_gated")
+    assert state.stale and state.pending_changes == 1  # the change the refresh missed
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed" and not again.pending
+    assert not _state(engine, "mv_gated").stale
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == [1, 2]
+
+
+def test_refresh_waits_for_writers_in_flight_within_lock_timeout(engine, listener):
+    """A writer holding the barrier delays the refresh (not the other way round); past the
+    timeout the refresh goes ahead, reports pending and notifies."""
+    md = sa.MetaData()
+    src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
+    MaterializedView("mv_w", md, sa.select(src.c.id), unique_key="id", track_changes=True)
+    md.create_all(engine)
+    writer = engine.connect()
+    try:
+        writer.execute(src.insert(), [{"id": 1}])  # in flight: holds the barrier shared
+        [result] = refresh_views(engine, "mv_w", lock_timeout=0.3)
+        assert result.status == "refreshed" and result.pending
+        assert "public.mv_w" in _payloads(listener)
+        writer.commit()
+    finally:
+        writer.close()
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed" and not again.pending
+    assert not _state(engine, "mv_w").stale
+
+
+def _track(engine: Engine, ddl: list[str], source: str) -> None:
+    with engine.begin() as conn:
+        for statement in ddl:
+            conn.execute(sa.text(statement))
+        conn.execute(
+            sa.text(f"CREATE MATERIALIZED VIEW mv_t AS SELECT count(*) AS n FROM {source}")
+        )
+        tracking.install_tracking(conn, None, "mv_t", [(None, source)])
+
+
+def _marks_stale(engine: Engine, statement: str, *, replica: bool = False) -> bool:
+    refresh_views(engine, "mv_t")
+    assert not _state(engine, "mv_t").stale
+    with engine.begin() as conn:
+        if replica:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        conn.execute(sa.text(statement))
+    return _state(engine, "mv_t").stale
+
+
+def test_partitioned_table_every_write_path(engine):
+    _track(
+        engine,
+        [
+            "CREATE TABLE ev (id int, day int) PARTITION BY RANGE (day)",
+            "CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (0) TO (10)",
+        ],
+        "ev",
+    )
+    assert _marks_stale(engine, "INSERT INTO ev VALUES (1, 1)")
+    assert _marks_stale(engine, "INSERT INTO ev_1 VALUES (2, 2)")  # straight into the leaf
+    assert _marks_stale(engine, "UPDATE ev_1 SET id = 3")
+    assert _marks_stale(engine, "DELETE FROM ev_1 WHERE id = 3")
+    assert _marks_stale(engine, "INSERT INTO ev_1 VALUES (2, 2)", replica=True)
+    assert _marks_stale(engine, "TRUNCATE ev_1")
+    assert _marks_stale(engine, "TRUNCATE ev")
+    with engine.begin() as conn:  # partitions made after tracking was enabled
+        conn.execute(sa.text("CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (10) TO (20)"))
+        conn.execute(sa.text("CREATE TABLE ev_3 (id int, day int)"))
+        conn.execute(sa.text("ALTER TABLE ev ATTACH PARTITION ev_3 FOR VALUES FROM (20) TO (30)"))
+    assert _marks_stale(engine, "INSERT INTO ev_2 VALUES (1, 11)")
+    assert _marks_stale(engine, "INSERT INTO ev_3 VALUES (1, 21)")
+    assert _marks_stale(engine, "INSERT INTO ev_3 VALUES (1, 22)", replica=True)
+
+
+def test_inheritance_children_and_replication_role(engine):
+    _track(
+        engine,
+        ["CREATE TABLE base (id int)", "CREATE TABLE child (extra int) INHERITS (base)"],
+        "base",
+    )
+    assert _marks_stale(engine, "INSERT INTO base VALUES (1)")
+    assert _marks_stale(engine, "INSERT INTO child VALUES (2, 2)")
+    assert _marks_stale(engine, "UPDATE base SET id = id + 1")
+    assert _marks_stale(engine, "INSERT INTO base VALUES (3)", replica=True)
+    assert _marks_stale(engine, "INSERT INTO child VALUES (3, 3)", replica=True)
+    assert _marks_stale(engine, "TRUNCATE child")
+    refresh_views(engine, "mv_t")
+    with engine.begin() as conn:  # rolled back: no mark
+        conn.execute(sa.text("INSERT INTO child VALUES (4, 4)"))
+        conn.rollback()
+    assert not _state(engine, "mv_t").stale
+
+
+def test_marks_from_a_txid_this_cluster_never_reached_are_consumed(engine, shop: Shop):
+    """Restored from another cluster, such a mark would never become visible to a snapshot."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO sqlalchemy_matview.changes (view_id, txid)"
+                " SELECT id, pg_current_xact_id()::text::bigint + 1000000000"
+                " FROM sqlalchemy_matview.views WHERE view_name = 'mv_totals'"
+            )
+        )
+    assert _state(engine, "mv_totals").stale
+    results = {r.view: r for r in refresh_stale(engine, shop.metadata)}
+    assert results["public.mv_totals"].status == "refreshed"
+    assert not results["public.mv_totals"].pending
+    assert not _state(engine, "mv_totals").stale
+
+
+def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop: Shop):
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT p.proname, p.prosecdef, p.proconfig,"
+                " EXISTS (SELECT 1 FROM aclexplode(p.proacl) a"
+                "         WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_exec,"
+                " p.proacl IS NULL AS default_acl"
+                " FROM pg_proc p WHERE p.pronamespace = 'sqlalchemy_matview'::regnamespace"
+            )
+        ).all()
+    assert sorted(r.proname for r in rows) == [
+        "mark_stale",
+        "refresh",
+        "sync_triggers",
+        "track",
+        "untrack",
+    ]
+    for row in rows:
+        assert not row.public_exec and not row.default_acl, row.proname
+        assert row.proconfig == ["search_path=pg_catalog, pg_temp"], row.proname
+        assert row.prosecdef == (row.proname == "mark_stale")
+
+
+@pytest.fixture
+def intruder(engine: Engine) -> Iterator[str]:
+    role = f"intruder_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        database = conn.scalar(sa.text("SELECT current_database()"))
+        conn.execute(sa.text(f"CREATE ROLE {role}"))
+        conn.execute(sa.text(f'GRANT CREATE ON DATABASE "{database}" TO {role}'))
+        conn.execute(sa.text(f"GRANT CREATE ON SCHEMA public TO {role}"))
+    yield role
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP OWNED BY {role} CASCADE"))
+        conn.execute(sa.text(f"DROP ROLE {role}"))
+
+
+def test_a_squatted_bookkeeping_schema_is_refused(engine, intruder):
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"SET ROLE {intruder}"))
+        conn.execute(sa.text("CREATE SCHEMA sqlalchemy_matview"))
+        conn.execute(sa.text("RESET ROLE"))
+    from .conftest import build_shop
+
+    shop = build_shop()
+    with pytest.raises(TrackingInstallError, match=rf"'sqlalchemy_matview'.*{intruder}"):
+        shop.metadata.create_all(engine)
+    with engine.connect() as conn:
+        assert not tracking.bookkeeping_installed(conn)  # untrusted: never called
+
+
+def test_a_squatted_legacy_table_is_refused(engine, intruder):
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"SET ROLE {intruder}"))
+        conn.execute(sa.text("CREATE TABLE public.sqlalchemy_matview_state (id int)"))
+        conn.execute(sa.text("RESET ROLE"))
+    from .conftest import build_shop
+
+    with pytest.raises(TrackingInstallError, match=rf"sqlalchemy_matview_state.*{intruder}"):
+        build_shop().metadata.create_all(engine)
+
+
+_LEGACY_LAYOUT = [
+    "CREATE TABLE public.sqlalchemy_matview_state (id serial PRIMARY KEY,"
+    " view_schema text NOT NULL, view_name text NOT NULL,"
+    " tracked boolean NOT NULL DEFAULT false, source_oids oid[] NOT NULL DEFAULT '{}',"
+    " refreshed_version bigint NOT NULL DEFAULT 0, last_refreshed_at timestamptz,"
+    " last_duration double precision, last_concurrently boolean,"
+    " refresh_count bigint NOT NULL DEFAULT 0, UNIQUE (view_schema, view_name))",
+    "CREATE TABLE public.sqlalchemy_matview_changes (view_id integer NOT NULL,"
+    " txid bigint NOT NULL, id bigserial NOT NULL,"
+    " changed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (view_id, txid))",
+    "CREATE FUNCTION public.sqlalchemy_matview_mark_stale() RETURNS trigger"
+    " LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'",
+    "CREATE FUNCTION public.sqlalchemy_matview_refresh(text, text, bigint, boolean, text,"
+    " boolean) RETURNS text LANGUAGE sql AS 'SELECT ''refreshed'''",
+    "CREATE TABLE orders (id int PRIMARY KEY, customer int NOT NULL, amount int NOT NULL)",
+    "CREATE MATERIALIZED VIEW mv_totals AS SELECT customer, sum(amount) AS total"
+    " FROM orders GROUP BY customer",
+    "CREATE UNIQUE INDEX mv_totals_unique_key ON mv_totals (customer)",
+    f"CREATE TRIGGER {LEGACY_TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON orders"
+    " FOR EACH STATEMENT EXECUTE FUNCTION public.sqlalchemy_matview_mark_stale()",
+    "INSERT INTO public.sqlalchemy_matview_state (view_schema, view_name, tracked, source_oids)"
+    " VALUES ('public', 'mv_totals', true, ARRAY['orders'::regclass::oid])",
+    "INSERT INTO public.sqlalchemy_matview_changes (view_id, txid) VALUES (1, 1)",
+]
+
+
+def test_create_all_moves_the_bookkeeping_of_0_1_0_out_of_public(engine, caplog):
+    from .conftest import build_shop
+
+    with engine.begin() as conn:
+        for statement in _LEGACY_LAYOUT:
+            conn.execute(sa.text(statement))
+    shop = build_shop()
+    shop.metadata.create_all(engine)
+    with engine.connect() as conn:
+        leftovers = conn.execute(
+            sa.text(
+                "SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE 'sqlalchemy_matview%'"
+                "         AND relnamespace = 'public'::regnamespace)"
+                " + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'sqlalchemy_matview%')"
+                " + (SELECT count(*) FROM pg_trigger WHERE tgname = :legacy)"
+            ),
+            {"legacy": LEGACY_TRIGGER},
+        ).scalar()
+        assert leftovers == 0
+        state = tracking.view_states(conn)[("public", "mv_totals")]
+    assert state.tracked and state.stale  # the pending change was carried over
+    assert "moved the change tracking" in caplog.text
+    assert {r.view: r.status for r in refresh_stale(engine, shop.metadata)}[
+        "public.mv_totals"
+    ] == "refreshed"
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"id": 1, "customer": 1, "amount": 1}])
+    assert _state(engine, "mv_totals").stale
+
+
+def test_uninstall_bookkeeping_leaves_nothing(engine, shop: Shop):
+    with engine.begin() as conn:
+        tracking.uninstall_bookkeeping(conn)
+        tracking.uninstall_bookkeeping(conn)
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT to_regnamespace('sqlalchemy_matview')")) is None
+        assert (
+            conn.scalar(
+                sa.text("SELECT count(*) FROM pg_trigger WHERE tgname = ANY(:n)"),
+                {"n": list(TRIGGER_NAMES)},
+            )
+            == 0
+        )
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 1}])  # no trigger left
+
+
+def test_a_custom_tracking_schema(engine):
+    from sqlalchemy_matview import set_tracking_schema
+
+    from .conftest import build_shop
+
+    shop = build_shop()
+    set_tracking_schema(shop.metadata, "mv admin")
+    shop.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 500}])
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT to_regnamespace('sqlalchemy_matview')")) is None
+        assert tracking.view_states(conn, "mv admin")[("public", "mv_totals")].stale
+    results = {r.view: r.status for r in refresh_stale(engine, shop.metadata)}
+    assert results == {"public.mv_totals": "refreshed", "public.mv_top": "refreshed"}
+    shop.metadata.drop_all(engine)
+    with engine.connect() as conn:
+        assert tracking.tracking_installed(conn, "mv admin") == set()
+
+
+def test_the_declaration_layer_does_not_import_orchestration(engine):
+    """create_all still installs tracking: the orchestration is loaded when needed."""
+    url = engine.url.render_as_string(hide_password=False)
+    script = f"""
+import sys
+import sqlalchemy as sa
+import sqlalchemy_matview.schema as schema
+assert not [m for m in sys.modules if m.startswith("sqlalchemy_matview.orchestration")]
+md = sa.MetaData()
+t = sa.Table("layer_src", md, sa.Column("id", sa.Integer, primary_key=True))
+schema.MaterializedView("mv_layer", md, sa.select(t.c.id), track_changes=True)
+assert not [m for m in sys.modules if m.startswith("sqlalchemy_matview.orchestration")]
+engine = sa.create_engine({url!r})
+md.create_all(engine)
+with engine.connect() as conn:
+    print(conn.scalar(sa.text(
+        "SELECT count(*) FROM sqlalchemy_matview.views WHERE view_name = 'mv_layer' AND tracked")))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
