@@ -1,7 +1,8 @@
 """What change tracking costs concurrent writers: ``pgbench`` on a tracked vs an untracked table.
 
     python benchmarks/bench_tracking_writers.py [--duration 10] [--rounds 3] [--clients 1,8]
-        [--scripts insert,update] [--durability default|async|both] [--worker]
+        [--scripts insert,update,bulk] [--durability default|async|both] [--worker]
+        [--partitioned]
 
 One throwaway server (the project's launcher) holds two identical tables: ``ev_tracked``,
 read by a materialized view declared with ``track_changes=True``, and ``ev_plain``, read by
@@ -15,6 +16,10 @@ Scripts (one pgbench transaction = one autocommit statement = one writing transa
     ``INSERT INTO <table> (grp, v) VALUES (random, 1)``
 ``update``
     ``UPDATE <table> SET v = v + 1 WHERE id = random(1, 100000)`` (100,000 rows preloaded)
+``bulk`` (not run by default)
+    one ``INSERT ... SELECT`` of 1,000 rows: what per-row trigger work costs
+
+``--partitioned`` makes both tables hash-partitioned (written through the parent).
 
 Durability: ``default`` is the server's own defaults (``fsync``, ``synchronous_commit``,
 ``full_page_writes`` on: the launcher's speed settings are undone); ``async`` is the same
@@ -61,7 +66,9 @@ PRELOAD = 100_000
 SCRIPTS = {
     "insert": "\\set g random(1, 1000)\nINSERT INTO {table} (grp, v) VALUES (:g, 1);\n",
     "update": f"\\set id random(1, {PRELOAD})\nUPDATE {{table}} SET v = v + 1 WHERE id = :id;\n",
+    "bulk": "INSERT INTO {table} (grp, v) SELECT g % 1000, 1 FROM generate_series(1, 1000) g;\n",
 }
+PARTITIONS = 4
 
 # The launcher starts servers for speed (fsync off...); "default" puts PostgreSQL's own back.
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
@@ -122,16 +129,26 @@ class WaitSampler:
                 conn.rollback()
 
 
-def declare() -> sa.MetaData:
+def declare(partitioned: bool = False) -> sa.MetaData:
     md = sa.MetaData()
     for name in TABLES.values():
-        sa.Table(
+        table = sa.Table(
             name,
             md,
             sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
             sa.Column("grp", sa.Integer, nullable=False),
             sa.Column("v", sa.Integer, nullable=False),
+            **({"postgresql_partition_by": "HASH (id)"} if partitioned else {}),
         )
+        for i in range(PARTITIONS if partitioned else 0):
+            sa.event.listen(
+                table,
+                "after_create",
+                sa.DDL(
+                    f"CREATE TABLE {name}_p{i} PARTITION OF {name}"
+                    f" FOR VALUES WITH (MODULUS {PARTITIONS}, REMAINDER {i})"
+                ),
+            )
     tracked = md.tables[TABLES["tracked"]]
     MaterializedView(
         "mv_tracked",
@@ -235,6 +252,11 @@ def main() -> None:
     parser.add_argument("--scripts", default="insert,update", help=",".join(SCRIPTS))
     parser.add_argument("--durability", choices=("default", "async", "both"), default="both")
     parser.add_argument("--worker", action="store_true", help="a RefreshWorker runs meanwhile")
+    parser.add_argument(
+        "--partitioned",
+        action="store_true",
+        help=f"both tables hash-partitioned on id into {PARTITIONS} (written through the parent)",
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     scripts = [s.strip() for s in args.scripts.split(",")]
@@ -243,7 +265,7 @@ def main() -> None:
             parser.error(f"unknown script {s!r}; pick from {', '.join(SCRIPTS)}")
     modes = ["default", "async"] if args.durability == "both" else [args.durability]
 
-    md = declare()
+    md = declare(args.partitioned)
     settings = {**DURABLE, "shared_buffers": "128MB", "max_connections": "100"}
     results: dict[tuple[str, str, int], Cell] = {}
     with PostgresServer(settings=settings) as server, tempfile.TemporaryDirectory() as tmp:
@@ -264,7 +286,8 @@ def main() -> None:
         print(
             f"PostgreSQL {version}; {os.cpu_count()} CPUs ({platform.machine()}); pgbench {exe}\n"
             f"{args.duration} s x {args.rounds} rounds per cell, -j 2, {PRELOAD:,} rows preloaded,"
-            f" worker {'on' if args.worker else 'off'}\n"
+            f" worker {'on' if args.worker else 'off'},"
+            f" {f'{PARTITIONS} hash partitions' if args.partitioned else 'plain tables'}\n"
             f"triggers: {'; '.join(trigger_list) or 'none'}"
         )
         paths: dict[tuple[str, str], Path] = {}
