@@ -6,11 +6,18 @@ replica``: change tracking on a subscriber only sees them through triggers that 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
 
+from sqlalchemy_matview import (
+    MaterializedView,
+    RefreshResult,
+    RefreshWorker,
+    refresh_stale,
+)
 from sqlalchemy_matview.testing.components import LogicalReplication
 
 SOURCE = "CREATE TABLE events (id int PRIMARY KEY, grp int NOT NULL)"
@@ -135,3 +142,80 @@ def test_apply_fires_replica_row_triggers_and_no_statement_trigger(
     # A replicated TRUNCATE does fire statement-level TRUNCATE triggers (REPLICA/ALWAYS).
     assert fired() == [("truncate_always", "replica")]
     assert _ids(subscriber) == []
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f}s"
+        time.sleep(0.02)
+
+
+def test_a_worker_on_the_subscriber_refreshes_after_replicated_writes(
+    logical_replication: LogicalReplication, logical_replication_db: str
+) -> None:
+    pair, db = logical_replication, logical_replication_db
+    md = sa.MetaData()
+    events = sa.Table(
+        "events",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("grp", sa.Integer, nullable=False),
+    )
+    mv = MaterializedView(
+        "mv_events",
+        md,
+        sa.select(
+            sa.func.count().label("n"),
+            sa.func.coalesce(sa.func.sum(events.c.grp), 0).label("s"),
+        ),
+        columns=[sa.Column("n", sa.BigInteger), sa.Column("s", sa.BigInteger)],
+        track_changes=True,
+    )
+    publisher = sa.create_engine(pair.publisher.url(db))
+    subscriber = sa.create_engine(pair.subscriber.url(db))
+    results: list[RefreshResult] = []
+    worker = RefreshWorker(subscriber, md, debounce=0.05, on_result=results.append)
+    try:
+        events.create(publisher)  # only the table: the view lives on the subscriber
+        md.create_all(subscriber)
+        with publisher.begin() as conn:
+            conn.execute(events.insert(), [{"id": i, "grp": 1} for i in range(1, 11)])
+        pair.publish(db, ["events"])
+        worker.start()
+
+        def view_matches() -> bool:
+            with subscriber.connect() as conn:
+                view = tuple(conn.execute(sa.select(mv.c.n, mv.c.s)).one())
+                table = tuple(
+                    conn.execute(
+                        sa.text("SELECT count(*), coalesce(sum(grp), 0) FROM events")
+                    ).one()
+                )
+            return view == table
+
+        pair.subscribe(db)  # the initial copy: rows arrive as a COPY run as replica
+        _wait_for(view_matches, "the worker did not refresh after the initial copy")
+        for statement in (
+            "INSERT INTO events SELECT g, 2 FROM generate_series(11, 20) g",
+            "UPDATE events SET grp = 5 WHERE id = 3",
+            "DELETE FROM events WHERE id = 4",
+            "TRUNCATE events",
+            "INSERT INTO events VALUES (100, 7)",
+        ):
+            refreshed = len(results)
+            with publisher.begin() as conn:
+                conn.execute(sa.text(statement))
+            pair.wait_caught_up(db)
+            _wait_for(
+                lambda n=refreshed: len(results) > n and view_matches(),  # type: ignore[misc]
+                f"the worker did not refresh after the replicated {statement!r}",
+            )
+        assert worker.stop(timeout=30)
+        assert {r.view: r.status for r in refresh_stale(subscriber, md)} == {
+            "public.mv_events": "skipped_fresh"
+        }
+    finally:
+        worker.stop(timeout=30)
+        publisher.dispose()
+        subscriber.dispose()

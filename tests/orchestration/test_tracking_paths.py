@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from sqlalchemy_matview import MaterializedView, refresh_stale
+from sqlalchemy_matview import MaterializedView, refresh_stale, refresh_views
 
 VIEW = "public.mv_sum"
 
@@ -34,7 +34,8 @@ def _declare(**table_kw: Any) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
         "mv_sum",
         md,
         sa.select(
-            sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(t.c.v), 0).label("total")
+            sa.func.count().label("n"),
+            sa.func.coalesce(sa.func.sum(t.c.v), 0).label("total"),
         ),
         columns=[sa.Column("n", sa.BigInteger), sa.Column("total", sa.BigInteger)],
         track_changes=True,
@@ -54,9 +55,11 @@ def _source_rows(engine: Engine) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def _assert_marked_and_refreshed(engine: Engine, md: sa.MetaData, mv: MaterializedView) -> None:
+def _assert_marked_and_refreshed(
+    engine: Engine, md: sa.MetaData, mv: MaterializedView, after: str = "the write"
+) -> None:
     statuses = {r.view: r.status for r in refresh_stale(engine, md)}
-    assert statuses[VIEW] == "refreshed", "the write did not mark the view stale"
+    assert statuses[VIEW] == "refreshed", f"{after} did not mark the view stale"
     assert _view_rows(engine, mv) == _source_rows(engine)
     assert {r.view: r.status for r in refresh_stale(engine, md)}[VIEW] == "skipped_fresh"
 
@@ -143,6 +146,21 @@ def test_writes_rolled_back_leave_the_view_fresh(
     assert {r.view: r.status for r in refresh_stale(engine, md)}[VIEW] == "skipped_fresh"
 
 
+def test_replica_role_writes(engine: Engine, plain: tuple[sa.MetaData, MaterializedView]) -> None:
+    """What logical replication's apply, pglogical and some ETL tools do."""
+    md, mv = plain
+    for statement in (
+        "INSERT INTO src VALUES (600, 6)",
+        "UPDATE src SET v = v * 2 WHERE id = 600",
+        "DELETE FROM src WHERE id = 600",
+        "TRUNCATE src",
+    ):
+        with engine.begin() as conn:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+            conn.execute(sa.text(statement))
+        _assert_marked_and_refreshed(engine, md, mv, statement)
+
+
 # -- partitions ------------------------------------------------------------------------------
 
 
@@ -162,16 +180,24 @@ def partitioned(engine: Engine) -> tuple[sa.MetaData, sa.Table, MaterializedView
     "statement",
     [
         "INSERT INTO src VALUES (5, 10)",
+        "INSERT INTO src_a VALUES (6, 10)",
         "UPDATE src SET v = 7 WHERE id = 150",
+        "UPDATE src_b SET v = 7 WHERE id = 150",
         "UPDATE src SET id = 150 WHERE id = 50",  # moves the row to the other partition
+        "DELETE FROM src_a WHERE id = 3",
         "DELETE FROM src WHERE id = 103",
+        "TRUNCATE src_a",
         "TRUNCATE src",
     ],
     ids=[
         "insert_parent",
+        "insert_leaf",
         "update_parent",
+        "update_leaf",
         "update_moves_row",
+        "delete_leaf",
         "delete_parent",
+        "truncate_leaf",
         "truncate_parent",
     ],
 )
@@ -182,4 +208,55 @@ def test_partitioned_writes(
 ) -> None:
     md, _, mv = partitioned
     _write(engine, statement)
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_partition_created_after_tracking(
+    engine: Engine, partitioned: tuple[sa.MetaData, sa.Table, MaterializedView]
+) -> None:
+    md, _, mv = partitioned
+    _write(engine, "CREATE TABLE src_c PARTITION OF src FOR VALUES FROM (200) TO (300)")
+    for statement in (
+        "INSERT INTO src_c VALUES (250, 9)",
+        "UPDATE src_c SET v = 10",
+        "INSERT INTO src VALUES (251, 9)",
+        "DELETE FROM src_c WHERE id = 250",
+    ):
+        _write(engine, statement)
+        _assert_marked_and_refreshed(engine, md, mv, statement)
+
+
+def test_partition_attached_after_tracking(
+    engine: Engine, partitioned: tuple[sa.MetaData, sa.Table, MaterializedView]
+) -> None:
+    md, _, mv = partitioned
+    _write(engine, "CREATE TABLE src_d (LIKE src)")
+    _write(engine, "INSERT INTO src_d VALUES (300, 30)")
+    _write(engine, "ALTER TABLE src ATTACH PARTITION src_d FOR VALUES FROM (300) TO (400)")
+    # DDL fires no trigger: the attach itself is the application's to refresh after.
+    refresh_views(engine, mv)
+    _write(engine, "INSERT INTO src_d VALUES (301, 31)")
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_sub_partitioned_leaf(
+    engine: Engine, partitioned: tuple[sa.MetaData, sa.Table, MaterializedView]
+) -> None:
+    md, _, mv = partitioned
+    _write(
+        engine,
+        "CREATE TABLE src_e PARTITION OF src FOR VALUES FROM (400) TO (500) PARTITION BY RANGE (v)",
+    )
+    _write(engine, "CREATE TABLE src_e1 PARTITION OF src_e FOR VALUES FROM (0) TO (1000)")
+    _write(engine, "INSERT INTO src_e1 VALUES (450, 5)")
+    _assert_marked_and_refreshed(engine, md, mv)
+
+
+def test_replica_role_into_a_leaf(
+    engine: Engine, partitioned: tuple[sa.MetaData, sa.Table, MaterializedView]
+) -> None:
+    md, _, mv = partitioned
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        conn.execute(sa.text("INSERT INTO src_a VALUES (7, 70)"))
     _assert_marked_and_refreshed(engine, md, mv)

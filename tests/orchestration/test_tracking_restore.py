@@ -1,16 +1,24 @@
-"""Tracking across what renumbers or renames things: RENAME, drop + create.
+"""Tracking across what renumbers or renames things: pg_dump/pg_restore, RENAME, drop + create.
 
-After each, the application does what it does at start-up (``create_all``) and writes; the
-view must be marked stale by the write and refreshed by ``refresh_stale``, then be fresh.
+The real ``pg_dump -Fc`` and ``pg_restore`` of the test server's installation. After each,
+the application does what it does at start-up (``create_all``) and writes; the view must be
+marked stale by the write and refreshed by ``refresh_stale``, then be fresh.
 """
 
 from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from sqlalchemy_matview import MaterializedView, refresh_stale
+from sqlalchemy_matview.testing.launcher import PostgresServer
+
+VIEW = "public.mv_sum"
 
 
 def _declare(
@@ -27,7 +35,8 @@ def _declare(
         view,
         md,
         sa.select(
-            sa.func.count().label("n"), sa.func.coalesce(sa.func.sum(t.c.v), 0).label("total")
+            sa.func.count().label("n"),
+            sa.func.coalesce(sa.func.sum(t.c.v), 0).label("total"),
         ),
         columns=[sa.Column("n", sa.BigInteger), sa.Column("total", sa.BigInteger)],
         track_changes=True,
@@ -40,7 +49,12 @@ def _statuses(engine: Engine, md: sa.MetaData) -> dict[str, str]:
 
 
 def _write_marks_and_refresh_fixes(
-    engine: Engine, md: sa.MetaData, mv: MaterializedView, *, table: str = "src", new_id: int
+    engine: Engine,
+    md: sa.MetaData,
+    mv: MaterializedView,
+    *,
+    table: str = "src",
+    new_id: int,
 ) -> None:
     name = f"public.{mv.name}"
     assert _statuses(engine, md)[name] in ("refreshed", "skipped_fresh")  # settle first
@@ -64,6 +78,120 @@ def tracked(engine: Engine) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
     return md, src, mv
 
 
+def _tool(server: PostgresServer, name: str) -> str:
+    return str(server.installation.bindir / name)
+
+
+def _connection_args(server: PostgresServer) -> list[str]:
+    return ["-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres"]
+
+
+def _dump(server: PostgresServer, database: str, path: Path) -> None:
+    subprocess.run(
+        [
+            _tool(server, "pg_dump"),
+            "-Fc",
+            *_connection_args(server),
+            "-f",
+            str(path),
+            database,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def _restore(server: PostgresServer, database: str, path: Path) -> None:
+    done = subprocess.run(
+        [
+            _tool(server, "pg_restore"),
+            "--exit-on-error",
+            *_connection_args(server),
+            "-d",
+            database,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def launched(pg_server: object) -> PostgresServer:
+    if not isinstance(pg_server, PostgresServer):
+        pytest.skip("pg_dump/pg_restore of the server's own installation need a launched server")
+    return pg_server
+
+
+@pytest.fixture
+def restored_engine(launched: PostgresServer) -> Iterator[Engine]:
+    name = launched.create_database()
+    engine = sa.create_engine(launched.url(name))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        launched.drop_database(name)
+
+
+def test_pg_dump_restore_into_a_fresh_database(
+    engine: Engine,
+    tracked: tuple[sa.MetaData, sa.Table, MaterializedView],
+    launched: PostgresServer,
+    restored_engine: Engine,
+    tmp_path: Path,
+) -> None:
+    md, _, mv = tracked
+    assert engine.url.database is not None and restored_engine.url.database is not None
+    _dump(launched, engine.url.database, tmp_path / "app.dump")
+    _restore(launched, restored_engine.url.database, tmp_path / "app.dump")
+    md.create_all(restored_engine)  # what the application does at start-up
+    _write_marks_and_refresh_fixes(restored_engine, md, mv, new_id=100)
+    _write_marks_and_refresh_fixes(restored_engine, md, mv, new_id=101)
+    # The original database is untouched by all this.
+    _write_marks_and_refresh_fixes(engine, md, mv, new_id=200)
+
+
+def test_restore_of_a_stale_view_into_a_younger_cluster(
+    engine: Engine,
+    tracked: tuple[sa.MetaData, sa.Table, MaterializedView],
+    launched: PostgresServer,
+    tmp_path: Path,
+) -> None:
+    """Change rows carry transaction ids of the dumped cluster; a fresh cluster's counter
+    is far behind them. The view must not stay stale forever."""
+    md, _, mv = tracked
+    with engine.connect() as conn:
+        conn.execute(sa.text("INSERT INTO src VALUES (50, 50)"))  # stale at dump time
+        conn.commit()
+        # Make sure the dumping cluster is well ahead of a fresh one.
+        for _ in range(300):
+            conn.execute(sa.text("SELECT pg_current_xact_id()"))
+            conn.commit()
+    assert engine.url.database is not None
+    _dump(launched, engine.url.database, tmp_path / "app.dump")
+    with PostgresServer(launched.installation) as young:
+        name = young.create_database()
+        _restore(young, name, tmp_path / "app.dump")
+        target = sa.create_engine(young.url(name))
+        try:
+            with target.connect() as conn:
+                ours = conn.scalar(sa.text("SELECT pg_current_xact_id()::text::bigint"))
+            with engine.connect() as conn:
+                theirs = conn.scalar(sa.text("SELECT pg_current_xact_id()::text::bigint"))
+            assert ours is not None and theirs is not None and ours < theirs
+            md.create_all(target)
+            assert _statuses(target, md)[VIEW] == "refreshed"
+            assert _statuses(target, md)[VIEW] == "skipped_fresh", "stale forever"
+            _write_marks_and_refresh_fixes(target, md, mv, new_id=300)
+        finally:
+            target.dispose()
+
+
 def test_source_table_renamed(
     engine: Engine, tracked: tuple[sa.MetaData, sa.Table, MaterializedView]
 ) -> None:
@@ -76,6 +204,16 @@ def test_source_table_renamed(
     md2, _, mv2 = _declare(table="src_renamed")
     md2.create_all(engine)
     _write_marks_and_refresh_fixes(engine, md2, mv2, table="src_renamed", new_id=21)
+
+
+def test_view_renamed_then_declared_under_its_new_name(
+    engine: Engine, tracked: tuple[sa.MetaData, sa.Table, MaterializedView]
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER MATERIALIZED VIEW mv_sum RENAME TO mv_total"))
+    md2, _, mv2 = _declare(view="mv_total")
+    md2.create_all(engine)
+    _write_marks_and_refresh_fixes(engine, md2, mv2, new_id=30)
 
 
 def test_view_dropped_outside_the_library_and_created_again(

@@ -1,0 +1,395 @@
+"""Change tracking in a shared database, attacked by a real unprivileged role.
+
+Three login roles made for each test: ``app`` (owns the tables and views, runs create_all,
+refreshes; no superuser), ``attacker`` (CONNECT, and whatever each test grants it: the
+CREATE on ``public`` every role had before PostgreSQL 15, CREATE on the database) and
+``writer`` (only INSERT on the source). Every attack plants a trap that, if the app's role
+ever ran it, would record ``current_user`` in ``trap_log`` and grant the attacker SELECT on
+``secret``, a table it must never read. Each test ends by checking both stayed untouched.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from sqlalchemy_matview import (
+    MaterializedView,
+    RefreshResult,
+    RefreshWorker,
+    TrackingInstallError,
+    refresh_stale,
+)
+from sqlalchemy_matview.orchestration import tracking
+
+SCHEMA = "sqlalchemy_matview"
+
+
+@dataclass
+class Roles:
+    app: str
+    attacker: str
+    writer: str
+    admin: Engine  # superuser, on the test database
+    url: sa.URL
+
+    def engine(self, role: str) -> Engine:
+        return sa.create_engine(self.url.set(username=role), poolclass=sa.NullPool)
+
+    def psql(self, role: str) -> psycopg.Connection[tuple[object, ...]]:
+        url = self.url
+        return psycopg.connect(
+            host=url.host,
+            port=url.port,
+            user=role,
+            dbname=url.database,
+            autocommit=True,
+        )
+
+
+@pytest.fixture
+def roles(engine: Engine, pg_url: sa.URL) -> Iterator[Roles]:
+    tag = uuid.uuid4().hex[:8]
+    r = Roles(f"mv_app_{tag}", f"mv_attacker_{tag}", f"mv_writer_{tag}", engine, pg_url)
+    db = engine.dialect.identifier_preparer.quote(str(pg_url.database))
+    with engine.begin() as conn:
+        for role in (r.app, r.attacker, r.writer):
+            conn.execute(sa.text(f"CREATE ROLE {role} LOGIN NOSUPERUSER"))
+        conn.execute(sa.text(f"GRANT CREATE ON DATABASE {db} TO {r.app}"))
+        conn.execute(sa.text(f"GRANT CREATE ON SCHEMA public TO {r.app}"))
+        # The trap's evidence: anyone may append to it, only the superuser reads it.
+        conn.execute(sa.text("CREATE TABLE public.trap_log (who text, what text)"))
+        conn.execute(sa.text("GRANT INSERT ON public.trap_log TO PUBLIC"))
+        conn.execute(sa.text("CREATE TABLE public.secret (x int)"))
+        conn.execute(sa.text(f"ALTER TABLE public.secret OWNER TO {r.app}"))
+    try:
+        yield r
+    finally:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE usename = ANY(:roles)"
+                ),
+                {"roles": [r.app, r.attacker, r.writer]},
+            )
+            for role in (r.app, r.attacker, r.writer):
+                conn.execute(sa.text(f"DROP OWNED BY {role} CASCADE"))
+                conn.execute(sa.text(f"DROP ROLE {role}"))
+
+
+def _trap_body(roles: Roles, what: str) -> str:
+    """PL/pgSQL statements that record who ran them and try to escalate."""
+    return (
+        f" INSERT INTO public.trap_log VALUES (current_user, '{what}');"
+        f" BEGIN EXECUTE 'GRANT SELECT ON public.secret TO {roles.attacker}';"
+        " EXCEPTION WHEN OTHERS THEN NULL; END;"
+    )
+
+
+def _assert_untouched(roles: Roles) -> None:
+    with roles.admin.connect() as conn:
+        # The attacker running its own trap (setting it up) proves nothing.
+        log = conn.execute(
+            sa.text("SELECT who, what FROM public.trap_log WHERE who <> :r"), {"r": roles.attacker}
+        ).all()
+        granted = conn.scalar(
+            sa.text("SELECT has_table_privilege(:r, 'public.secret', 'SELECT')"),
+            {"r": roles.attacker},
+        )
+    assert log == [], f"the attacker's code ran: {log}"
+    assert granted is False
+
+
+def _declare() -> tuple[sa.MetaData, sa.Table, MaterializedView]:
+    md = sa.MetaData()
+    src = sa.Table(
+        "src",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", sa.Integer),
+    )
+    mv = MaterializedView(
+        "mv_sum",
+        md,
+        sa.select(sa.func.count().label("n")).select_from(src),
+        columns=[sa.Column("n", sa.BigInteger)],
+        track_changes=True,
+    )
+    return md, src, mv
+
+
+def _statuses(engine: Engine, md: sa.MetaData) -> dict[str, str]:
+    return {r.view: r.status for r in refresh_stale(engine, md)}
+
+
+def test_squatted_bookkeeping_schema_is_refused(roles: Roles) -> None:
+    db = roles.admin.dialect.identifier_preparer.quote(str(roles.url.database))
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text(f"GRANT CREATE ON DATABASE {db} TO {roles.attacker}"))
+    with roles.psql(roles.attacker) as conn:
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(f"GRANT ALL ON SCHEMA {SCHEMA} TO PUBLIC")
+        conn.execute(
+            f"CREATE FUNCTION {SCHEMA}.mark_stale() RETURNS trigger LANGUAGE plpgsql AS $$"
+            f" BEGIN {_trap_body(roles, 'mark_stale')} RETURN NULL; END $$"
+        )
+        conn.execute(f"GRANT EXECUTE ON FUNCTION {SCHEMA}.mark_stale() TO PUBLIC")
+    md, _, _ = _declare()
+    app = roles.engine(roles.app)
+    try:
+        with pytest.raises(TrackingInstallError) as info:
+            md.create_all(app)
+    finally:
+        app.dispose()
+    assert SCHEMA in str(info.value) and roles.attacker in str(info.value)
+    _assert_untouched(roles)
+
+
+def test_squatted_tables_of_0_1_0_in_public_are_refused(roles: Roles) -> None:
+    """Before PostgreSQL 15 every role could CREATE in public (upgraded databases still can)."""
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text("GRANT CREATE ON SCHEMA public TO PUBLIC"))
+    with roles.psql(roles.attacker) as conn:
+        conn.execute(
+            "CREATE TABLE public.sqlalchemy_matview_state (id serial PRIMARY KEY,"
+            " view_schema text, view_name text, tracked boolean DEFAULT true,"
+            " source_oids oid[] DEFAULT '{}', refreshed_version bigint DEFAULT 0,"
+            " last_refreshed_at timestamptz, last_duration float8,"
+            " last_concurrently boolean, refresh_count bigint DEFAULT 0,"
+            " UNIQUE (view_schema, view_name))"
+        )
+        conn.execute(
+            "CREATE TABLE public.sqlalchemy_matview_changes (view_id int, txid bigint,"
+            " id bigserial, changed_at timestamptz DEFAULT now(), PRIMARY KEY (view_id, txid))"
+        )
+        conn.execute(
+            "CREATE FUNCTION public.trap() RETURNS trigger LANGUAGE plpgsql AS $$"
+            f" BEGIN {_trap_body(roles, 'legacy table trigger')} RETURN NULL; END $$"
+        )
+        for table in ("sqlalchemy_matview_state", "sqlalchemy_matview_changes"):
+            conn.execute(f"GRANT ALL ON public.{table} TO PUBLIC")
+            conn.execute(
+                f"CREATE TRIGGER trap AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+                f" ON public.{table} FOR EACH STATEMENT EXECUTE FUNCTION public.trap()"
+            )
+        conn.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO PUBLIC")
+        conn.execute(
+            "INSERT INTO public.sqlalchemy_matview_state (view_schema, view_name)"
+            " VALUES ('public', 'mv_sum')"
+        )
+    md, _, _ = _declare()
+    app = roles.engine(roles.app)
+    try:
+        with pytest.raises(TrackingInstallError) as info:
+            md.create_all(app)
+    finally:
+        app.dispose()
+    assert "sqlalchemy_matview_state" in str(info.value) and roles.attacker in str(info.value)
+    _assert_untouched(roles)
+
+
+# Functions whose unqualified name the library's SQL could resolve, each with signatures
+# that beat pg_catalog's polymorphic ones (an exact match wins over anyarray).
+_HIJACKS = [
+    ("unnest", "oid[]", "SETOF oid"),
+    ("unnest", "regclass[]", "SETOF regclass"),
+    ("unnest", "text[]", "SETOF text"),
+    ("unnest", "bigint[]", "SETOF bigint"),
+    ("quote_ident", "name", "text"),
+    ("pg_notify", "text, name", "void"),
+    ("to_regclass", "name", "regclass"),
+]
+
+
+def test_function_hijacks_in_public_never_run(roles: Roles) -> None:
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text("GRANT CREATE ON SCHEMA public TO PUBLIC"))
+    with roles.psql(roles.attacker) as conn:
+        for name, args, returns in _HIJACKS:
+            if returns.startswith("SETOF"):
+                result = "RETURN QUERY SELECT pg_catalog.unnest($1);"
+            elif returns == "void":
+                result = "RETURN;"
+            else:
+                result = "RETURN NULL;"
+            conn.execute(
+                f"CREATE FUNCTION public.{name}({args}) RETURNS {returns}"
+                f" LANGUAGE plpgsql AS $$ BEGIN {_trap_body(roles, name + '(' + args + ')')}"
+                f" {result} END $$"
+            )
+    md, src, _ = _declare()
+    app = roles.engine(roles.app)
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(src.insert(), [{"id": 1, "v": 1}])
+        with app.connect() as conn:
+            states = tracking.view_states(conn)
+        assert states[("public", "mv_sum")].stale
+        assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+        assert _statuses(app, md)["public.mv_sum"] == "skipped_fresh"
+        md.drop_all(app)
+        md.create_all(app)
+    finally:
+        app.dispose()
+    _assert_untouched(roles)
+
+
+def test_library_functions_and_tables_refuse_other_roles(roles: Roles) -> None:
+    md, _, _ = _declare()
+    app = roles.engine(roles.app)
+    try:
+        md.create_all(app)
+    finally:
+        app.dispose()
+    with roles.admin.connect() as conn:
+        functions = (
+            conn.execute(
+                sa.text(
+                    "SELECT p.oid::regprocedure::text FROM pg_proc p"
+                    " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s"
+                ),
+                {"s": SCHEMA},
+            )
+            .scalars()
+            .all()
+        )
+        tables = (
+            conn.execute(
+                sa.text(
+                    "SELECT c.oid::regclass::text FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = :s AND c.relkind IN ('r', 'p')"
+                ),
+                {"s": SCHEMA},
+            )
+            .scalars()
+            .all()
+        )
+        acl = (
+            conn.execute(
+                sa.text(
+                    "SELECT p.oid::regprocedure::text FROM pg_proc p"
+                    " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s"
+                    " AND has_function_privilege(:r, p.oid, 'EXECUTE')"
+                ),
+                {"s": SCHEMA, "r": roles.attacker},
+            )
+            .scalars()
+            .all()
+        )
+    assert functions and tables
+    assert acl == [], "EXECUTE is granted to PUBLIC"
+    # Even with USAGE on the schema (granted by a careless admin), nothing is callable.
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA {SCHEMA} TO {roles.attacker}"))
+    calls = {
+        "refresh": f"SELECT {SCHEMA}.refresh('public', 'mv_sum', 0, false, 'none', false)",
+        "track": f"SELECT {SCHEMA}.track('public', 'mv_sum', ARRAY['public.trap_log']::regclass[])",
+        "untrack": f"SELECT {SCHEMA}.untrack('public', 'mv_sum')",
+        "sync_triggers": f"SELECT {SCHEMA}.sync_triggers()",
+    }
+    with roles.psql(roles.attacker) as conn:
+        conn.execute("CREATE TEMP TABLE mine (x int)")
+        for call in calls.values():
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(call)
+        # A trigger of its own with forged arguments (view id, barrier, payload).
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                "CREATE TRIGGER forged AFTER INSERT ON mine FOR EACH STATEMENT"
+                f" EXECUTE FUNCTION {SCHEMA}.mark_stale('1', '1', 'public.mv_sum')"
+            )
+        for table in tables:
+            for statement in (f"SELECT * FROM {table}", f"DELETE FROM {table}"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
+    _assert_untouched(roles)
+
+
+def test_a_writer_with_only_insert_marks_the_view_stale(roles: Roles) -> None:
+    md, src, _ = _declare()
+    app = roles.engine(roles.app)
+    writer = roles.engine(roles.writer)
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(sa.text(f"GRANT INSERT, TRUNCATE ON src TO {roles.writer}"))
+        for statement in ("INSERT INTO src VALUES (1, 1)", "TRUNCATE src"):
+            with writer.begin() as conn:
+                conn.execute(sa.text(statement))
+            assert _statuses(app, md)["public.mv_sum"] == "refreshed", statement
+        with writer.connect() as conn, pytest.raises(sa.exc.ProgrammingError):
+            conn.execute(sa.select(src))  # it really has nothing else
+    finally:
+        app.dispose()
+        writer.dispose()
+    _assert_untouched(roles)
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f}s"
+        time.sleep(0.02)
+
+
+def test_forged_notifications_raise_no_privilege(roles: Roles) -> None:
+    md, src, mv = _declare()
+    app = roles.engine(roles.app)
+    results: list[RefreshResult] = []
+    worker = RefreshWorker(app, md, debounce=0.05, on_result=results.append)
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(src.insert(), [{"id": 1, "v": 1}])
+        with roles.admin.begin() as conn:
+            conn.execute(sa.text(f"GRANT CREATE ON SCHEMA public TO {roles.attacker}"))
+        with roles.psql(roles.attacker) as raw:
+            # A view of its own whose refresh would run the trap as the refresher.
+            raw.execute(
+                "CREATE FUNCTION public.evil() RETURNS int LANGUAGE plpgsql AS $$"
+                f" BEGIN {_trap_body(roles, 'evil view refreshed')} RETURN 1; END $$"
+            )
+            raw.execute(
+                "CREATE MATERIALIZED VIEW public.mv_evil AS SELECT public.evil() AS x WITH NO DATA"
+            )
+        worker.start()
+        _wait_for(
+            lambda: ("public.mv_sum", "refreshed") in [(r.view, r.status) for r in results],
+            "the worker's catch-up pass did not refresh the stale view",
+        )
+        before = len(results)
+        with roles.psql(roles.attacker) as raw:
+            for payload in (
+                "public.mv_evil",
+                'public.mv_sum"; GRANT SELECT ON public.secret TO PUBLIC; --',
+                "public.mv_sum'; GRANT SELECT ON public.secret TO PUBLIC; --",
+                "public.secret",
+                "x" * 7000,
+                "public.mv_sum",  # a real one: the worker may refresh it, as app would anyway
+            ):
+                raw.execute("SELECT pg_notify('sqlalchemy_matview', %s)", (payload,))
+        # Queued after the forged ones (notifications arrive in commit order).
+        with app.begin() as conn:
+            conn.execute(src.insert(), [{"id": 2, "v": 2}])
+
+        def refreshed_to_two() -> bool:
+            with app.connect() as conn:
+                return len(results) > before and conn.scalar(sa.select(mv.c.n)) == 2
+
+        _wait_for(refreshed_to_two, "the worker did not refresh after the real write")
+        assert {r.view for r in results} == {"public.mv_sum"}
+        assert worker.running
+    finally:
+        worker.stop(timeout=30)
+        app.dispose()
+    _assert_untouched(roles)
