@@ -788,6 +788,20 @@ def refresh(
     help="Advisory lock policy.",
 )
 @click.option("--channel", default="sqlalchemy_matview", show_default=True, help="LISTEN channel.")
+@click.option(
+    "--listen-url",
+    envvar="MATVIEW_LISTEN_URL",
+    metavar="URL",
+    help="LISTEN on this direct connection; --url may then go through a transaction-pooled "
+    "PgBouncer (env MATVIEW_LISTEN_URL).",
+)
+@click.option(
+    "--lock-namespace",
+    envvar="MATVIEW_LOCK_NAMESPACE",
+    metavar="TEXT",
+    help="Salt of the advisory-lock keys (the one your other refreshers use; "
+    "env MATVIEW_LOCK_NAMESPACE).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details too.")
 def watch(
     url: str | None,
@@ -797,6 +811,8 @@ def watch(
     interval: float | None,
     lock: str,
     channel: str,
+    listen_url: str | None,
+    lock_namespace: str | None,
     verbose: bool,
 ) -> None:
     """Refresh stale views as their sources change, until SIGINT or SIGTERM.
@@ -827,6 +843,7 @@ def watch(
     logger = logging.getLogger(_LOGGER)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    listen = connect_url(listen_url) if listen_url else None
     engine = create_engine(db_url)
     try:
         with _errors(db_url):
@@ -840,12 +857,19 @@ def watch(
                 interval=interval,
                 channel=channel,
                 lock=_LOCKS[lock],
+                lock_namespace=lock_namespace,
+                listen_url=listen,
                 on_result=lambda r: (
                     _print_now(console, format_result(r))
                     if verbose or r.status != "skipped_fresh"
                     else None
                 ),
             )
+        # Outside _errors(db_url): a failure here may be about the listen URL.
+        with _errors(listen or db_url):
+            # A standby or a transaction pooler fails here, before "Watching" is printed.
+            worker.check_server()
+        with _errors(db_url):
             _print_now(
                 console,
                 f"Watching {db_url.render_as_string(hide_password=True)} "

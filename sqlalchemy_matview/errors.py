@@ -16,6 +16,8 @@ __all__ = [
     "ExtensionNotInstalledError",
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",
+    "SessionRequiredError",
+    "StandbyError",
     "TrackingInstallError",
     "UnknownViewError",
     "UnsupportedDialectError",
@@ -62,3 +64,12 @@ class WorkerOptionError(MaterializedViewError, ValueError):
 class TrackingInstallError(MaterializedViewError, RuntimeError):
     """Change tracking's bookkeeping exists but is owned by a role the current one does not
     trust (it could run code with the app's privileges); the message names object and owner."""
+
+
+class StandbyError(MaterializedViewError, RuntimeError):
+    """A refresh was asked of a hot standby, which is read-only: refresh on the primary."""
+
+
+class SessionRequiredError(MaterializedViewError, RuntimeError):
+    """A worker would ``LISTEN`` through a pooler that hands out server connections per
+    transaction (PgBouncer ``pool_mode = transaction``): pass ``listen_url=``."""

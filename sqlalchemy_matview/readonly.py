@@ -27,7 +27,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.sql import dml
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from .errors import ConcurrentRefreshError, ReadOnlyMaterializedViewError
+from .errors import ConcurrentRefreshError, ReadOnlyMaterializedViewError, StandbyError
 from .schema import INFO_KEY, MaterializedView
 
 _lock = threading.Lock()
@@ -45,6 +45,7 @@ def install() -> None:
         event.listen(Session, "before_flush", _refuse_view_writes)
         event.listen(Session, "do_orm_execute", _flush_before_refresh)
         event.listen(sa.engine.Engine, "handle_error", _explain_unpopulated)
+        event.listen(sa.engine.Engine, "handle_error", _explain_standby)
         for cls, visit in (
             (dml.Insert, "visit_insert"),
             (postgresql.Insert, "visit_insert"),
@@ -124,6 +125,43 @@ def _explain_unpopulated(context: sa.engine.ExceptionContext) -> BaseException |
         "DATA), and REFRESH ... CONCURRENTLY needs a populated view; refresh it once with "
         "refresh(view, concurrently=False), or use refresh_views(bind, view), whose "
         "concurrently='auto' does that by itself"
+    )
+
+
+def _in_hot_standby(dbapi_connection: Any) -> bool:
+    """What the server last reported in ``in_hot_standby`` (PostgreSQL 14+ reports it to
+    every client on its own, so nothing needs to be asked of a failed transaction)."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    info = getattr(driver, "info", None)
+    if info is not None and hasattr(info, "parameter_status"):  # psycopg
+        return bool(info.parameter_status("in_hot_standby") == "on")
+    if hasattr(driver, "get_settings"):  # asyncpg
+        return bool(getattr(driver.get_settings(), "in_hot_standby", None) == "on")
+    return False
+
+
+def _explain_standby(context: sa.engine.ExceptionContext) -> BaseException | None:
+    from .ddl import RefreshMaterializedView, _label
+
+    compiled = getattr(context.execution_context, "compiled", None)
+    statement = getattr(compiled, "statement", None)
+    if not isinstance(statement, RefreshMaterializedView):
+        return None
+    error = context.original_exception
+    code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+    connection = context.connection
+    if code != "25006" or connection is None:
+        return None
+    try:
+        standby = _in_hot_standby(connection.connection.dbapi_connection)
+    except Exception:  # an unknown driver: keep the server's own message
+        return None
+    if not standby:
+        return None
+    return StandbyError(
+        f"refresh({_label(statement)}): the server is a hot standby, which is read-only and "
+        "cannot refresh materialized views; refresh on the primary: the standby's readers "
+        "see the result once it is replayed"
     )
 
 

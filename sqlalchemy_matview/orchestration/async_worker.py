@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import inspect
 import logging
 import signal
@@ -19,9 +18,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
-from .locking import lock_holders, lock_key
+from ..errors import MaterializedViewError, SessionRequiredError, StandbyError
+from .locking import lock_holders
+from .pooling import check_session_async, refuse_standby, session_required, standby_error
 from .results import RefreshResult
 from .runner import LockMode, Timeout
 from .schedule import (
@@ -40,12 +42,23 @@ __all__ = ["RefreshWorker"]
 log = logging.getLogger("sqlalchemy_matview")
 
 APPLICATION_NAME = "sqlalchemy_matview worker"
+#: Longest start() waits for the servers' check before leaving it to the first connect.
+START_CHECK_TIMEOUT = 5.0
 _PING = 30.0  # idle seconds before the listener checks that its server is still there
 _CLOSE_TIMEOUT = 2.0
 # Connect arguments SQLAlchemy's async adapters consume themselves; the drivers reject them.
-_ADAPTER_ONLY = frozenset(
-    {"async_creator_fn", "prepared_statement_cache_size", "prepared_statement_name_func"}
-)
+
+
+async def _new_connection(engine: AsyncEngine) -> Any:
+    """A driver connection of the worker's own (asyncpg, or autocommit psycopg), made by
+    ``engine``'s connect factory: checked out of its pool and detached from it, so that the
+    URL, ``connect_args``, ``async_creator`` and ``connect`` event handlers all apply."""
+    proxied = await greenlet_spawn(engine.sync_engine.raw_connection)
+    conn: Any = proxied.driver_connection
+    proxied.detach()
+    if engine.dialect.driver == "psycopg":
+        await conn.set_autocommit(True)
+    return conn
 
 
 class _Lost:
@@ -78,17 +91,14 @@ class _AsyncpgListener(_Listener):
         super().__init__()
         self._conn: Any = None
 
-    async def open(self, engine: AsyncEngine, channel: str) -> None:
-        asyncpg: Any = importlib.import_module("asyncpg")
-        cargs, cparams = engine.dialect.create_connect_args(engine.url)
-        cparams = {k: v for k, v in cparams.items() if k not in _ADAPTER_ONLY}
-        settings = dict(cparams.pop("server_settings", None) or {})
-        settings.setdefault("application_name", APPLICATION_NAME)
-        self._conn = await asyncpg.connect(*cargs, server_settings=settings, **cparams)
+    async def open(self, conn: Any, channel: str, quoted: str) -> None:
+        self._conn = conn
+        if not await conn.fetchval("SHOW application_name"):
+            await conn.execute(f"SET application_name = '{APPLICATION_NAME}'")
         # asyncpg quotes the channel itself (always, so "MyChannel" keeps its case).
-        await self._conn.add_listener(channel, self._notified)
-        self._conn.add_termination_listener(self._terminated)
-        self.current_schema = await self._conn.fetchval("SELECT current_schema()")
+        await conn.add_listener(channel, self._notified)
+        conn.add_termination_listener(self._terminated)
+        self.current_schema = await conn.fetchval("SELECT pg_catalog.current_schema()")
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self.queue.put_nowait(payload)
@@ -116,17 +126,13 @@ class _PsycopgListener(_Listener):
         self._conn: Any = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def open(self, engine: AsyncEngine, channel: str) -> None:
-        import psycopg
-
-        cargs, cparams = engine.dialect.create_connect_args(engine.url)
-        cparams = {k: v for k, v in cparams.items() if k not in _ADAPTER_ONLY}
-        cparams.setdefault("application_name", APPLICATION_NAME)
-        self._conn = await psycopg.AsyncConnection.connect(*cargs, autocommit=True, **cparams)
-        quoted = engine.dialect.identifier_preparer.quote(channel)
-        await self._conn.execute(f"LISTEN {quoted}")
-        cur = await self._conn.execute("SELECT current_schema()")
-        row = await cur.fetchone()
+    async def open(self, conn: Any, channel: str, quoted: str) -> None:
+        self._conn = conn
+        row = await (await conn.execute("SHOW application_name")).fetchone()
+        if not row[0]:
+            await conn.execute(f"SET application_name = '{APPLICATION_NAME}'")
+        await conn.execute(f"LISTEN {quoted}")
+        row = await (await conn.execute("SELECT pg_catalog.current_schema()")).fetchone()
         self.current_schema = row[0]
         self._reader = asyncio.create_task(self._read(), name="sqlalchemy_matview-listener")
 
@@ -206,6 +212,8 @@ class RefreshWorker(WorkerBase):
         lock_timeout: Timeout = None,
         statement_timeout: Timeout = None,
         max_backoff: float = 30.0,
+        lock_namespace: str | None = None,
+        listen_url: str | sa.URL | None = None,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise TypeError(
@@ -233,14 +241,23 @@ class RefreshWorker(WorkerBase):
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
             max_backoff=max_backoff,
+            lock_namespace=lock_namespace,
+            listen_url=listen_url,
         )
         self.engine: AsyncEngine = engine
+        # LISTEN goes there when listen_url is given; never pooled (one connection, kept).
+        self._listen_engine = (
+            create_async_engine(self.listen_url, poolclass=sa.NullPool)
+            if self.listen_url is not None
+            else engine
+        )
         self.on_result = on_result
         self._stopping = False
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._listener: _Listener | None = None
         self._connecting = False
+        self._start_check: asyncio.Future[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -254,6 +271,10 @@ class RefreshWorker(WorkerBase):
         if self.running:
             return self
         self._stopping = False
+        self._task = None
+        await self._check_at_start()
+        if self._stopping:
+            return self  # stop() was called during the check
         # Created here, not in __init__: asyncio objects belong to the loop that runs them.
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="sqlalchemy_matview-worker")
@@ -277,10 +298,16 @@ class RefreshWorker(WorkerBase):
         return False
 
     async def run(self) -> None:
-        """Run until :meth:`stop`, SIGINT or SIGTERM (or until the caller is cancelled)."""
+        """Run until :meth:`stop`, SIGINT or SIGTERM (or until the caller is cancelled).
+
+        Raises :class:`~sqlalchemy_matview.errors.StandbyError` or
+        :class:`~sqlalchemy_matview.errors.SessionRequiredError` when the server turns out
+        to be a standby, or reached through a transaction pooler (see :meth:`check_server`).
+        """
         await self.start()
         task = self._task
-        assert task is not None
+        if task is None:
+            return  # stopped before it started
         loop = asyncio.get_running_loop()
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -293,6 +320,8 @@ class RefreshWorker(WorkerBase):
                 previous[sig] = old
         try:
             await asyncio.shield(task)
+            if self.error is not None:
+                raise self.error
         except asyncio.CancelledError:
             if task.cancelled() and self._stopping:
                 return  # stop() cancelled a connect in progress: a normal stop
@@ -310,12 +339,59 @@ class RefreshWorker(WorkerBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def check_server(self) -> None:
+        """Check the servers: raise when the worker cannot work there.
+
+        :class:`~sqlalchemy_matview.errors.SessionRequiredError` when the listening
+        connection goes through a pooler in transaction or statement mode (pass
+        ``listen_url=``); :class:`~sqlalchemy_matview.errors.StandbyError` when the engine's
+        server, or the one to listen on, is a hot standby. :meth:`start` calls it (for at
+        most a few seconds: an unreachable server is checked at the first connect).
+        """
+        if self._checked:
+            return
+        found = await check_session_async(lambda: _new_connection(self._listen_engine))
+        where = "listen_url" if self.listen_url is not None else "the engine's URL"
+        if found.standby:
+            raise standby_error(f"sqlalchemy_matview.asyncio.RefreshWorker ({where})")
+        if found.transaction_pooled:
+            raise session_required("sqlalchemy_matview.asyncio.RefreshWorker", where)
+        if self.listen_url is not None:
+            async with self.engine.connect() as conn:
+                await conn.run_sync(
+                    lambda c: refuse_standby(c, "sqlalchemy_matview.asyncio.RefreshWorker")
+                )
+        self._checked = True
+
+    async def _check_at_start(self) -> None:
+        self.error = None
+        check = self._start_check = asyncio.ensure_future(self.check_server())
+        try:
+            await asyncio.wait({check}, timeout=START_CHECK_TIMEOUT)
+        finally:
+            self._start_check = None
+        if not check.done():
+            check.cancel()  # a silent server: the loop's connects retry (stop() cancels them)
+            with contextlib.suppress(BaseException):
+                await check
+            log.debug("refresh worker: servers not checked at start: no answer yet")
+            return
+        if check.cancelled():
+            return  # stop() was called
+        found = check.exception()
+        if isinstance(found, MaterializedViewError):
+            raise found
+        if found is not None:  # unreachable for now: the loop's connects retry and check
+            log.debug("refresh worker: servers not checked at start: %r", found)
+
     def _signalled(self, sig: signal.Signals) -> None:
         log.info("refresh worker: signal %s, stopping", sig.name)
         self._request_stop()
 
     def _request_stop(self) -> None:
         self._stopping = True
+        if self._start_check is not None:
+            self._start_check.cancel()
         if self._wakeup is not None:
             self._wakeup.set()
         if self._listener is not None:
@@ -335,7 +411,12 @@ class RefreshWorker(WorkerBase):
         self._listener = listener
         self._connecting = True
         try:
-            await listener.open(self.engine, self.channel)
+            await self.check_server()
+            self._checked = False  # checked again at the next connect: a failover may come
+            conn = await _new_connection(self._listen_engine)
+            listener._conn = conn  # closed by _close() if open() fails
+            quoted = self.engine.dialect.identifier_preparer.quote(self.channel)
+            await listener.open(conn, self.channel, quoted)
         except BaseException:
             await self._close()
             raise
@@ -355,7 +436,12 @@ class RefreshWorker(WorkerBase):
         try:
             while not self._stopping:
                 try:
-                    listener = await self._connect()
+                    try:
+                        listener = await self._connect()
+                    except (StandbyError, SessionRequiredError) as exc:
+                        log.error("refresh worker: %s", exc)
+                        self.error = exc
+                        break
                     self.connections += 1
                     log.info("refresh worker listening on %r", self.channel)
                     attempt = 0
@@ -435,6 +521,7 @@ class RefreshWorker(WorkerBase):
             lock=self.lock,
             lock_timeout=self.lock_timeout,
             statement_timeout=self.statement_timeout,
+            lock_namespace=self.lock_namespace,
             _should_stop=lambda: self._stopping,
         )
         self.passes += 1
@@ -454,8 +541,7 @@ class RefreshWorker(WorkerBase):
         return needs_retry(results)
 
     async def _holders(self, view: str) -> list[Any] | None:
-        schema, _, name = view.partition(".")
-        key = lock_key(self._whitelist.views.get(view, (schema, name)))
+        key = self._lock_key(view)
         try:
             async with self.engine.connect() as conn:
                 return await conn.run_sync(lambda c: list(lock_holders(c, key)))

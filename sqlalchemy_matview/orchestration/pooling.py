@@ -19,12 +19,62 @@ How transaction pooling is recognised, without access to PgBouncer's admin conso
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SessionCheck", "check_session"]
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..errors import SessionRequiredError, StandbyError
+
+__all__ = [
+    "SessionCheck",
+    "check_session",
+    "check_session_async",
+    "refuse_standby",
+    "session_required",
+    "standby_error",
+]
+
+_RECOVERY = sa.text("SELECT pg_catalog.pg_is_in_recovery()")
+
+
+def standby_error(what: str) -> StandbyError:
+    """The :class:`StandbyError` for ``what`` (``"refresh_views"``, ``"RefreshWorker"``...)."""
+    return StandbyError(
+        f"{what}: the server is a hot standby (pg_is_in_recovery() is true), which is "
+        "read-only and cannot refresh materialized views; refresh on the primary: the "
+        "standby's readers see the result once it is replayed"
+    )
+
+
+def refuse_standby(conn: Connection, what: str) -> None:
+    """Raise :class:`StandbyError` when ``conn`` is connected to a hot standby.
+
+    One query, run before anything is refreshed (a standby would refuse the first
+    ``REFRESH`` with a bare "read-only transaction").
+
+    Example::
+
+        with engine.connect() as conn:
+            refuse_standby(conn, "refresh_views")
+    """
+    if conn.scalar(_RECOVERY):
+        raise standby_error(what)
+
+
+def session_required(what: str, where: str) -> SessionRequiredError:
+    """The :class:`SessionRequiredError` for a worker that would listen through ``where``."""
+    return SessionRequiredError(
+        f"{what}: {where} goes through a connection pooler in transaction (or statement) "
+        "pooling mode, where LISTEN never hears anything; pass listen_url= a direct "
+        "connection to the server (or one through a session-pooled PgBouncer) and keep "
+        "the pooled engine for refreshing"
+    )
+
 
 _PID = "SELECT pg_backend_pid(), pg_is_in_recovery()"
 
@@ -91,3 +141,55 @@ def check_session(connect: Callable[[], Any], *, wait: float = 2.0) -> SessionCh
         return SessionCheck(standby=standby, pooled=True, transaction_pooled=moved)
     finally:
         first.close()
+
+
+async def _query_async(conn: Any) -> tuple[int, bool]:
+    if hasattr(conn, "fetchrow"):  # asyncpg
+        row = await conn.fetchrow(_PID)
+    else:  # psycopg
+        row = await (await conn.execute(_PID)).fetchone()
+    return int(row[0]), bool(row[1])
+
+
+def _told_pid(conn: Any) -> int:
+    if hasattr(conn, "get_server_pid"):  # asyncpg
+        return int(conn.get_server_pid())
+    return int(conn.info.backend_pid)
+
+
+async def check_session_async(
+    connect: Callable[[], Awaitable[Any]], *, wait: float = 2.0
+) -> SessionCheck:
+    """:func:`check_session` for asyncio: ``connect()`` returns an asyncpg connection or an
+    autocommit psycopg ``AsyncConnection``.
+
+    Example::
+
+        found = await check_session_async(lambda: asyncpg.connect(dsn))
+    """
+    first = await connect()
+    try:
+        told = _told_pid(first)
+        pid, standby = await _query_async(first)
+        if told == pid:
+            return SessionCheck(standby=standby, pooled=False, transaction_pooled=False)
+        second = await connect()
+        try:
+            try:
+                await second.execute("BEGIN")
+            except Exception:  # statement pooling refuses transaction blocks
+                return SessionCheck(standby=standby, pooled=True, transaction_pooled=True)
+            taken, _ = await _query_async(second)
+            if taken == pid:
+                return SessionCheck(standby=standby, pooled=True, transaction_pooled=True)
+            probe = asyncio.ensure_future(_query_async(first))
+            done, _ = await asyncio.wait({probe}, timeout=wait)
+            waited = not done
+            await second.execute("COMMIT")
+            seen = (await probe)[0]
+        finally:
+            await second.close()
+        moved = waited or seen != pid
+        return SessionCheck(standby=standby, pooled=True, transaction_pooled=moved)
+    finally:
+        await first.close()

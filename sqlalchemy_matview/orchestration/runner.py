@@ -44,6 +44,7 @@ from ..schema import MaterializedView, materialized_view_of, materialized_views
 from . import tracking
 from .locking import check_namespace, lock_key
 from .ordering import DependencyGraph, QName
+from .pooling import refuse_standby
 from .results import RefreshResult, RefreshStatus
 
 __all__ = [
@@ -535,10 +536,13 @@ def _run(
     should_stop: Callable[[], bool] | None = None,
 ) -> list[RefreshResult]:
     with _connection(bind) as (conn, owned):
+        what = "refresh_stale" if stale_only else "refresh_views / refresh_all"
         if owned:
             with conn.begin():
+                refuse_standby(conn, what)
                 plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
         else:
+            refuse_standby(conn, what)
             plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
         return _execute(conn, owned, plan, opts, stale_only=stale_only, should_stop=should_stop)
 

@@ -14,8 +14,9 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from ..errors import MaterializedViewError
+from ..errors import MaterializedViewError, SessionRequiredError, StandbyError
 from .locking import lock_holders, lock_key
+from .pooling import check_session, refuse_standby, session_required, standby_error
 from .results import RefreshResult
 from .runner import LockMode, Timeout, refresh_stale
 from .schedule import (
@@ -33,6 +34,23 @@ __all__ = ["RefreshWorker", "UnsupportedDriverError"]
 log = logging.getLogger("sqlalchemy_matview")
 
 _SLICE = 0.25  # longest uninterrupted wait: how quickly stop() is noticed
+APPLICATION_NAME = "sqlalchemy_matview worker"
+#: Longest start() waits for the servers' check before leaving it to the first connect.
+START_CHECK_TIMEOUT = 5.0
+
+
+def _new_connection(engine: Engine) -> Any:
+    """A psycopg connection of the worker's own, made by ``engine``'s connect factory.
+
+    Checked out of the engine's pool and detached from it: the URL, ``connect_args``,
+    ``creator`` and the pool's ``connect`` event handlers all apply, as for the
+    application's connections, but the pool never hands it out again.
+    """
+    proxied = engine.raw_connection()
+    raw: Any = proxied.dbapi_connection
+    proxied.detach()
+    raw.autocommit = True
+    return raw
 
 
 class UnsupportedDriverError(MaterializedViewError, TypeError):
@@ -99,6 +117,8 @@ class RefreshWorker(WorkerBase):
         lock_timeout: Timeout = None,
         statement_timeout: Timeout = None,
         max_backoff: float = 30.0,
+        lock_namespace: str | None = None,
+        listen_url: str | sa.URL | None = None,
     ) -> None:
         if not isinstance(engine, Engine):
             raise TypeError(
@@ -125,8 +145,16 @@ class RefreshWorker(WorkerBase):
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
             max_backoff=max_backoff,
+            lock_namespace=lock_namespace,
+            listen_url=listen_url,
         )
         self.engine: Engine = engine
+        # LISTEN goes there when listen_url is given; never pooled (one connection, kept).
+        self._listen_engine = (
+            sa.create_engine(self.listen_url, poolclass=sa.NullPool)
+            if self.listen_url is not None
+            else engine
+        )
         self.on_result = on_result
         self._stop = threading.Event()
         # Set by the SIGINT/SIGTERM handler of run(): see there why it is not self._stop.
@@ -145,6 +173,7 @@ class RefreshWorker(WorkerBase):
         """Run in a daemon thread; returns ``self``."""
         if self.running:
             return self
+        self._check_at_start()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop, name="sqlalchemy_matview-worker", daemon=True
@@ -165,7 +194,13 @@ class RefreshWorker(WorkerBase):
         return True
 
     def run(self) -> None:
-        """Run in the calling thread until :meth:`stop`, SIGINT or SIGTERM."""
+        """Run in the calling thread until :meth:`stop`, SIGINT or SIGTERM.
+
+        Raises :class:`~sqlalchemy_matview.errors.StandbyError` or
+        :class:`~sqlalchemy_matview.errors.SessionRequiredError` when the server turns out
+        to be a standby, or reached through a transaction pooler (see :meth:`check_server`).
+        """
+        self._check_at_start()
         self._stop.clear()
         self._signal = None
         previous: dict[int, Any] = {}
@@ -187,6 +222,8 @@ class RefreshWorker(WorkerBase):
                 log.info("refresh worker: signal %s, stopped", self._signal)
             for signum, old in previous.items():
                 signal.signal(signum, old)
+        if self.error is not None:
+            raise self.error
 
     def __enter__(self) -> RefreshWorker:
         return self.start()
@@ -196,15 +233,68 @@ class RefreshWorker(WorkerBase):
 
     # -- the loop ---------------------------------------------------------------------
 
+    def check_server(self) -> None:
+        """Check the servers: raise when the worker cannot work there.
+
+        :class:`~sqlalchemy_matview.errors.SessionRequiredError` when the listening
+        connection goes through a pooler in transaction or statement mode (pass
+        ``listen_url=``); :class:`~sqlalchemy_matview.errors.StandbyError` when the engine's
+        server, or the one to listen on, is a hot standby. :meth:`start` and :meth:`run`
+        call it, and every reconnect (after a failover the server may be a standby); a
+        connection error propagates (then the first connect checks).
+        """
+        if self._checked:
+            return
+        found = check_session(lambda: _new_connection(self._listen_engine))
+        where = "listen_url" if self.listen_url is not None else "the engine's URL"
+        if found.standby:
+            raise standby_error(f"RefreshWorker ({where})")
+        if found.transaction_pooled:
+            raise session_required("RefreshWorker", where)
+        if self.listen_url is not None:
+            with self.engine.connect() as conn:
+                refuse_standby(conn, "RefreshWorker")
+        self._checked = True
+
+    def _check_at_start(self) -> None:
+        self.error = None
+        # In a thread of its own: a server that accepts TCP connections but never answers
+        # would hold the caller until the driver's timeout (none by default).
+        outcome: list[BaseException | None] = []
+
+        def check() -> None:
+            try:
+                self.check_server()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        probe = threading.Thread(target=check, name="sqlalchemy_matview-check", daemon=True)
+        probe.start()
+        probe.join(START_CHECK_TIMEOUT)
+        found = outcome[0] if outcome else TimeoutError("no answer yet")
+        if isinstance(found, MaterializedViewError):
+            raise found
+        if found is not None:  # unreachable for now: the loop's connects retry and check
+            log.debug("refresh worker: servers not checked at start: %r", found)
+
     def _connect(self) -> Any:
-        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        cparams = dict(cparams)
-        cparams.setdefault("application_name", "sqlalchemy_matview worker")
-        raw = self.engine.dialect.loaded_dbapi.connect(*cargs, **cparams)
-        raw.autocommit = True
-        quoted = self.engine.dialect.identifier_preparer.quote(self.channel)
-        raw.execute(f"LISTEN {quoted}")
-        current = raw.execute("SELECT current_schema()").fetchone()[0]
+        self.check_server()
+        self._checked = False  # checked again at the next connect: a failover may come
+        raw = _new_connection(self._listen_engine)
+        try:
+            if not raw.execute("SHOW application_name").fetchone()[0]:
+                raw.execute(
+                    "SELECT pg_catalog.set_config('application_name', %s, false)",
+                    (APPLICATION_NAME,),
+                )
+            quoted = self.engine.dialect.identifier_preparer.quote(self.channel)
+            raw.execute(f"LISTEN {quoted}")
+            current = raw.execute("SELECT pg_catalog.current_schema()").fetchone()[0]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.close()
+            raise
         self._whitelist.load(current_schema=current)
         return raw
 
@@ -230,7 +320,12 @@ class RefreshWorker(WorkerBase):
         attempt = 0
         while not self._stopping():
             try:
-                self._conn = self._connect()
+                try:
+                    self._conn = self._connect()
+                except (StandbyError, SessionRequiredError) as exc:
+                    log.error("refresh worker: %s", exc)
+                    self.error = exc
+                    break
                 self.connections += 1
                 log.info("refresh worker listening on %r", self.channel)
                 attempt = 0
@@ -286,6 +381,7 @@ class RefreshWorker(WorkerBase):
             lock=self.lock,
             lock_timeout=self.lock_timeout,
             statement_timeout=self.statement_timeout,
+            lock_namespace=self.lock_namespace,
             _should_stop=self._stopping,
         )
         self.passes += 1
@@ -304,7 +400,9 @@ class RefreshWorker(WorkerBase):
 
     def _holders(self, view: str) -> list[Any] | None:
         schema, _, name = view.partition(".")
-        key = lock_key(self._whitelist.views.get(view, (schema, name)))
+        key = lock_key(
+            self._whitelist.views.get(view, (schema, name)), namespace=self.lock_namespace
+        )
         try:
             with self.engine.connect() as conn:
                 return list(lock_holders(conn, key))

@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from ..errors import WorkerOptionError
+from ..errors import MaterializedViewError, WorkerOptionError
 from ..schema import materialized_views
+from .locking import lock_key
 from .runner import LockMode, RefreshOptionError, RunOptions, Timeout, run_options
 from .schedule import LockedViews, Whitelist
 
@@ -44,6 +45,8 @@ class WorkerOptions:
     max_backoff: float
     #: What every ``refresh_stale`` pass of the worker is run with.
     run: RunOptions
+    #: Where to ``LISTEN`` instead of the engine's server (with the engine's driver).
+    listen_url: sa.URL | None
 
 
 def _seconds(owner: str, name: str, value: object, *, positive: bool, example: str) -> float:
@@ -94,6 +97,23 @@ def _check_channel(owner: str, channel: object) -> str:
     return channel
 
 
+def _check_listen_url(owner: str, listen_url: object, drivername: str) -> sa.URL | None:
+    if listen_url is None:
+        return None
+    try:
+        url = sa.make_url(listen_url)  # type: ignore[arg-type]
+    except Exception:
+        url = None
+    if url is None or url.get_backend_name() != "postgresql":
+        shown = listen_url.render_as_string() if isinstance(listen_url, sa.URL) else listen_url
+        raise WorkerOptionError(
+            f"{owner}(listen_url={shown!r}): listen_url must be a postgresql:// URL of a "
+            "direct connection to the server (or of a session-pooled PgBouncer)"
+        )
+    # The engine's driver listens: the URL only says where.
+    return url.set(drivername=drivername)
+
+
 def worker_options(
     metadata: object,
     *,
@@ -108,6 +128,9 @@ def worker_options(
     lock_timeout: object = None,
     statement_timeout: object = None,
     max_backoff: object = 30.0,
+    lock_namespace: object = None,
+    listen_url: object = None,
+    drivername: str = "postgresql+psycopg",
 ) -> WorkerOptions:
     """Validate a worker's options; raise :class:`WorkerOptionError` naming the first bad one.
 
@@ -139,10 +162,12 @@ def worker_options(
             lock,  # type: ignore[arg-type]
             lock_timeout,  # type: ignore[arg-type]
             statement_timeout,  # type: ignore[arg-type]
+            lock_namespace,  # type: ignore[arg-type]
         )
     except RefreshOptionError as exc:
         raise WorkerOptionError(f"{owner}: {exc}") from exc
     name = _check_channel(owner, channel)
+    listen = _check_listen_url(owner, listen_url, drivername)
     _check_metadata(owner, metadata)
     return WorkerOptions(
         debounce=debounce_s,
@@ -151,6 +176,7 @@ def worker_options(
         channel=name,
         max_backoff=backoff_s,
         run=run,
+        listen_url=listen,
     )
 
 
@@ -168,13 +194,17 @@ class WorkerBase:
     lock_timeout: Timeout
     statement_timeout: Timeout
     max_backoff: float
+    lock_namespace: str | None
+    listen_url: sa.URL | None
+    #: Why the worker stopped by itself (a standby, a transaction pooler), else None.
+    error: MaterializedViewError | None
     #: Completed ``refresh_stale`` passes (catch-ups, debounced and periodic ones).
     passes: int
     #: Number of successful (re)connections so far.
     connections: int
 
     def _configure(self, owner: str, engine: Any, metadata: sa.MetaData, **options: Any) -> None:
-        checked = worker_options(metadata, owner=owner, **options)
+        checked = worker_options(metadata, owner=owner, drivername=engine.url.drivername, **options)
         self.engine = engine
         self.metadata = metadata
         self.debounce = checked.debounce
@@ -186,6 +216,13 @@ class WorkerBase:
         self.lock_timeout = options.get("lock_timeout")
         self.statement_timeout = options.get("statement_timeout")
         self.max_backoff = checked.max_backoff
+        self.lock_namespace = checked.run.lock_namespace
+        self.listen_url = checked.listen_url
+        self.error = None
+        # Whether the servers were checked (no transaction pooler for LISTEN, no standby)
+        # since the last connect: start() checks, and every connect checks unless start()
+        # just did.
+        self._checked = False
         self.passes = 0
         self.connections = 0
         self._whitelist = Whitelist(metadata, checked.channel)
@@ -195,3 +232,9 @@ class WorkerBase:
     def ignored_notifications(self) -> int:
         """Notifications received on ``channel`` that named no declared view (ignored)."""
         return self._whitelist.ignored
+
+    def _lock_key(self, view: str) -> int:
+        """The advisory-lock key of ``view``, a ``RefreshResult.view`` label."""
+        schema, _, name = view.partition(".")
+        qname = self._whitelist.views.get(view, (schema, name))
+        return lock_key(qname, namespace=self.lock_namespace)
