@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from .orchestration import cron, runner
+from .orchestration import cron, runner, tracking
 from .orchestration.async_worker import RefreshWorker
 from .orchestration.results import RefreshResult
 from .orchestration.runner import LockMode, Timeout, ViewRef
@@ -29,6 +29,7 @@ from .schema import MaterializedView
 
 __all__ = [
     "RefreshWorker",
+    "check_tracking",
     "refresh_all",
     "refresh_stale",
     "refresh_views",
@@ -198,4 +199,16 @@ async def unschedule_refresh(
             target, view_or_job_name, schema=schema, database=database
         ),
         per_view_commit=False,
+    )
+
+
+async def check_tracking(bind: AsyncBind, metadata: sa.MetaData) -> list[tracking.TrackingProblem]:
+    """Async :func:`sqlalchemy_matview.check_tracking`.
+
+    Example::
+
+        problems = await check_tracking(async_engine, metadata)
+    """
+    return await _run(
+        bind, lambda conn: tracking.check_tracking(conn, metadata), per_view_commit=False
     )

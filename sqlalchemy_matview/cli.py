@@ -299,6 +299,8 @@ class ViewStatus:
     stale_since: datetime.datetime | None = None
     #: Writing transactions not covered by a refresh yet (counted up to a cap).
     pending_changes: int | None = None
+    #: Why the change tracking of a declared ``track_changes=True`` view is broken.
+    tracking_problems: list[str] = dataclasses.field(default_factory=list)
     last_refreshed_at: datetime.datetime | None = None
     last_duration: float | None = None
 
@@ -391,8 +393,25 @@ def collect_status(
         )
         _apply_state(row, states.get(key))
         rows.append(row)
+    if metadata is not None:
+        by_name = {r.qualified_name: r for r in rows}
+        for problem in _tracking_problems(conn, metadata):
+            if problem.view in by_name:
+                by_name[problem.view].tracking_problems.append(problem.problem)
     rows.sort(key=lambda r: (r.schema, r.name))
     return rows
+
+
+def _tracking_problems(conn: Connection, metadata: sa.MetaData) -> list[Any]:
+    from .orchestration.tracking import check_tracking
+
+    # Read-only, but a failure must not abort the caller's transaction either.
+    with conn.begin_nested() as savepoint:
+        try:
+            return check_tracking(conn, metadata)
+        except sa.exc.DBAPIError:
+            savepoint.rollback()
+            return []
 
 
 def _apply_state(row: ViewStatus, state: Any) -> None:
@@ -450,7 +469,7 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
         console.print("No materialized views.")
         return
     now = datetime.datetime.now(datetime.timezone.utc)
-    tracked = any(r.tracked or r.last_refreshed_at is not None for r in rows)
+    tracked = any(r.tracked or r.last_refreshed_at is not None or r.tracking_problems for r in rows)
     declared = any(r.declared is not None for r in rows)
     table = Table(title="Materialized views", title_justify="left")
     # Names wrap rather than end in an ellipsis: an operator copies them into commands.
@@ -481,7 +500,9 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
         if declared:
             line.append(row.declared or "-")
         if tracked:
-            if not row.tracked:
+            if row.tracking_problems:
+                stale = "[red]tracking broken[/]"
+            elif not row.tracked:
                 stale = "[dim]not tracked[/]"
             elif row.stale:
                 pending = row.pending_changes or 0
@@ -492,6 +513,12 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
             line += [stale, _ago(row.last_refreshed_at, now), _duration(row.last_duration)]
         table.add_row(*line)
     console.print(table)
+    for row in rows:
+        for problem in row.tracking_problems:
+            console.print(
+                f"[red]error:[/] change tracking of {row.qualified_name}: {problem}",
+                highlight=False,
+            )
 
 
 # -- refresh -----------------------------------------------------------------------------
@@ -631,11 +658,21 @@ def main() -> None:
 @_common
 @click.option("--schema", "schemas", multiple=True, help="Only these schemas (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 when a declared view is missing or its change tracking is broken.",
+)
 def status(
-    url: str | None, metadata_path: str | None, schemas: tuple[str, ...], as_json: bool
+    url: str | None,
+    metadata_path: str | None,
+    schemas: tuple[str, ...],
+    as_json: bool,
+    check: bool,
 ) -> None:
     """Show every materialized view: populated, rows, size, concurrency, dependencies,
-    and, where change tracking is on, staleness and the last refresh."""
+    and, where change tracking is on, staleness, pending changes and the last refresh.
+    With --metadata, declared views whose change tracking is broken are shown as errors."""
     db_url = _require_url(url)
     metadata = load_metadata(metadata_path) if metadata_path else None
     engine = create_engine(db_url)
@@ -648,6 +685,16 @@ def status(
         click.echo(json.dumps([r.as_json() for r in rows], indent=2))
     else:
         render_status(rows, make_console())
+    if check:
+        broken = [r.qualified_name for r in rows if r.tracking_problems]
+        missing = [r.qualified_name for r in rows if not r.exists]
+        if broken or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing: {', '.join(missing)}")
+            if broken:
+                parts.append(f"change tracking broken: {', '.join(broken)}")
+            raise CommandError("; ".join(parts))
 
 
 @main.command(short_help="Refresh views by name, --all, or --stale.")

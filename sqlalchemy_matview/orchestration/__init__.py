@@ -10,14 +10,16 @@ from .cron import schedule_refresh, unschedule_refresh
 from .locking import LockHolder, lock_holders, lock_key, lock_key_parts
 from .results import RefreshResult
 from .runner import refresh_all, refresh_stale, refresh_views
-from .tracking import ViewState, view_states
+from .tracking import TrackingProblem, ViewState, check_tracking, view_states
 from .worker import RefreshWorker
 
 __all__ = [
     "LockHolder",
     "RefreshResult",
     "RefreshWorker",
+    "TrackingProblem",
     "ViewState",
+    "check_tracking",
     "lock_holders",
     "lock_key",
     "lock_key_parts",

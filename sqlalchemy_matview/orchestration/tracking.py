@@ -27,7 +27,8 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
 
 from ..bookkeeping import (
     CHANGES_TABLE,
@@ -39,7 +40,7 @@ from ..bookkeeping import (
     tracking_schema,
 )
 from ..errors import MaterializedViewError, TrackingInstallError
-from ..schema import MaterializedView
+from ..schema import MaterializedView, materialized_views
 from ._sql import PreparedDDL
 from .locking import lock_key
 from .tracking_sql import (
@@ -54,8 +55,10 @@ __all__ = [
     "CHANNEL",
     "PENDING_CAP",
     "TrackingError",
+    "TrackingProblem",
     "ViewState",
     "bookkeeping_installed",
+    "check_tracking",
     "ensure_bookkeeping",
     "install_tracking",
     "is_lock_wait_timeout",
@@ -497,6 +500,122 @@ def stale_views(conn: Connection, schema: str | None = None) -> set[tuple[str, s
         )
     )
     return {(r.view_schema, r.view_name) for r in rows}
+
+
+# -- checking --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackingProblem:
+    """A declared ``track_changes=True`` view whose tracking is missing or broken."""
+
+    #: ``schema.name`` of the view.
+    view: str
+    #: What is wrong, in words an operator can act on.
+    problem: str
+
+
+def _check(conn: Connection, metadata: sa.MetaData) -> list[TrackingProblem]:
+    schema = tracking_schema(metadata)
+    views = [v for v in materialized_views(metadata, managed=True) if v.track_changes]
+    if not views:
+        return []
+    current = _current_schema(conn)
+    names = [(v.schema or current, v.name) for v in views]
+    if not bookkeeping_installed(conn, schema):
+        return [
+            TrackingProblem(
+                f"{s}.{n}",
+                f"change tracking is not installed (no bookkeeping in schema {schema!r}); "
+                "run metadata.create_all() or the migration that installs it",
+            )
+            for s, n in names
+        ]
+    quoted = _quoted(conn, schema)
+    stored = {
+        (r.view_schema, r.view_name): r
+        for r in conn.execute(
+            sa.text(
+                f"SELECT v.view_schema, v.view_name, v.tracked,"
+                " ARRAY(SELECT s.rel::oid FROM pg_catalog.unnest(v.sources) AS s(rel)) AS oids"
+                f" FROM {quoted}.{VIEWS_TABLE} v"
+            )
+        )
+    }
+    found = {
+        (r.view_schema, r.view_name): r.problem
+        for r in conn.execute(sa.text(f"SELECT * FROM {quoted}.check_triggers()"))
+    }
+    problems: list[TrackingProblem] = []
+    for view, (view_schema, name) in zip(views, names, strict=True):
+        label = f"{view_schema}.{name}"
+
+        def report(problem: str, label: str = label) -> None:
+            problems.append(TrackingProblem(label, problem))
+
+        exists = conn.execute(
+            sa.select(sa.func.pg_catalog.to_regclass(_relation(conn, view_schema, name)))
+        ).scalar()
+        if exists is None:
+            report("the view does not exist; create it (create_all / alembic upgrade)")
+            continue
+        row = stored.get((view_schema, name))
+        if row is None or not row.tracked:
+            report("it is not tracked: writes to its sources do not mark it stale")
+            continue
+        rels: list[str] = []
+        for source_schema, source_name in _source_names(view):
+            rel = conn.execute(_RESOLVE, {"schema": source_schema, "name": source_name}).scalar()
+            if rel is None:
+                report(f"its source {source_name!r} does not exist")
+            else:
+                rels.append(str(rel))
+        expected = conn.execute(
+            sa.text(
+                "SELECT ARRAY(SELECT s.rel::oid FROM pg_catalog.unnest("
+                f"{quoted}.expand_sources(CAST(:src AS pg_catalog.regclass[]))) AS s(rel))"
+            ),
+            {"src": rels},
+        ).scalar_one()
+        if set(expected) != set(row.oids):
+            report("it is tracked on other tables than it reads (a source was re-created?)")
+        if (view_schema, name) in found:
+            report(found[(view_schema, name)])
+    return problems
+
+
+def _relation(conn: Connection, schema: str, name: str) -> str:
+    return str(conn.dialect.identifier_preparer.format_table(sa.table(name, schema=schema)))
+
+
+def check_tracking(
+    bind: Engine | Connection | Session, metadata: sa.MetaData
+) -> list[TrackingProblem]:
+    """The declared ``track_changes=True`` views of ``metadata`` whose tracking is missing
+    or broken, one :class:`TrackingProblem` each (empty when all is well).
+
+    Catches what a restore, a rename or a re-created table can leave behind: bookkeeping
+    missing, a view not tracked, triggers missing, disabled or carrying other views'
+    arguments, a source table dropped or re-created, an inheritance child or a partition
+    added without its triggers. ``create_all`` (and ``op.enable_change_tracking``) repair
+    all of it. Read-only.
+
+    Example::
+
+        for problem in check_tracking(engine, metadata):
+            print(problem.view, problem.problem)
+    """
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return _check(conn, metadata)
+    if isinstance(bind, Session):
+        return _check(bind.connection(), metadata)
+    if isinstance(bind, Connection):
+        return _check(bind, metadata)
+    raise TypeError(
+        "check_tracking takes an Engine, a Connection or a Session (for async binds use "
+        f"sqlalchemy_matview.asyncio.check_tracking); got {type(bind).__name__}"
+    )
 
 
 # -- refreshing ----------------------------------------------------------------------------------

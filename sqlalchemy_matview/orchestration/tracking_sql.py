@@ -60,7 +60,7 @@ __all__ = [
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 2"
+MARKER = "sqlalchemy_matview bookkeeping 3"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -72,6 +72,9 @@ FUNCTIONS = {
     "track": "text, text, pg_catalog.regclass[]",
     "untrack": "text, text",
     "sync_triggers": "",
+    "wanted_triggers": "",
+    "check_triggers": "",
+    "expand_sources": "pg_catalog.regclass[]",
 }
 
 
@@ -121,7 +124,10 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         " PRIMARY KEY (view_id, txid))",
         _MARK_STALE.format(**names),
         _REFRESH.format(**names),
+        _WANTED_TRIGGERS.format(**names),
         _SYNC_TRIGGERS.format(**names),
+        _CHECK.format(**names),
+        _EXPAND.format(**names),
         _TRACK.format(**names),
         _UNTRACK.format(**names),
     ]
@@ -322,6 +328,54 @@ END
 $body$
 """
 
+_WANTED_TRIGGERS = """
+CREATE OR REPLACE FUNCTION {s}.wanted_triggers()
+RETURNS TABLE (relid oid, tgname name, args bytea, arglist text, enabled "char",
+               events text, level text, view_ids integer[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
+    WITH RECURSIVE src AS (
+        SELECT DISTINCT v.id, v.barrier_key,
+               v.view_schema || '.' || v.view_name AS payload, s.rel::oid AS root
+          FROM {views} v, pg_catalog.unnest(v.sources) AS s(rel)
+         WHERE v.tracked AND v.barrier_key IS NOT NULL
+    ), tree(id, barrier_key, payload, root, relid) AS (
+        SELECT src.id, src.barrier_key, src.payload, src.root, src.root FROM src
+      UNION
+        SELECT tree.id, tree.barrier_key, tree.payload, tree.root, i.inhrelid
+          FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.relid
+    ), members AS (
+        SELECT tree.*, c.relkind AS kind, rc.relkind AS root_kind
+          FROM tree
+          JOIN pg_catalog.pg_class c ON c.oid = tree.relid
+          JOIN pg_catalog.pg_class rc ON rc.oid = tree.root
+         WHERE c.relkind IN ('r', 'p')
+    ), wanted AS (
+        SELECT DISTINCT m.id, m.barrier_key, m.payload, m.relid, t.tgname, t.enabled,
+               t.events, t.level
+          FROM members m,
+          LATERAL (VALUES
+              ('{t_stmt}', 'O', 'AFTER INSERT OR UPDATE OR DELETE', 'STATEMENT'),
+              ('{t_row}', 'R', 'AFTER INSERT OR UPDATE OR DELETE', 'ROW'),
+              ('{t_trunc}', 'A', 'AFTER TRUNCATE', 'STATEMENT'),
+              ('{t_part}', 'A', 'AFTER INSERT OR UPDATE OR DELETE', 'ROW')
+          ) AS t(tgname, enabled, events, level)
+         WHERE (m.root_kind = 'r' AND m.kind = 'r' AND t.tgname <> '{t_part}')
+            OR (m.root_kind = 'p' AND t.tgname = '{t_trunc}')
+            OR (m.root_kind = 'p' AND m.relid = m.root AND t.tgname = '{t_part}')
+    )
+    SELECT w.relid, w.tgname::name,
+           pg_catalog.string_agg(pg_catalog.convert_to(a.val, 'UTF8') || '\\x00'::bytea,
+                                 ''::bytea ORDER BY w.id, a.ord),
+           pg_catalog.string_agg(pg_catalog.quote_literal(a.val), ', ' ORDER BY w.id, a.ord),
+           pg_catalog.min(w.enabled)::"char", pg_catalog.min(w.events),
+           pg_catalog.min(w.level), pg_catalog.array_agg(DISTINCT w.id)
+      FROM wanted w,
+           LATERAL pg_catalog.unnest(ARRAY[w.id::text, w.barrier_key::text, w.payload])
+                   WITH ORDINALITY AS a(val, ord)
+     GROUP BY w.relid, w.tgname
+$body$
+"""
+
 # Puts exactly the wanted triggers in place, from the views table alone:
 # - a plain table (and each inheritance child): statement INSERT/UPDATE/DELETE trigger
 #   (fires in origin/local sessions), its row-level twin ENABLE REPLICA (logical
@@ -343,50 +397,10 @@ BEGIN
     PERFORM pg_catalog.pg_advisory_xact_lock({setup_key});
     CREATE TEMPORARY TABLE IF NOT EXISTS sqlalchemy_matview_wanted (
         relid oid, tgname name, args bytea, arglist text, enabled "char", events text,
-        level text
+        level text, view_ids integer[]
     ) ON COMMIT DROP;
     TRUNCATE sqlalchemy_matview_wanted;
-    INSERT INTO sqlalchemy_matview_wanted
-    WITH RECURSIVE src AS (
-        SELECT DISTINCT v.id, v.barrier_key,
-               v.view_schema || '.' || v.view_name AS payload, s.rel::oid AS root
-          FROM {views} v, pg_catalog.unnest(v.sources) AS s(rel)
-         WHERE v.tracked AND v.barrier_key IS NOT NULL
-    ), tree(id, barrier_key, payload, root, relid) AS (
-        SELECT src.id, src.barrier_key, src.payload, src.root, src.root FROM src
-      UNION
-        SELECT tree.id, tree.barrier_key, tree.payload, tree.root, i.inhrelid
-          FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.relid
-    ), members AS (
-        SELECT tree.*, c.relkind AS kind, rc.relkind AS root_kind
-          FROM tree
-          JOIN pg_catalog.pg_class c ON c.oid = tree.relid
-          JOIN pg_catalog.pg_class rc ON rc.oid = tree.root
-         WHERE c.relkind IN ('r', 'p')
-    ), wanted AS (
-        SELECT m.id, m.barrier_key, m.payload, m.relid, t.tgname, t.enabled, t.events,
-               t.level
-          FROM members m,
-          LATERAL (VALUES
-              ('{t_stmt}', 'O', 'AFTER INSERT OR UPDATE OR DELETE', 'STATEMENT'),
-              ('{t_row}', 'R', 'AFTER INSERT OR UPDATE OR DELETE', 'ROW'),
-              ('{t_trunc}', 'A', 'AFTER TRUNCATE', 'STATEMENT'),
-              ('{t_part}', 'A', 'AFTER INSERT OR UPDATE OR DELETE', 'ROW')
-          ) AS t(tgname, enabled, events, level)
-         WHERE (m.root_kind = 'r' AND m.kind = 'r' AND t.tgname <> '{t_part}')
-            OR (m.root_kind = 'p' AND t.tgname = '{t_trunc}')
-            OR (m.root_kind = 'p' AND m.relid = m.root AND t.tgname = '{t_part}')
-    )
-    SELECT w.relid, w.tgname,
-           pg_catalog.string_agg(pg_catalog.convert_to(a.val, 'UTF8') || '\\x00'::bytea, ''::bytea
-                                 ORDER BY w.id, a.ord),
-           pg_catalog.string_agg(pg_catalog.quote_literal(a.val), ', ' ORDER BY w.id, a.ord),
-           pg_catalog.min(w.enabled)::"char", pg_catalog.min(w.events),
-           pg_catalog.min(w.level)
-      FROM (SELECT DISTINCT * FROM wanted) w,
-           LATERAL pg_catalog.unnest(ARRAY[w.id::text, w.barrier_key::text, w.payload])
-                   WITH ORDINALITY AS a(val, ord)
-     GROUP BY w.relid, w.tgname;
+    INSERT INTO sqlalchemy_matview_wanted SELECT * FROM {s}.wanted_triggers();
     -- Drop what is not wanted, or not exactly as wanted (arguments, function, firing).
     FOR r IN
         SELECT t.tgrelid, t.tgname FROM pg_catalog.pg_trigger t
@@ -421,15 +435,39 @@ BEGIN
 END $body$
 """
 
-_TRACK = """
-CREATE OR REPLACE FUNCTION {s}.track(
-    target_schema text, target_name text, source_tables pg_catalog.regclass[])
-RETURNS pg_catalog.regclass[] LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
-DECLARE
-    tables pg_catalog.regclass[];
-BEGIN
-    -- Plain views are looked through to the tables they read, recursively; materialized
-    -- views are not: their own refreshes mark their dependents stale.
+# What is wrong with the tracking of each view, from the catalog: a wanted trigger
+# missing or altered (a table INHERITing later, a partition created later gets no TRUNCATE
+# trigger of its own, someone dropped or disabled one), a source table that was dropped.
+_CHECK = """
+CREATE OR REPLACE FUNCTION {s}.check_triggers()
+RETURNS TABLE (view_schema text, view_name text, problem text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
+    SELECT v.view_schema, v.view_name,
+           'trigger ' || w.tgname || ' on ' || w.relid::pg_catalog.regclass::text
+           || ' is missing or altered'
+      FROM {s}.wanted_triggers() w
+      JOIN {views} v ON v.id = ANY (w.view_ids)
+     WHERE NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_trigger t
+            WHERE t.tgrelid = w.relid AND t.tgname = w.tgname AND t.tgargs = w.args
+              AND t.tgenabled = w.enabled
+              AND t.tgfoid = pg_catalog.to_regprocedure(
+                                 pg_catalog.quote_ident({s_lit}) || '.mark_stale()'))
+    UNION ALL
+    SELECT v.view_schema, v.view_name,
+           'source table ' || s.rel::oid::text || ' was dropped'
+      FROM {views} v, pg_catalog.unnest(v.sources) AS s(rel)
+     WHERE v.tracked
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = s.rel::oid)
+$body$
+"""
+
+# Plain views are looked through to the tables they read, recursively; materialized views
+# are not: their own refreshes mark their dependents stale.
+_EXPAND = """
+CREATE OR REPLACE FUNCTION {s}.expand_sources(source_tables pg_catalog.regclass[])
+RETURNS pg_catalog.regclass[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
     WITH RECURSIVE rels(oid) AS (
         SELECT s.rel::oid FROM pg_catalog.unnest(source_tables) AS s(rel)
       UNION
@@ -444,12 +482,21 @@ BEGIN
     )
     SELECT COALESCE(pg_catalog.array_agg(c.oid::pg_catalog.regclass
                                          ORDER BY n.nspname, c.relname), '{{}}')
-      INTO tables
       FROM rels
       JOIN pg_catalog.pg_class c ON c.oid = rels.oid
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relkind IN ('r', 'p')
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema');
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+$body$
+"""
+
+_TRACK = """
+CREATE OR REPLACE FUNCTION {s}.track(
+    target_schema text, target_name text, source_tables pg_catalog.regclass[])
+RETURNS pg_catalog.regclass[] LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    tables pg_catalog.regclass[] := {s}.expand_sources(source_tables);
+BEGIN
     INSERT INTO {views} AS v (view_schema, view_name, tracked, sources, barrier_key)
     VALUES (target_schema, target_name, true, tables,
             ('x' || pg_catalog.substr(pg_catalog.md5(pg_catalog.gen_random_uuid()::text),

@@ -102,3 +102,35 @@ def test_status_does_not_wait_behind_a_plain_refresh(engine: sa.Engine, url_text
         refresher.rollback()
     assert result.exit_code == 0, result.output
     assert [row["view"] for row in json.loads(result.output)] == ["public.mv_busy"]
+
+
+def test_status_shows_pending_changes_and_broken_tracking_and_check_fails(
+    engine: sa.Engine, url_text: str, models_module: Callable[..., str]
+) -> None:
+    name = models_module()
+    models = importlib.import_module(name)
+    models.metadata.create_all(engine)
+    args = ("--url", url_text, "--metadata", f"{name}:metadata")
+    assert _status(*args, "--check")[0] == 0
+    for i in range(3):  # three writing transactions
+        with engine.begin() as conn:
+            conn.execute(models.events.insert(), [{"id": i, "kind": "a"}])
+    code, out = _status(*args, "--json", "--check")
+    assert code == 0, out
+    rows = {row["view"]: row for row in json.loads(out)}
+    assert rows["public.mv_counts"]["pending_changes"] == 3
+    assert rows["public.mv_counts"]["tracking_problems"] == []
+    code, out = _status(*args)
+    assert "3 pending" in out
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER sqlalchemy_matview_stmt ON events"))
+    code, out = _status(*args)
+    assert code == 0  # without --check it only reports
+    assert "tracking broken" in out
+    assert "error: change tracking of public.mv_counts: trigger sqlalchemy_matview_stmt" in out
+    code, out = _status(*args, "--check")
+    assert code == 1
+    assert "Error: change tracking broken: public.mv_counts" in out
+    models.metadata.create_all(engine)  # repairs it
+    assert _status(*args, "--check")[0] == 0

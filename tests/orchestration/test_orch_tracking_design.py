@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy_matview import (
     MaterializedView,
     TrackingInstallError,
+    check_tracking,
     refresh_stale,
     refresh_views,
 )
@@ -251,11 +252,14 @@ def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop
             )
         ).all()
     assert sorted(r.proname for r in rows) == [
+        "check_triggers",
+        "expand_sources",
         "mark_stale",
         "refresh",
         "sync_triggers",
         "track",
         "untrack",
+        "wanted_triggers",
     ]
     for row in rows:
         assert not row.public_exec and not row.default_acl, row.proname
@@ -423,3 +427,71 @@ with engine.connect() as conn:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def _problems(engine: Engine, md: sa.MetaData) -> dict[str, str]:
+    return {p.view: p.problem for p in check_tracking(engine, md)}
+
+
+def test_check_tracking_finds_what_breaks_it_and_create_all_repairs(engine):
+    from .conftest import build_shop
+
+    shop = build_shop()
+    md = shop.metadata
+    problems = _problems(engine, md)  # nothing installed yet
+    assert (
+        list(problems) == ["public.mv_totals"] and "not installed" in problems["public.mv_totals"]
+    )
+    md.create_all(engine)
+    assert _problems(engine, md) == {}
+    breakages = [
+        "DROP TRIGGER sqlalchemy_matview_row ON orders",
+        "ALTER TABLE orders DISABLE TRIGGER sqlalchemy_matview_stmt",
+        "CREATE TABLE orders_archive (note text) INHERITS (orders)",
+        "SELECT sqlalchemy_matview.untrack('public', 'mv_totals')",
+    ]
+    for statement in breakages:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement))
+        assert list(_problems(engine, md)) == ["public.mv_totals"], statement
+        md.create_all(engine)
+        assert _problems(engine, md) == {}, statement
+    # The repaired triggers work, the late inheritance child's too.
+    refresh_views(engine, shop.mv_totals)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO orders_archive VALUES (7, 1, 1, 'x')"))
+    assert _state(engine, "mv_totals").stale
+
+
+def test_check_tracking_after_a_source_is_recreated(engine):
+    from .conftest import build_shop
+
+    shop = build_shop()
+    shop.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE orders CASCADE"))  # the views go with it
+    problems = _problems(engine, shop.metadata)
+    assert "does not exist" in problems["public.mv_totals"]
+    shop.metadata.create_all(engine)
+    assert _problems(engine, shop.metadata) == {}
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 1}])
+    assert _state(engine, "mv_totals").stale
+
+
+def test_check_tracking_async(async_engine, engine):
+    import asyncio
+
+    from sqlalchemy_matview.asyncio import check_tracking as acheck
+
+    from .conftest import build_shop
+
+    shop = build_shop()
+    shop.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER sqlalchemy_matview_stmt ON orders"))
+
+    async def main() -> list[str]:
+        return [p.view for p in await acheck(async_engine, shop.metadata)]
+
+    assert asyncio.run(main()) == ["public.mv_totals"]
