@@ -399,3 +399,13 @@ def test_the_cli_refuses_to_refresh_on_a_standby_and_shows_status(
     result = runner.invoke(main, ["status", "--url", url, "--json"])
     assert result.exit_code == 0, result.output
     assert '"public.mv_counts"' in result.output
+
+
+def test_watch_refuses_a_standby_before_watching(
+    replica: sa.Engine, replicated: tuple[sa.MetaData, MaterializedView], models: str
+) -> None:
+    url = replica.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    result = CliRunner().invoke(main, ["watch", "--url", url, "--metadata", f"{models}:metadata"])
+    assert result.exit_code == 1, result.output
+    assert "Watching" not in result.output and "Traceback" not in result.output
+    assert "hot standby" in result.output
