@@ -267,7 +267,13 @@ class RefreshWorker(WorkerBase):
         return self._task is not None and not self._task.done()
 
     async def start(self) -> RefreshWorker:
-        """Run as a task of the current event loop; returns ``self``."""
+        """Run as a task of the current event loop; returns ``self``.
+
+        First checks the servers (:meth:`check_server`, for at most
+        ``START_CHECK_TIMEOUT`` seconds): a standby or a transaction pooler raises here.
+        Should one turn up later (after a failover), the task stops, logs an ERROR and
+        keeps the exception in :attr:`error`.
+        """
         if self.running:
             return self
         self._stopping = False

@@ -170,7 +170,13 @@ class RefreshWorker(WorkerBase):
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> RefreshWorker:
-        """Run in a daemon thread; returns ``self``."""
+        """Run in a daemon thread; returns ``self``.
+
+        First checks the servers (:meth:`check_server`, for at most
+        ``START_CHECK_TIMEOUT`` seconds): a standby or a transaction pooler raises here.
+        Should one turn up later (after a failover), the thread stops, logs an ERROR and
+        keeps the exception in :attr:`error`.
+        """
         if self.running:
             return self
         self._check_at_start()

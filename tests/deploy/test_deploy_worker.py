@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import queue
@@ -409,3 +410,85 @@ def test_watch_refuses_a_standby_before_watching(
     assert result.exit_code == 1, result.output
     assert "Watching" not in result.output and "Traceback" not in result.output
     assert "hot standby" in result.output
+
+
+class _Switch:
+    """A TCP forwarder whose target can be switched: a failover, as the client sees it."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.target = port
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: Any, sink: Any) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # shutdown() first: close() alone sends nothing while the other direction's
+            # thread is blocked in recv() on the same socket.
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_worker_that_reconnects_to_a_standby_stops_with_standby_error(
+    engine: sa.Engine,
+    pg_url: sa.URL,
+    standby_server: StandbyServer,
+    replicated: tuple[sa.MetaData, MaterializedView],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    md, _ = replicated
+    assert pg_url.port is not None
+    switch = _Switch(pg_url.port)
+    via = sa.create_engine(pg_url.set(host="127.0.0.1", port=switch.port), poolclass=sa.NullPool)
+    worker = RefreshWorker(via, md, debounce=0.1, max_backoff=0.5)
+    try:
+        with worker:
+            assert wait_for(lambda: worker.passes >= 1)
+            # "Failover": new connections reach the standby; the listener's dies.
+            switch.target = standby_server.port
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                        "application_name = 'sqlalchemy_matview worker' "
+                        "AND datname = current_database()"
+                    )
+                )
+            assert wait_for(lambda: not worker.running)
+        assert isinstance(worker.error, StandbyError)
+        assert any(
+            r.levelname == "ERROR" and "hot standby" in r.getMessage() for r in caplog.records
+        )
+    finally:
+        switch.close()
+        via.dispose()
