@@ -7,6 +7,7 @@ marked stale by the write and refreshed by ``refresh_stale``, then be fresh.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sqlalchemy_matview import MaterializedView, refresh_stale
+from sqlalchemy_matview import MaterializedView, check_tracking, refresh_stale
+from sqlalchemy_matview.asyncio import check_tracking as async_check_tracking
 from sqlalchemy_matview.testing.launcher import PostgresServer
 
 VIEW = "public.mv_sum"
@@ -55,6 +58,7 @@ def _write_marks_and_refresh_fixes(
     *,
     table: str = "src",
     new_id: int,
+    view_reads: str | None = None,
 ) -> None:
     name = f"public.{mv.name}"
     assert _statuses(engine, md)[name] in ("refreshed", "skipped_fresh")  # settle first
@@ -63,7 +67,7 @@ def _write_marks_and_refresh_fixes(
     assert _statuses(engine, md)[name] == "refreshed", "the write did not mark the view stale"
     with engine.connect() as conn:
         view_rows = conn.execute(sa.select(mv.c.n, mv.c.total)).one()
-        source = conn.execute(sa.text(f"SELECT count(*), sum(v) FROM {table}")).one()
+        source = conn.execute(sa.text(f"SELECT count(*), sum(v) FROM {view_reads or table}")).one()
     assert tuple(view_rows) == tuple(source)
     assert _statuses(engine, md)[name] == "skipped_fresh", "stale again without a write"
 
@@ -245,3 +249,88 @@ def test_drop_all_then_create_all(
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO src VALUES (1, 1)"))
     _write_marks_and_refresh_fixes(engine, md, mv, new_id=42)
+
+
+# -- check_tracking: whatever broke it, it says so, and create_all repairs it ---------------------
+
+
+def _honest_then_repaired(
+    engine: Engine, md: sa.MetaData, mv: MaterializedView, *, table: str, new_id: int
+) -> list[str]:
+    """If check_tracking finds nothing, writes must mark the view; otherwise each problem
+    names the view, and after create_all it finds nothing and writes mark. Returns the
+    problems seen first."""
+    problems = check_tracking(engine, md)
+    if not problems:
+        _write_marks_and_refresh_fixes(engine, md, mv, table=table, new_id=new_id, view_reads="src")
+        return []
+    assert {p.view for p in problems} == {f"public.{mv.name}"}, problems
+    md.create_all(engine)
+    assert check_tracking(engine, md) == []
+    _write_marks_and_refresh_fixes(engine, md, mv, table=table, new_id=new_id, view_reads="src")
+    return [p.problem for p in problems]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "table", "reported"),
+    [
+        ("ALTER TABLE src DISABLE TRIGGER USER", "src", True),
+        ("DROP TRIGGER sqlalchemy_matview_stmt ON src", "src", True),
+        ("ALTER TABLE src ENABLE REPLICA TRIGGER sqlalchemy_matview_stmt", "src", True),
+        ("DELETE FROM sqlalchemy_matview.views", "src", True),
+        ("DROP SCHEMA sqlalchemy_matview CASCADE", "src", True),
+        ("CREATE TABLE src_child () INHERITS (src)", "src_child", True),
+    ],
+    ids=[
+        "triggers_disabled",
+        "trigger_dropped",
+        "trigger_enable_mode_changed",
+        "bookkeeping_rows_deleted",
+        "bookkeeping_dropped",
+        "late_inheritance_child",
+    ],
+)
+def test_check_tracking_is_honest_and_create_all_repairs(
+    engine: Engine,
+    tracked: tuple[sa.MetaData, sa.Table, MaterializedView],
+    breakage: str,
+    table: str,
+    reported: bool | None,
+) -> None:
+    md, _, mv = tracked
+    assert check_tracking(engine, md) == []
+    with engine.begin() as conn:
+        conn.execute(sa.text(breakage))
+    problems = _honest_then_repaired(engine, md, mv, table=table, new_id=500)
+    if reported:
+        assert problems, f"check_tracking saw nothing wrong after {breakage!r}"
+
+
+def test_check_tracking_after_pg_restore_into_a_fresh_database(
+    engine: Engine,
+    tracked: tuple[sa.MetaData, sa.Table, MaterializedView],
+    launched: PostgresServer,
+    restored_engine: Engine,
+    tmp_path: Path,
+) -> None:
+    md, _, mv = tracked
+    assert engine.url.database is not None and restored_engine.url.database is not None
+    _dump(launched, engine.url.database, tmp_path / "app.dump")
+    _restore(launched, restored_engine.url.database, tmp_path / "app.dump")
+    _honest_then_repaired(restored_engine, md, mv, table="src", new_id=600)
+
+
+def test_check_tracking_async(
+    async_engine: AsyncEngine,
+    engine: Engine,
+    tracked: tuple[sa.MetaData, sa.Table, MaterializedView],
+) -> None:
+    md, _, _ = tracked
+
+    async def check() -> list[str]:
+        return [p.view for p in await async_check_tracking(async_engine, md)]
+
+    assert asyncio.run(check()) == []
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE src DISABLE TRIGGER USER"))
+    assert asyncio.run(check()) == ["public.mv_sum"]

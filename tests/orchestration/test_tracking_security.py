@@ -98,7 +98,8 @@ def _assert_untouched(roles: Roles) -> None:
     with roles.admin.connect() as conn:
         # The attacker running its own trap (setting it up) proves nothing.
         log = conn.execute(
-            sa.text("SELECT who, what FROM public.trap_log WHERE who <> :r"), {"r": roles.attacker}
+            sa.text("SELECT who, what FROM public.trap_log WHERE who <> :r"),
+            {"r": roles.attacker},
         ).all()
         granted = conn.scalar(
             sa.text("SELECT has_table_privilege(:r, 'public.secret', 'SELECT')"),
