@@ -297,7 +297,7 @@ class ViewStatus:
     tracked: bool = False
     stale: bool | None = None
     stale_since: datetime.datetime | None = None
-    #: Writing transactions not covered by a refresh yet (counted up to a cap).
+    #: Change marks not covered by a refresh yet (counted up to a cap; not transactions).
     pending_changes: int | None = None
     #: Why the change tracking of a declared ``track_changes=True`` view is broken.
     tracking_problems: list[str] = dataclasses.field(default_factory=list)

@@ -94,7 +94,9 @@ class ViewState:
     stale: bool
     #: When the oldest uncovered change was made (``None`` when fresh).
     stale_since: datetime | None
-    #: Writing transactions not covered yet, counted up to :data:`PENDING_CAP`.
+    #: Marks not covered yet, counted up to :data:`PENDING_CAP`: at least 1 when stale. A
+    #: writing transaction adds one only when it finds none (or runs during a refresh, or
+    #: under REPEATABLE READ / SERIALIZABLE), so this is not a count of transactions.
     pending_changes: int
     last_refreshed_at: datetime | None
     #: Seconds the last refresh took.

@@ -10,15 +10,17 @@ Design (see ``docs/change-tracking.md``):
     (``regclass[]``: dumped as names, so a restore resolves them again), a random per-view
     *barrier key*, and the history of its last refresh.
 ``changes``
-    the change log, keyed ``(view_id, txid)``: one row per writing transaction and view,
-    no sequence, nothing updated in place, so writers never wait on each other.
+    the change log, keyed ``(view_id, txid)``: no sequence, nothing updated in place, so
+    writers never wait on each other. A writer adds a row only where it finds none.
 
-Writers: the triggers pass ``(view id, barrier key, payload)`` triples as arguments, so the
-trigger function needs no lookup and trusts no OID. It takes the barrier *shared* without
+Writers: the triggers pass ``(view id, payload)`` pairs as arguments, so the trigger
+function trusts no OID; it reads the view's barrier key from ``views`` (readable only by
+the owner: trigger arguments are readable by every role). It takes the barrier *shared* without
 waiting. Got it: no refresh of that view is between "taken its snapshot" and "committed",
-and any refresh that starts waits for this transaction, so the mark is covered by the next
-refresh; the writer notifies only when its mark is the view's first (the fresh-to-stale
-transition), so a busy table does not queue its writers on the server-wide NOTIFY lock.
+and any refresh that starts waits for this transaction, so an existing mark covers this
+change too and the writer adds nothing; only when there is none does it add a mark and
+notify (the fresh-to-stale transition), so a busy table neither queues its writers on the
+server-wide NOTIFY lock nor writes a row per transaction while the view is stale.
 Did not get it: a refresh is running and may not see this change, so the writer notifies
 (once per transaction) to wake a worker again after that refresh.
 
@@ -60,7 +62,7 @@ __all__ = [
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 3"
+MARKER = "sqlalchemy_matview bookkeeping 5"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -138,36 +140,59 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
     return statements
 
 
-# Triples (view id, barrier key, payload) in TG_ARGV. The per-transaction setting lets a
-# row-level firing (partitions, replication) do the work once per transaction and table.
+# Pairs (view id, payload) in TG_ARGV. The barrier key is read from the views table,
+# which only the owner (and this SECURITY DEFINER function) can read: pg_trigger's
+# arguments are readable by every role, and a role that knew the key could hold it.
+#
+# Holding the barrier shared, a READ COMMITTED writer that sees a committed mark of the
+# view adds nothing: any refresh that will consume that mark waits for this transaction
+# (the barrier) before taking its snapshot, so it sees this change too. The stale steady
+# state then writes no row and no WAL. Under REPEATABLE READ / SERIALIZABLE the
+# statement's snapshot may still show marks a refresh has deleted since: always add a mark
+# and notify. Row-level firings (partitions, replication apply) do the work once per
+# transaction and table (a transaction-local setting), statement-level ones every time.
 _MARK_STALE = """
 CREATE OR REPLACE FUNCTION {s}.mark_stale() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     i integer := 0;
     vid integer;
+    barrier bigint;
     me bigint := pg_catalog.pg_current_xact_id()::text::bigint;
-    seen text := me::text || ':' || TG_RELID::text;
+    seen text;
+    fresh_snapshots boolean :=
+        pg_catalog.current_setting('transaction_isolation') = 'read committed';
 BEGIN
-    IF pg_catalog.current_setting('sqlalchemy_matview.marked', true) = seen THEN
-        RETURN NULL;
+    IF TG_LEVEL = 'ROW' THEN
+        seen := me::text || ':' || TG_RELID::text;
+        IF pg_catalog.current_setting('sqlalchemy_matview.marked', true) = seen THEN
+            RETURN NULL;
+        END IF;
     END IF;
-    WHILE i + 2 < TG_NARGS LOOP
+    WHILE i + 1 < TG_NARGS LOOP
         vid := TG_ARGV[i]::integer;
-        IF pg_catalog.pg_try_advisory_xact_lock_shared(TG_ARGV[i + 1]::bigint) THEN
-            INSERT INTO {changes} (view_id, txid) VALUES (vid, me) ON CONFLICT DO NOTHING;
-            IF FOUND AND NOT EXISTS (
-                SELECT 1 FROM {changes} c WHERE c.view_id = vid AND c.txid <> me) THEN
-                PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 2]);
+        SELECT v.barrier_key INTO barrier FROM {views} v WHERE v.id = vid;
+        IF barrier IS NULL THEN
+            -- Not tracked any more (a trigger left behind): nothing to mark.
+            NULL;
+        ELSIF pg_catalog.pg_try_advisory_xact_lock_shared(barrier) THEN
+            IF NOT (fresh_snapshots
+                    AND EXISTS (SELECT 1 FROM {changes} c WHERE c.view_id = vid)) THEN
+                INSERT INTO {changes} (view_id, txid) VALUES (vid, me)
+                    ON CONFLICT DO NOTHING;
+                -- Read committed: no mark at all, this is the fresh-to-stale transition.
+                PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
             END IF;
         ELSE
-            -- A refresh of the view is running and may not see this change.
+            -- A refresh of the view is running (or waiting to) and may not see this change.
             INSERT INTO {changes} (view_id, txid) VALUES (vid, me) ON CONFLICT DO NOTHING;
-            PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 2]);
+            PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
         END IF;
-        i := i + 3;
+        i := i + 2;
     END LOOP;
-    PERFORM pg_catalog.set_config('sqlalchemy_matview.marked', seen, true);
+    IF TG_LEVEL = 'ROW' THEN
+        PERFORM pg_catalog.set_config('sqlalchemy_matview.marked', seen, true);
+    END IF;
     RETURN NULL;
 END $body$
 """
@@ -370,7 +395,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
            pg_catalog.min(w.enabled)::"char", pg_catalog.min(w.events),
            pg_catalog.min(w.level), pg_catalog.array_agg(DISTINCT w.id)
       FROM wanted w,
-           LATERAL pg_catalog.unnest(ARRAY[w.id::text, w.barrier_key::text, w.payload])
+           LATERAL pg_catalog.unnest(ARRAY[w.id::text, w.payload])
                    WITH ORDINALITY AS a(val, ord)
      GROUP BY w.relid, w.tgname
 $body$
@@ -384,7 +409,7 @@ $body$
 # - a partitioned table: a row-level trigger ENABLE ALWAYS, which PostgreSQL clones to
 #   every partition, those attached or created later included, and a TRUNCATE trigger on
 #   it and on each partition that exists now.
-# Arguments are the (view id, barrier, payload) triples of the views reading the table.
+# Arguments are the (view id, payload) pairs of the views reading the table.
 _SYNC_TRIGGERS = """
 CREATE OR REPLACE FUNCTION {s}.sync_triggers() RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$

@@ -118,10 +118,10 @@ def test_status_shows_pending_changes_and_broken_tracking_and_check_fails(
     code, out = _status(*args, "--json", "--check")
     assert code == 0, out
     rows = {row["view"]: row for row in json.loads(out)}
-    assert rows["public.mv_counts"]["pending_changes"] == 3
+    assert rows["public.mv_counts"]["pending_changes"] == 1  # marks, not transactions
     assert rows["public.mv_counts"]["tracking_problems"] == []
     code, out = _status(*args)
-    assert "3 pending" in out
+    assert "1 pending" in out
 
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TRIGGER sqlalchemy_matview_stmt ON events"))

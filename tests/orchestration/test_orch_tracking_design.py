@@ -62,7 +62,8 @@ def test_one_notify_per_fresh_to_stale_transition(engine, shop: Shop, listener):
         with engine.begin() as conn:
             conn.execute(shop.orders.insert(), [{"customer": i, "amount": 1}])
     assert _payloads(listener) == ["public.mv_totals"]
-    assert _state(engine, "mv_totals").pending_changes == 3
+    # The first transaction left a mark; the next two found it and added none (no WAL).
+    assert _state(engine, "mv_totals").pending_changes == 1
     [result, _] = refresh_stale(engine, shop.metadata)
     assert result.status == "refreshed" and not result.pending
     _payloads(listener)  # the refresh marks (and notifies) mv_top
