@@ -27,7 +27,7 @@ from alembic.operations import ops as alembic_ops
 from .. import compare
 from ..compare import Change, ViewRef
 from ..compare.indexes import renderable_index
-from ..schema import check_replace_strategy
+from ..schema import check_replace_strategy, materialized_views
 from . import filters
 from .ops import (
     CreateMaterializedViewOp,
@@ -37,8 +37,10 @@ from .ops import (
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
+    InstallChangeTrackingOp,
     ReplaceMaterializedViewOp,
     SetMaterializedViewCommentOp,
+    UninstallChangeTrackingOp,
 )
 
 if TYPE_CHECKING:
@@ -332,9 +334,47 @@ def compare_materialized_views(
     ]
     for message in describe(changes, default_schema or "public"):
         log.info(message)
+    _bookkeeping_ops(conn, metadatas, before, after)
     upgrade_ops.ops[:0] = before
     upgrade_ops.ops.extend(after)
     return result
+
+
+def _bookkeeping_ops(
+    conn: Any, metadatas: list[sa.MetaData], before: list[Any], after: list[Any]
+) -> None:
+    """The bookkeeping is migrated, not implied: install it in front of the first
+    ``enable_change_tracking`` of a database that has none, and remove it after the
+    ``disable_change_tracking`` of the last tracked view (its reverse then installs it
+    again, and ``alembic downgrade base`` leaves nothing of the library behind)."""
+    ops = before + after
+    enables = any(isinstance(o, EnableChangeTrackingOp) for o in ops)
+    disables = any(isinstance(o, DisableChangeTrackingOp) for o in ops)
+    if not (enables or disables):
+        return
+    from ..orchestration import tracking
+
+    installed = tracking.bookkeeping_installed(conn)
+    if enables and not installed:
+        for phase in (before, after):
+            first = next(
+                (i for i, o in enumerate(phase) if isinstance(o, EnableChangeTrackingOp)), None
+            )
+            if first is not None:
+                phase.insert(first, InstallChangeTrackingOp())
+                return
+    still_tracked = any(
+        v.track_changes for md in metadatas for v in materialized_views(md, managed=True)
+    )
+    if disables and installed and not still_tracked:
+        for phase in (after, before):
+            last = max(
+                (i for i, o in enumerate(phase) if isinstance(o, DisableChangeTrackingOp)),
+                default=None,
+            )
+            if last is not None:
+                phase.insert(last + 1, UninstallChangeTrackingOp())
+                return
 
 
 def continue_result() -> Any:

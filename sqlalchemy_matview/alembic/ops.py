@@ -36,12 +36,14 @@ __all__ = [
     "DropMaterializedViewOp",
     "DropPlainViewOp",
     "EnableChangeTrackingOp",
+    "InstallChangeTrackingOp",
     "InvalidGrantError",
     "InvalidReplaceStrategyError",
     "IrreversibleOperationError",
     "RefreshMaterializedViewOp",
     "ReplaceMaterializedViewOp",
     "SetMaterializedViewCommentOp",
+    "UninstallChangeTrackingOp",
 ]
 
 Sources = Sequence[tuple[str | None, str]]
@@ -637,6 +639,66 @@ class SetMaterializedViewCommentOp(MigrateOperation):
             self.existing_comment,
             self.comment,
         )
+
+
+@Operations.register_operation("install_change_tracking")
+class InstallChangeTrackingOp(MigrateOperation):
+    """Create the change-tracking bookkeeping: see :meth:`install_change_tracking`."""
+
+    def __init__(self, *, schema: str | None = None) -> None:
+        self.schema = schema
+
+    @classmethod
+    def install_change_tracking(cls, operations: Operations, *, schema: str | None = None) -> None:
+        """Create the schema, tables and functions change tracking needs (idempotent).
+
+        Autogenerate writes it in the first migration that tracks a view; its reverse
+        removes them all. ``schema`` is the bookkeeping schema (default
+        ``sqlalchemy_matview``). Also moves the bookkeeping of release 0.1.0 out of
+        ``public`` (online only). Under ``--sql`` it prints the ``CREATE`` statements.
+
+        Example::
+
+            op.install_change_tracking()
+        """
+        operations.invoke(cls(schema=schema))
+
+    def reverse(self) -> UninstallChangeTrackingOp:
+        return UninstallChangeTrackingOp(schema=self.schema)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("install_change_tracking", self.schema)
+
+
+@Operations.register_operation("uninstall_change_tracking")
+class UninstallChangeTrackingOp(MigrateOperation):
+    """Remove every change-tracking object: see :meth:`uninstall_change_tracking`."""
+
+    def __init__(self, *, schema: str | None = None) -> None:
+        self.schema = schema
+
+    @classmethod
+    def uninstall_change_tracking(
+        cls, operations: Operations, *, schema: str | None = None
+    ) -> None:
+        """Drop the bookkeeping schema with its tables, functions and every trigger calling
+        them (and 0.1.0's objects in ``public``).
+
+        Autogenerate writes it in the migration that stops tracking the last view (and the
+        downgrade of the one that installed it), so that after ``alembic downgrade base``
+        nothing of the library remains.
+
+        Example::
+
+            op.uninstall_change_tracking()
+        """
+        operations.invoke(cls(schema=schema))
+
+    def reverse(self) -> InstallChangeTrackingOp:
+        return InstallChangeTrackingOp(schema=self.schema)
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("uninstall_change_tracking", self.schema)
 
 
 @Operations.register_operation("enable_change_tracking")

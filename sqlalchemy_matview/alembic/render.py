@@ -24,9 +24,11 @@ from .ops import (
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
+    InstallChangeTrackingOp,
     RefreshMaterializedViewOp,
     ReplaceMaterializedViewOp,
     SetMaterializedViewCommentOp,
+    UninstallChangeTrackingOp,
 )
 
 if TYPE_CHECKING:
@@ -311,3 +313,13 @@ def _render_disable(autogen_context: AutogenContext, op: DisableChangeTrackingOp
         [repr(op.name)],
         [("schema", op.schema, None), ("sources", _sources(op.sources), None)],
     )
+
+
+@renderers.dispatch_for(InstallChangeTrackingOp)
+def _render_install(autogen_context: AutogenContext, op: InstallChangeTrackingOp) -> str:
+    return _call(autogen_context, "install_change_tracking", [], [("schema", op.schema, None)])
+
+
+@renderers.dispatch_for(UninstallChangeTrackingOp)
+def _render_uninstall(autogen_context: AutogenContext, op: UninstallChangeTrackingOp) -> str:
+    return _call(autogen_context, "uninstall_change_tracking", [], [("schema", op.schema, None)])

@@ -39,8 +39,10 @@ from .ops import (
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
+    InstallChangeTrackingOp,
     RefreshMaterializedViewOp,
     SetMaterializedViewCommentOp,
+    UninstallChangeTrackingOp,
 )
 
 if TYPE_CHECKING:
@@ -206,14 +208,74 @@ def _tracking() -> Any:
     return tracking
 
 
+# Under --sql each operation prints what its online form runs: the bookkeeping's DDL, and
+# calls of the bookkeeping's own functions (track / untrack), which resolve names and
+# create the triggers when the script runs. What only the online form does: refuse
+# bookkeeping owned by a role it does not trust, and move 0.1.0's layout.
+
+
+def _literal(value: str | None) -> str:
+    if value is None:
+        return "pg_catalog.current_schema()"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _offline_schema(operations: Operations, schema: str | None) -> str:
+    from ..bookkeeping import tracking_schema
+
+    preparer = operations.migration_context.dialect.identifier_preparer
+    return str(preparer.quote_schema(schema or tracking_schema()))
+
+
+@Operations.implementation_for(InstallChangeTrackingOp)
+def install_change_tracking(operations: Operations, op: InstallChangeTrackingOp) -> None:
+    if operations.migration_context.as_sql:
+        from ..bookkeeping import tracking_schema
+        from ..orchestration.tracking_sql import setup_statements
+
+        quoted = _offline_schema(operations, op.schema)
+        operations.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+        for statement in setup_statements(quoted, op.schema or tracking_schema()):
+            operations.execute(statement)
+        return
+    _tracking().ensure_bookkeeping(operations.get_bind(), op.schema)
+
+
+@Operations.implementation_for(UninstallChangeTrackingOp)
+def uninstall_change_tracking(operations: Operations, op: UninstallChangeTrackingOp) -> None:
+    if operations.migration_context.as_sql:
+        operations.execute(
+            f"DROP SCHEMA IF EXISTS {_offline_schema(operations, op.schema)} CASCADE"
+        )
+        return
+    _tracking().uninstall_bookkeeping(operations.get_bind(), op.schema)
+
+
 @Operations.implementation_for(EnableChangeTrackingOp)
 def enable_change_tracking(operations: Operations, op: EnableChangeTrackingOp) -> None:
+    if operations.migration_context.as_sql:
+        preparer = operations.migration_context.dialect.identifier_preparer
+        sources = ", ".join(
+            _literal(preparer.format_table(sa.table(name, schema=schema)))
+            for schema, name in op.sources
+        )
+        operations.execute(
+            f"SELECT {_offline_schema(operations, None)}.track({_literal(op.schema)}, "
+            f"{_literal(op.name)}, ARRAY[{sources}]::pg_catalog.regclass[])"
+        )
+        return
     conn = _bind(operations, f"enable_change_tracking({op.name!r})")
     _tracking().install_tracking(conn, op.schema, op.name, list(op.sources))
 
 
 @Operations.implementation_for(DisableChangeTrackingOp)
 def disable_change_tracking(operations: Operations, op: DisableChangeTrackingOp) -> None:
+    if operations.migration_context.as_sql:
+        operations.execute(
+            f"SELECT {_offline_schema(operations, None)}.untrack("
+            f"{_literal(op.schema)}, {_literal(op.name)})"
+        )
+        return
     conn = _bind(operations, f"disable_change_tracking({op.name!r})")
     _tracking().uninstall_tracking(conn, op.schema, op.name)
 

@@ -21,7 +21,6 @@ from sqlalchemy_matview.alembic.ops import (
     SetMaterializedViewCommentOp,
 )
 from sqlalchemy_matview.alembic.render import IMPORT
-from sqlalchemy_matview.errors import MaterializedViewError
 
 
 def render(op: object) -> tuple[str, set[str]]:
@@ -50,9 +49,27 @@ def test_offline_sql_of_every_operation() -> None:
     ]
 
 
-def test_tracking_ops_refuse_offline_mode() -> None:
-    with pytest.raises(MaterializedViewError, match="offline"):
-        offline_sql("op.enable_change_tracking('mv', [(None, 'events')])")
+def test_tracking_ops_print_calls_of_the_library_functions_offline() -> None:
+    sql = offline_sql(
+        "op.enable_change_tracking('mv', [(None, 'events'), ('rep', 'Odd T')])\n"
+        "op.enable_change_tracking(\"it's\", [], schema='rep')\n"
+        "op.disable_change_tracking('mv')\n"
+        "op.uninstall_change_tracking(schema='mv admin')\n"
+    )
+    assert [s.strip() for s in sql.split(";") if s.strip()] == [
+        "SELECT sqlalchemy_matview.track(pg_catalog.current_schema(), 'mv',"
+        " ARRAY['events', 'rep.\"Odd T\"']::pg_catalog.regclass[])",
+        "SELECT sqlalchemy_matview.track('rep', 'it''s', ARRAY[]::pg_catalog.regclass[])",
+        "SELECT sqlalchemy_matview.untrack(pg_catalog.current_schema(), 'mv')",
+        'DROP SCHEMA IF EXISTS "mv admin" CASCADE',
+    ]
+
+
+def test_install_change_tracking_offline_prints_the_bookkeeping() -> None:
+    sql = offline_sql("op.install_change_tracking()\n")
+    assert sql.startswith("CREATE SCHEMA IF NOT EXISTS sqlalchemy_matview;")
+    assert "CREATE OR REPLACE FUNCTION sqlalchemy_matview.mark_stale()" in sql
+    assert "REVOKE ALL ON FUNCTION sqlalchemy_matview.refresh(" in sql
 
 
 def test_online_create_refresh_comment_drop(conn: sa.Connection) -> None:
@@ -170,5 +187,7 @@ def test_operations_proxy_has_every_directive() -> None:
         "set_materialized_view_comment",
         "enable_change_tracking",
         "disable_change_tracking",
+        "install_change_tracking",
+        "uninstall_change_tracking",
     ):
         assert callable(getattr(op, name))

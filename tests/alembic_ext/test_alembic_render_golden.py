@@ -21,9 +21,11 @@ from sqlalchemy_matview.alembic.ops import (
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
+    InstallChangeTrackingOp,
     RefreshMaterializedViewOp,
     ReplaceMaterializedViewOp,
     SetMaterializedViewCommentOp,
+    UninstallChangeTrackingOp,
 )
 from sqlalchemy_matview.alembic.render import IMPORT
 
@@ -35,6 +37,8 @@ OPS_BY_DIRECTIVE: dict[str, type] = {
     "set_materialized_view_comment": SetMaterializedViewCommentOp,
     "enable_change_tracking": EnableChangeTrackingOp,
     "disable_change_tracking": DisableChangeTrackingOp,
+    "install_change_tracking": InstallChangeTrackingOp,
+    "uninstall_change_tracking": UninstallChangeTrackingOp,
     "create_plain_view": CreatePlainViewOp,
     "drop_plain_view": DropPlainViewOp,
 }
@@ -166,6 +170,15 @@ op.replace_materialized_view(
         DisableChangeTrackingOp("mv_daily", schema="rep", sources=[("rep", "events")]),
         "op.disable_change_tracking('mv_daily', schema='rep', sources=[('rep', 'events')])",
         id="disable-tracking",
+    ),
+    pytest.param(InstallChangeTrackingOp(), "op.install_change_tracking()", id="install-tracking"),
+    pytest.param(
+        InstallChangeTrackingOp(schema="mv admin"),
+        "op.install_change_tracking(schema='mv admin')",
+        id="install-tracking-schema",
+    ),
+    pytest.param(
+        UninstallChangeTrackingOp(), "op.uninstall_change_tracking()", id="uninstall-tracking"
     ),
     pytest.param(
         CreatePlainViewOp(

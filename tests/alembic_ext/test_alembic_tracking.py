@@ -10,8 +10,10 @@ from sqlalchemy_matview.alembic.ops import (
     CreateMaterializedViewOp,
     DisableChangeTrackingOp,
     EnableChangeTrackingOp,
+    InstallChangeTrackingOp,
+    UninstallChangeTrackingOp,
 )
-from sqlalchemy_matview.orchestration.tracking import tracking_installed
+from sqlalchemy_matview.orchestration.tracking import bookkeeping_installed, tracking_installed
 
 
 def models(track: bool) -> sa.MetaData:
@@ -28,12 +30,16 @@ def test_enable_then_disable_tracking(conn: sa.Connection) -> None:
     md = models(track=True)
     generated = autogenerate(conn, md)
     names = [type(op) for op in generated.upgrade_ops.ops]
-    assert names[-4:] == [
+    # The first migration that tracks a view installs the bookkeeping, just before.
+    assert names[-5:] == [
         CreateMaterializedViewOp,
+        InstallChangeTrackingOp,
         EnableChangeTrackingOp,
         CreateMaterializedViewOp,
         EnableChangeTrackingOp,
     ]
+    assert "op.install_change_tracking()" in generated.upgrade
+    assert "op.uninstall_change_tracking()" in generated.downgrade
     assert "op.enable_change_tracking('mv_count', [(None, 'events')])" in generated.upgrade
     # A view on a view is tracked through the tables underneath.
     assert "op.enable_change_tracking('mv_on_mv', [(None, 'events')])" in generated.upgrade
@@ -42,15 +48,21 @@ def test_enable_then_disable_tracking(conn: sa.Connection) -> None:
     # The tracking state tables are not proposed for drop_table.
     assert autogenerate(conn, md).empty
 
+    # The migration that stops tracking the last view removes the bookkeeping.
     untracked = autogenerate(conn, models(track=False))
-    assert [type(op) for op in untracked.upgrade_ops.ops] == [DisableChangeTrackingOp] * 2
+    assert [type(op) for op in untracked.upgrade_ops.ops] == [
+        DisableChangeTrackingOp,
+        DisableChangeTrackingOp,
+        UninstallChangeTrackingOp,
+    ]
     run_code(conn, untracked.upgrade)
-    assert tracking_installed(conn) == set()
+    assert not bookkeeping_installed(conn)
     run_code(conn, untracked.downgrade)
     assert tracking_installed(conn) == {("public", "mv_count"), ("public", "mv_on_mv")}
 
     run_code(conn, generated.downgrade)
-    assert tracking_installed(conn) == set()
+    assert not bookkeeping_installed(conn)
+    assert conn.scalar(sa.text("SELECT to_regnamespace('sqlalchemy_matview')")) is None
     assert sa.inspect(conn).get_materialized_view_names() == []
 
 
@@ -61,5 +73,6 @@ def test_dropping_a_tracked_view_disables_tracking_first(conn: sa.Connection) ->
     generated = autogenerate(conn, sa.MetaData())
     ops = generated.upgrade_ops.ops
     assert isinstance(ops[0], DisableChangeTrackingOp)
+    assert any(isinstance(op, UninstallChangeTrackingOp) for op in ops)
     run_code(conn, generated.upgrade)
     assert tracking_installed(conn) == set()
