@@ -333,3 +333,34 @@ def test_child_table_inheriting_after_tracking(
         assert check_tracking(engine, md) == []
     _write(engine, "INSERT INTO src_late VALUES (21, 21)")
     _assert_marked_and_refreshed(engine, md, mv, "INSERT into a child added later")
+
+
+# -- notifications ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_writer_with_an_old_snapshot_still_wakes_the_worker(
+    engine: Engine, plain: tuple[sa.MetaData, MaterializedView], isolation: str
+) -> None:
+    """fresh -> stale must notify even when the writer's snapshot predates the last refresh."""
+    md, mv = plain
+    _write(engine, "INSERT INTO src VALUES (700, 7)")  # stale: a change row of its own
+    raw = engine.raw_connection()
+    listener = engine.raw_connection()
+    try:
+        raw.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        raw.execute("SELECT count(*) FROM src").fetchall()  # the snapshot
+        statuses = {r.view: r.status for r in refresh_stale(engine, md)}
+        assert statuses[VIEW] == "refreshed"  # fresh now; the writer's snapshot predates it
+        driver = listener.driver_connection
+        assert driver is not None
+        driver.autocommit = True
+        driver.execute("LISTEN sqlalchemy_matview")
+        raw.execute("INSERT INTO src VALUES (701, 7)")
+        raw.commit()
+        got = [n.payload for n in driver.notifies(timeout=10, stop_after=1)]
+        assert got == [VIEW], "the view went stale and nobody was told"
+    finally:
+        raw.close()
+        listener.close()
+    _assert_marked_and_refreshed(engine, md, mv)

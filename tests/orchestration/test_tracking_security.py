@@ -394,3 +394,67 @@ def test_forged_notifications_raise_no_privilege(roles: Roles) -> None:
         worker.stop(timeout=30)
         app.dispose()
     _assert_untouched(roles)
+
+
+def test_another_role_cannot_stall_refreshes(roles: Roles) -> None:
+    """Whatever advisory lock another role can learn from the catalogs, refreshes go on."""
+    md, src, mv = _declare()
+    app = roles.engine(roles.app)
+    try:
+        md.create_all(app)
+        with roles.psql(roles.attacker) as attacker:
+            args = attacker.execute(
+                "SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE NOT tgisinternal"
+            ).fetchall()
+            keys = {
+                int(a)
+                for (raw,) in args
+                for a in str(raw).split("\\000")
+                if a.lstrip("-").isdigit()
+            }
+            for key in keys:
+                attacker.execute("SELECT pg_advisory_lock(%s)", (key,))
+            with app.begin() as conn:
+                conn.execute(src.insert(), [{"id": 1, "v": 1}])
+            started = time.monotonic()
+            assert _statuses(app, md)["public.mv_sum"] in (
+                "refreshed",
+                "refreshed_pending",
+            )
+            assert time.monotonic() - started < 10, "a refresh waited on the attacker's lock"
+        assert _statuses(app, md)["public.mv_sum"] == "skipped_fresh"
+        with app.connect() as conn:
+            assert conn.scalar(sa.select(mv.c.n)) == 1
+    finally:
+        app.dispose()
+    _assert_untouched(roles)
+
+
+def test_a_writer_cannot_opt_out_of_marking(roles: Roles) -> None:
+    """Tracking is not advisory: a writer's session settings cannot skip the mark.
+
+    Row-level firings (partitioned sources, replication apply) still take the shortcut: a
+    documented limit (docs/change-tracking.md), so only a plain table is pinned here.
+    """
+    md, _, _ = _declare()
+    app = roles.engine(roles.app)
+    writer = roles.engine(roles.writer)
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(sa.text(f"GRANT INSERT ON src TO {roles.writer}"))
+        assert _statuses(app, md)["public.mv_sum"] == "skipped_fresh"
+        with writer.begin() as conn:
+            # What the trigger function records once it has marked, forged in advance.
+            conn.execute(
+                sa.text(
+                    "SELECT set_config('sqlalchemy_matview.marked',"
+                    " pg_current_xact_id()::text || ':' || 'src'::regclass::oid::text, true)"
+                )
+            )
+            conn.execute(sa.text("INSERT INTO src VALUES (1, 1)"))
+        assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+    finally:
+        app.dispose()
+        writer.dispose()
+    _assert_untouched(roles)
