@@ -352,16 +352,22 @@ def _bookkeeping_ops(
     disables = any(isinstance(o, DisableChangeTrackingOp) for o in ops)
     if not (enables or disables):
         return
+    from ..bookkeeping import DEFAULT_SCHEMA, tracking_schema
     from ..orchestration import tracking
 
-    installed = tracking.bookkeeping_installed(conn)
+    own = tracking_schema(metadatas[0]) if metadatas else DEFAULT_SCHEMA
+    schema = None if own == DEFAULT_SCHEMA else own
+    installed = tracking.bookkeeping_installed(conn, own)
+    for op in ops:
+        if isinstance(op, (EnableChangeTrackingOp, DisableChangeTrackingOp)):
+            op.tracking_schema = schema
     if enables and not installed:
         for phase in (before, after):
             first = next(
                 (i for i, o in enumerate(phase) if isinstance(o, EnableChangeTrackingOp)), None
             )
             if first is not None:
-                phase.insert(first, InstallChangeTrackingOp())
+                phase.insert(first, InstallChangeTrackingOp(schema=schema))
                 return
     still_tracked = any(
         v.track_changes for md in metadatas for v in materialized_views(md, managed=True)
@@ -373,7 +379,7 @@ def _bookkeeping_ops(
                 default=None,
             )
             if last is not None:
-                phase.insert(last + 1, UninstallChangeTrackingOp())
+                phase.insert(last + 1, UninstallChangeTrackingOp(schema=schema))
                 return
 
 

@@ -705,10 +705,18 @@ class UninstallChangeTrackingOp(MigrateOperation):
 class EnableChangeTrackingOp(MigrateOperation):
     """Install change tracking for a view: see :meth:`enable_change_tracking`."""
 
-    def __init__(self, name: str, sources: Sources, *, schema: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        sources: Sources,
+        *,
+        schema: str | None = None,
+        tracking_schema: str | None = None,
+    ) -> None:
         self.name = name
         self.sources = _sources(sources) or ()
         self.schema = schema
+        self.tracking_schema = tracking_schema
 
     @classmethod
     def enable_change_tracking(
@@ -718,20 +726,28 @@ class EnableChangeTrackingOp(MigrateOperation):
         sources: Sources,
         *,
         schema: str | None = None,
+        tracking_schema: str | None = None,
     ) -> None:
         """Install statement-level triggers on ``sources`` that mark the view stale.
 
         ``sources`` lists the ``(schema, table)`` pairs the view reads (``None`` for the
-        default schema). See :mod:`sqlalchemy_matview.orchestration.tracking`.
+        default schema). ``tracking_schema`` names the bookkeeping schema when it is not
+        the default (see :func:`~sqlalchemy_matview.set_tracking_schema`). See
+        :mod:`sqlalchemy_matview.orchestration.tracking`.
 
         Example::
 
             op.enable_change_tracking("mv_daily", [(None, "events")])
         """
-        operations.invoke(cls(name, sources, schema=schema))
+        operations.invoke(cls(name, sources, schema=schema, tracking_schema=tracking_schema))
 
     def reverse(self) -> DisableChangeTrackingOp:
-        return DisableChangeTrackingOp(self.name, schema=self.schema, sources=self.sources)
+        return DisableChangeTrackingOp(
+            self.name,
+            schema=self.schema,
+            sources=self.sources,
+            tracking_schema=self.tracking_schema,
+        )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("enable_change_tracking", self.schema, self.name, self.sources)
@@ -742,11 +758,17 @@ class DisableChangeTrackingOp(MigrateOperation):
     """Remove the change tracking of a view: see :meth:`disable_change_tracking`."""
 
     def __init__(
-        self, name: str, *, schema: str | None = None, sources: Sources | None = None
+        self,
+        name: str,
+        *,
+        schema: str | None = None,
+        sources: Sources | None = None,
+        tracking_schema: str | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
         self.sources = _sources(sources)
+        self.tracking_schema = tracking_schema
 
     @classmethod
     def disable_change_tracking(
@@ -756,6 +778,7 @@ class DisableChangeTrackingOp(MigrateOperation):
         *,
         schema: str | None = None,
         sources: Sources | None = None,
+        tracking_schema: str | None = None,
     ) -> None:
         """Remove the view's change-tracking triggers and state.
 
@@ -765,7 +788,9 @@ class DisableChangeTrackingOp(MigrateOperation):
 
             op.disable_change_tracking("mv_daily", sources=[(None, "events")])
         """
-        operations.invoke(cls(name, schema=schema, sources=sources))
+        operations.invoke(
+            cls(name, schema=schema, sources=sources, tracking_schema=tracking_schema)
+        )
 
     def reverse(self) -> EnableChangeTrackingOp:
         if self.sources is None:
@@ -773,7 +798,9 @@ class DisableChangeTrackingOp(MigrateOperation):
                 f"disable_change_tracking({self.name!r}) cannot be reversed: it does not know "
                 "the view's source tables; pass sources=[(schema, table), ...]"
             )
-        return EnableChangeTrackingOp(self.name, self.sources, schema=self.schema)
+        return EnableChangeTrackingOp(
+            self.name, self.sources, schema=self.schema, tracking_schema=self.tracking_schema
+        )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("disable_change_tracking", self.schema, self.name)

@@ -301,7 +301,7 @@ def _render_enable(autogen_context: AutogenContext, op: EnableChangeTrackingOp) 
         autogen_context,
         "enable_change_tracking",
         [repr(op.name), repr(_sources(op.sources))],
-        [("schema", op.schema, None)],
+        [("schema", op.schema, None), ("tracking_schema", op.tracking_schema, None)],
     )
 
 
@@ -311,7 +311,11 @@ def _render_disable(autogen_context: AutogenContext, op: DisableChangeTrackingOp
         autogen_context,
         "disable_change_tracking",
         [repr(op.name)],
-        [("schema", op.schema, None), ("sources", _sources(op.sources), None)],
+        [
+            ("schema", op.schema, None),
+            ("sources", _sources(op.sources), None),
+            ("tracking_schema", op.tracking_schema, None),
+        ],
     )
 
 

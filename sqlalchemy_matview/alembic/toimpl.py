@@ -260,24 +260,27 @@ def enable_change_tracking(operations: Operations, op: EnableChangeTrackingOp) -
             for schema, name in op.sources
         )
         operations.execute(
-            f"SELECT {_offline_schema(operations, None)}.track({_literal(op.schema)}, "
+            f"SELECT {_offline_schema(operations, op.tracking_schema)}.track("
+            f"{_literal(op.schema)}, "
             f"{_literal(op.name)}, ARRAY[{sources}]::pg_catalog.regclass[])"
         )
         return
     conn = _bind(operations, f"enable_change_tracking({op.name!r})")
-    _tracking().install_tracking(conn, op.schema, op.name, list(op.sources))
+    _tracking().install_tracking(
+        conn, op.schema, op.name, list(op.sources), schema=op.tracking_schema
+    )
 
 
 @Operations.implementation_for(DisableChangeTrackingOp)
 def disable_change_tracking(operations: Operations, op: DisableChangeTrackingOp) -> None:
     if operations.migration_context.as_sql:
         operations.execute(
-            f"SELECT {_offline_schema(operations, None)}.untrack("
+            f"SELECT {_offline_schema(operations, op.tracking_schema)}.untrack("
             f"{_literal(op.schema)}, {_literal(op.name)})"
         )
         return
     conn = _bind(operations, f"disable_change_tracking({op.name!r})")
-    _tracking().uninstall_tracking(conn, op.schema, op.name)
+    _tracking().uninstall_tracking(conn, op.schema, op.name, schema=op.tracking_schema)
 
 
 # The replace operation has a module of its own (two strategies); it registers itself.

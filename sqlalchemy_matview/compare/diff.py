@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .. import catalog
+from ..bookkeeping import tracking_schema
 from .declared import Declared, declared_views
 from .indexes import declared_shape
 from .normalise import Probe, normalise, normalize_definition
@@ -144,7 +145,7 @@ def compare_views(
         for info in catalog.materialized_views(conn, schema_names)
     }
     indexes = reflected_indexes(conn, schema_names, default_schema)
-    tracked = tracking_installed(conn)
+    tracked = tracking_installed(conn, tracking_schema(metadatas[0]) if metadatas else None)
     tracked_keys = {(norm(s), n) for s, n in tracked} if tracked is not None else set()
 
     declared_keys = {d.key for d in declared_all}

@@ -40,7 +40,7 @@ def reflected_indexes(
     return found
 
 
-def tracking_installed(conn: Connection) -> set[tuple[str, str]] | None:
+def tracking_installed(conn: Connection, schema: str | None = None) -> set[tuple[str, str]] | None:
     try:
         from ..orchestration import tracking
     except ImportError:
@@ -48,7 +48,7 @@ def tracking_installed(conn: Connection) -> set[tuple[str, str]] | None:
     installed = getattr(tracking, "tracking_installed", None)
     if installed is None:
         return None
-    return set(installed(conn))
+    return set(installed(conn, schema))
 
 
 # Pretty-printed index statements name the view as the definitions name their sources:

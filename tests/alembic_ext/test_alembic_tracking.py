@@ -76,3 +76,18 @@ def test_dropping_a_tracked_view_disables_tracking_first(conn: sa.Connection) ->
     assert any(isinstance(op, UninstallChangeTrackingOp) for op in ops)
     run_code(conn, generated.upgrade)
     assert tracking_installed(conn) == set()
+
+
+def test_a_custom_tracking_schema_is_migrated(conn: sa.Connection) -> None:
+    from sqlalchemy_matview import set_tracking_schema
+
+    md = models(track=True)
+    set_tracking_schema(md, "mv admin")
+    generated = autogenerate(conn, md)
+    assert "op.install_change_tracking(schema='mv admin')" in generated.upgrade
+    run_code(conn, generated.upgrade)
+    assert tracking_installed(conn, "mv admin") == {("public", "mv_count"), ("public", "mv_on_mv")}
+    assert not bookkeeping_installed(conn)  # nothing in the default schema
+    assert autogenerate(conn, md).empty
+    run_code(conn, generated.downgrade)
+    assert conn.scalar(sa.text("SELECT to_regnamespace('\"mv admin\"')")) is None
