@@ -397,7 +397,11 @@ def test_forged_notifications_raise_no_privilege(roles: Roles) -> None:
 
 
 def test_another_role_cannot_stall_refreshes(roles: Roles) -> None:
-    """Whatever advisory lock another role can learn from the catalogs, refreshes go on."""
+    """Advisory lock keys another role can read in the trigger definitions stall nothing.
+
+    (A role watching pg_locks while a writer holds the barrier can still learn it and delay
+    refreshes up to their timeout: a documented limit, see docs/change-tracking.md.)
+    """
     md, src, mv = _declare()
     app = roles.engine(roles.app)
     try:
