@@ -58,12 +58,12 @@ CHANNEL = "sqlalchemy_matview"
 
 #: Statement-level ``INSERT OR UPDATE OR DELETE`` trigger (fires in ``origin``/``local``).
 TRIGGER_STATEMENT = "sqlalchemy_matview_stmt"
-#: Row-level twin, ``ENABLE REPLICA``: fires for rows applied by logical replication
+#: Row-level ``BEFORE`` twin, ``ENABLE REPLICA``: fires for rows applied by logical replication
 #: (``session_replication_role = replica``), which fires no statement trigger.
 TRIGGER_ROW = "sqlalchemy_matview_row"
 #: Statement-level ``TRUNCATE`` trigger, ``ENABLE ALWAYS``.
 TRIGGER_TRUNCATE = "sqlalchemy_matview_truncate"
-#: Row-level trigger of a partitioned table, ``ENABLE ALWAYS``: PostgreSQL clones it to
+#: Row-level ``BEFORE`` trigger of a partitioned table, ``ENABLE ALWAYS``: PostgreSQL clones it to
 #: every partition, including partitions attached or created later.
 TRIGGER_PARTITION = "sqlalchemy_matview_part"
 TRIGGER_NAMES = (TRIGGER_STATEMENT, TRIGGER_ROW, TRIGGER_TRUNCATE, TRIGGER_PARTITION)

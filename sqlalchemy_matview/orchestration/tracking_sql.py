@@ -62,7 +62,7 @@ __all__ = [
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 5"
+MARKER = "sqlalchemy_matview bookkeeping 7"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -126,6 +126,8 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         " PRIMARY KEY (view_id, txid))",
         _MARK_STALE.format(**names),
         _REFRESH.format(**names),
+        # Its result columns changed across versions: CREATE OR REPLACE cannot do that.
+        f"DROP FUNCTION IF EXISTS {schema}.wanted_triggers()",
         _WANTED_TRIGGERS.format(**names),
         _SYNC_TRIGGERS.format(**names),
         _CHECK.format(**names),
@@ -150,7 +152,13 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 # state then writes no row and no WAL. Under REPEATABLE READ / SERIALIZABLE the
 # statement's snapshot may still show marks a refresh has deleted since: always add a mark
 # and notify. Row-level firings (partitions, replication apply) do the work once per
-# transaction and table (a transaction-local setting), statement-level ones every time.
+# transaction and set of views: a transaction-local setting named after the views records
+# it, and the trigger's WHEN clause reads it, so further rows do not even call the function.
+# They are BEFORE triggers because the WHEN clause of an AFTER trigger is evaluated when
+# the event is queued, before any of them ran. (A row that a later BEFORE trigger skips
+# still marks the view: one needless refresh at worst.)
+# A session can forge that setting and skip marking for row-level firings (documented);
+# statement-level firings never trust it.
 _MARK_STALE = """
 CREATE OR REPLACE FUNCTION {s}.mark_stale() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
@@ -159,14 +167,24 @@ DECLARE
     vid integer;
     barrier bigint;
     me bigint := pg_catalog.pg_current_xact_id()::text::bigint;
+    j integer := 0;
     seen text;
     fresh_snapshots boolean :=
         pg_catalog.current_setting('transaction_isolation') = 'read committed';
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
-        seen := me::text || ':' || TG_RELID::text;
-        IF pg_catalog.current_setting('sqlalchemy_matview.marked', true) = seen THEN
-            RETURN NULL;
+        -- Named after the views (the trigger's WHEN clause reads the same setting, and
+        -- spares the call for every further row of the transaction).
+        seen := 'sqlalchemy_matview.v';
+        WHILE j + 1 < TG_NARGS LOOP
+            seen := seen || CASE WHEN j > 0 THEN '_' ELSE '' END || TG_ARGV[j];
+            j := j + 2;
+        END LOOP;
+        IF pg_catalog.current_setting(seen, true) = me::text THEN
+            IF TG_OP = 'DELETE' THEN
+                RETURN OLD;
+            END IF;
+            RETURN NEW;
         END IF;
     END IF;
     WHILE i + 1 < TG_NARGS LOOP
@@ -191,9 +209,14 @@ BEGIN
         i := i + 2;
     END LOOP;
     IF TG_LEVEL = 'ROW' THEN
-        PERFORM pg_catalog.set_config('sqlalchemy_matview.marked', seen, true);
+        PERFORM pg_catalog.set_config(seen, me::text, true);
     END IF;
-    RETURN NULL;
+    -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
+    -- Statement-level ones get NULL here, which is what they return.
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
 END $body$
 """
 
@@ -356,7 +379,7 @@ $body$
 _WANTED_TRIGGERS = """
 CREATE OR REPLACE FUNCTION {s}.wanted_triggers()
 RETURNS TABLE (relid oid, tgname name, args bytea, arglist text, enabled "char",
-               events text, level text, view_ids integer[])
+               events text, level text, view_ids integer[], guard text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
     WITH RECURSIVE src AS (
         SELECT DISTINCT v.id, v.barrier_key,
@@ -380,9 +403,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
           FROM members m,
           LATERAL (VALUES
               ('{t_stmt}', 'O', 'AFTER INSERT OR UPDATE OR DELETE', 'STATEMENT'),
-              ('{t_row}', 'R', 'AFTER INSERT OR UPDATE OR DELETE', 'ROW'),
+              ('{t_row}', 'R', 'BEFORE INSERT OR UPDATE OR DELETE', 'ROW'),
               ('{t_trunc}', 'A', 'AFTER TRUNCATE', 'STATEMENT'),
-              ('{t_part}', 'A', 'AFTER INSERT OR UPDATE OR DELETE', 'ROW')
+              ('{t_part}', 'A', 'BEFORE INSERT OR UPDATE OR DELETE', 'ROW')
           ) AS t(tgname, enabled, events, level)
          WHERE (m.root_kind = 'r' AND m.kind = 'r' AND t.tgname <> '{t_part}')
             OR (m.root_kind = 'p' AND t.tgname = '{t_trunc}')
@@ -393,7 +416,11 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
                                  ''::bytea ORDER BY w.id, a.ord),
            pg_catalog.string_agg(pg_catalog.quote_literal(a.val), ', ' ORDER BY w.id, a.ord),
            pg_catalog.min(w.enabled)::"char", pg_catalog.min(w.events),
-           pg_catalog.min(w.level), pg_catalog.array_agg(DISTINCT w.id)
+           pg_catalog.min(w.level), pg_catalog.array_agg(DISTINCT w.id),
+           'pg_catalog.current_setting('
+           || pg_catalog.quote_literal('sqlalchemy_matview.v'
+                  || pg_catalog.array_to_string(pg_catalog.array_agg(DISTINCT w.id), '_'))
+           || ', true) IS DISTINCT FROM pg_catalog.pg_current_xact_id()::text'
       FROM wanted w,
            LATERAL pg_catalog.unnest(ARRAY[w.id::text, w.payload])
                    WITH ORDINALITY AS a(val, ord)
@@ -422,7 +449,7 @@ BEGIN
     PERFORM pg_catalog.pg_advisory_xact_lock({setup_key});
     CREATE TEMPORARY TABLE IF NOT EXISTS sqlalchemy_matview_wanted (
         relid oid, tgname name, args bytea, arglist text, enabled "char", events text,
-        level text, view_ids integer[]
+        level text, view_ids integer[], guard text
     ) ON COMMIT DROP;
     TRUNCATE sqlalchemy_matview_wanted;
     INSERT INTO sqlalchemy_matview_wanted SELECT * FROM {s}.wanted_triggers();
@@ -446,6 +473,7 @@ BEGIN
     LOOP
         EXECUTE 'CREATE TRIGGER ' || pg_catalog.quote_ident(r.tgname) || ' ' || r.events
                 || ' ON ' || r.relid::pg_catalog.regclass::text || ' FOR EACH ' || r.level
+                || CASE WHEN r.level = 'ROW' THEN ' WHEN (' || r.guard || ')' ELSE '' END
                 || ' EXECUTE FUNCTION ' || fname || '(' || r.arglist || ')';
         IF r.enabled = 'R' THEN
             EXECUTE 'ALTER TABLE ' || r.relid::pg_catalog.regclass::text

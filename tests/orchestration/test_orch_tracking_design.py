@@ -496,3 +496,26 @@ def test_check_tracking_async(async_engine, engine):
         return [p.view for p in await acheck(async_engine, shop.metadata)]
 
     assert asyncio.run(main()) == ["public.mv_totals"]
+
+
+def test_row_level_firings_call_the_function_once_per_transaction(engine):
+    """The WHEN clause of row-level triggers spares the call for every further row."""
+    _track(
+        engine,
+        [
+            "CREATE TABLE ev (id int, day int) PARTITION BY RANGE (day)",
+            "CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM (0) TO (10)",
+            "CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM (10) TO (20)",
+        ],
+        "ev",
+    )
+    refresh_views(engine, "mv_t")
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL track_functions = 'pl'"))
+        conn.execute(sa.text("INSERT INTO ev SELECT g, g % 20 FROM generate_series(1, 1000) g"))
+        conn.execute(sa.text("UPDATE ev SET id = id + 1 WHERE day = 3"))
+        calls = conn.scalar(
+            sa.text("SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'mark_stale'")
+        )
+    assert calls == 1
+    assert _state(engine, "mv_t").stale
