@@ -849,6 +849,19 @@ def refresh(
     help="Salt of the advisory-lock keys (the one your other refreshers use; "
     "env MATVIEW_LOCK_NAMESPACE).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://ADDR:PORT/metrics (needs the 'metrics' extra).",
+)
+@click.option(
+    "--metrics-addr",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDR",
+    help="Address the metrics endpoint listens on.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug details too.")
 def watch(
     url: str | None,
@@ -860,6 +873,8 @@ def watch(
     channel: str,
     listen_url: str | None,
     lock_namespace: str | None,
+    metrics_port: int | None,
+    metrics_addr: str,
     verbose: bool,
 ) -> None:
     """Refresh stale views as their sources change, until SIGINT or SIGTERM.
@@ -892,6 +907,14 @@ def watch(
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     listen = connect_url(listen_url) if listen_url else None
     engine = create_engine(db_url)
+    observe = _metrics(engine, metadata, metrics_port, metrics_addr, console)
+
+    def on_result(result: RefreshResult) -> None:
+        if verbose or result.status != "skipped_fresh":
+            _print_now(console, format_result(result))
+        if observe is not None:
+            observe(result)
+
     try:
         with _errors(db_url):
             with engine.connect():  # fail fast, with one line, when the server is unreachable
@@ -906,11 +929,7 @@ def watch(
                 lock=_LOCKS[lock],
                 lock_namespace=lock_namespace,
                 listen_url=listen,
-                on_result=lambda r: (
-                    _print_now(console, format_result(r))
-                    if verbose or r.status != "skipped_fresh"
-                    else None
-                ),
+                on_result=on_result,
             )
         # Outside _errors(db_url): a failure here may be about the listen URL.
         with _errors(listen or db_url):
@@ -927,6 +946,31 @@ def watch(
         logger.removeHandler(handler)
         engine.dispose()
     console.print("Stopped.")
+
+
+def _metrics(
+    engine: sa.Engine,
+    metadata: sa.MetaData,
+    port: int | None,
+    addr: str,
+    console: Console,
+) -> Callable[[RefreshResult], None] | None:
+    """Start the metrics endpoint of ``watch --metrics-port``; its ``observe``, or None."""
+    if port is None:
+        return None
+    try:
+        from .metrics import RefreshMetrics, serve_metrics
+    except ImportError as exc:
+        raise CommandError(
+            "--metrics-port needs prometheus_client: pip install 'sqlalchemy-matview[metrics]'"
+        ) from exc
+    metrics = RefreshMetrics(engine, metadata)
+    try:
+        server, _thread = serve_metrics(port, addr)
+    except OSError as exc:
+        raise CommandError(f"--metrics-port {port}: cannot listen on {addr}: {exc}") from exc
+    _print_now(console, f"Metrics on http://{addr}:{server.server_port}/metrics")
+    return metrics.observe
 
 
 @main.command(short_help="The dashboard story on a throwaway server.")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,3 +140,40 @@ def test_watch_refreshes_on_change_until_signalled(
     )
     assert "Traceback" not in rest
     assert "Stopped." in rest
+
+
+def test_watch_serves_metrics_while_refreshing(
+    engine: sa.Engine,
+    url_text: str,
+    models_module: Callable[..., str],
+) -> None:
+    name = models_module()
+    models = importlib.import_module(name)
+    models.metadata.create_all(engine)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    command = [*_matview(), "watch", "--url", url_text, "--metadata", f"{name}:metadata"]
+    command += ["--debounce", "0.1", "--metrics-port", "0", "--metrics-addr", "127.0.0.1"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        _wait_for(lines, "Metrics on http://127.0.0.1:", seen, timeout=30)
+        endpoint = seen[-1].split("Metrics on ", 1)[1].strip()
+        _wait_for(lines, "Ctrl-C to stop", seen, timeout=30)
+        with engine.begin() as conn:
+            conn.execute(models.events.insert(), [{"id": 11, "kind": "y"}])
+        _wait_for(lines, "public.mv_counts  refreshed", seen, timeout=30)
+        with urllib.request.urlopen(endpoint, timeout=10) as response:
+            text = response.read().decode()
+        assert 'matview_refreshes_total{status="refreshed",view="public.mv_counts"} 1.0' in text
+        assert 'matview_staleness_seconds{view="public.mv_counts"} 0.0' in text
+        assert "matview_scrape_error 0.0" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

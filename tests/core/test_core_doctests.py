@@ -15,6 +15,7 @@ MODULES = [
     "sqlalchemy_matview.sqltext",
     "sqlalchemy_matview.swap",
     "sqlalchemy_matview.alembic.replace",
+    "sqlalchemy_matview.metrics",
 ]
 
 
