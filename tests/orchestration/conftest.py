@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,3 +66,13 @@ def rows(engine: Engine, view: MaterializedView) -> list[tuple[object, ...]]:
 @pytest.fixture
 def view_rows() -> Callable[[Engine, MaterializedView], list[tuple[object, ...]]]:
     return rows
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
-from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -14,16 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy_matview import RefreshResult, RefreshWorker, refresh_stale, refresh_views
 from sqlalchemy_matview.metrics import MetricsError, RefreshMetrics, serve_metrics
 
-from .conftest import Shop
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from .conftest import Shop, wait_for
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

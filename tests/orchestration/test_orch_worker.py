@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -15,16 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy_matview import RefreshResult, RefreshWorker
 from sqlalchemy_matview.orchestration import tracking
 
-from .conftest import Shop, build_shop, rows
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from .conftest import Shop, build_shop, rows, wait_for
 
 
 def stale(engine) -> set[str]:
