@@ -91,3 +91,38 @@ def test_a_custom_tracking_schema_is_migrated(conn: sa.Connection) -> None:
     assert autogenerate(conn, md).empty
     run_code(conn, generated.downgrade)
     assert conn.scalar(sa.text("SELECT to_regnamespace('\"mv admin\"')")) is None
+
+
+def test_install_change_tracking_moves_the_layout_of_0_1_0(conn: sa.Connection) -> None:
+    """What 0.1.0 kept in public (tables, functions, the trigger) is moved by the op."""
+    md = models(track=True)
+    md.create_all(conn)
+    run_code(conn, "op.uninstall_change_tracking()")
+    for statement in (
+        "CREATE TABLE public.sqlalchemy_matview_state (id serial PRIMARY KEY,"
+        " view_schema text NOT NULL, view_name text NOT NULL, tracked boolean NOT NULL,"
+        " source_oids oid[] NOT NULL, UNIQUE (view_schema, view_name))",
+        "CREATE TABLE public.sqlalchemy_matview_changes (view_id integer NOT NULL,"
+        " txid bigint NOT NULL, PRIMARY KEY (view_id, txid))",
+        "CREATE FUNCTION public.sqlalchemy_matview_mark_stale() RETURNS trigger"
+        " LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'",
+        "CREATE TRIGGER sqlalchemy_matview_track AFTER INSERT ON events"
+        " FOR EACH STATEMENT EXECUTE FUNCTION public.sqlalchemy_matview_mark_stale()",
+        "INSERT INTO public.sqlalchemy_matview_state (view_schema, view_name, tracked,"
+        " source_oids) VALUES ('public', 'mv_count', true, ARRAY['events'::regclass::oid])",
+    ):
+        conn.execute(sa.text(statement))
+    run_code(conn, "op.install_change_tracking()")
+    assert tracking_installed(conn) == {("public", "mv_count")}
+    left = conn.scalar(
+        sa.text(
+            "SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE 'sqlalchemy_matview_%'"
+            "        AND relnamespace = 'public'::regnamespace)"
+            " + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'sqlalchemy_matview_%')"
+            " + (SELECT count(*) FROM pg_trigger WHERE tgname = 'sqlalchemy_matview_track')"
+        )
+    )
+    assert left == 0
+    # And autogenerate finishes the job: the other tracked view is tracked again.
+    generated = autogenerate(conn, md)
+    assert [type(op) for op in generated.upgrade_ops.ops] == [EnableChangeTrackingOp]
