@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -26,18 +25,9 @@ from sqlalchemy_matview import (
 from sqlalchemy_matview.bookkeeping import LEGACY_TRIGGER, TRIGGER_NAMES
 from sqlalchemy_matview.orchestration import tracking
 
-from .conftest import Shop
+from .conftest import Shop, wait_for
 
 GATE = 4242  # advisory key a view's query waits on, held by a test to pause a refresh
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture
