@@ -123,3 +123,25 @@ def test_lock_skip_reports_view_refreshed_elsewhere(
         holder.commit()
     code, out = _refresh("mv_counts", "--lock", "wait", "--url", url_text)
     assert code == 0 and "refreshed" in out
+
+
+def test_lock_namespace_option_and_environment(
+    engine: sa.Engine,
+    url_text: str,
+    models: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy_matview import lock_key
+
+    salted = lock_key(models.mv_counts, namespace="blue")
+    with engine.connect() as holder:
+        holder.execute(sa.select(sa.func.pg_advisory_lock(salted)))
+        code, out = _refresh("mv_counts", "--url", url_text)  # default key: not held
+        assert code == 0 and "public.mv_counts" in out and "locked" not in out, out
+        code, out = _refresh("mv_counts", "--lock-namespace", "blue", "--url", url_text)
+        assert code == 0 and "locked elsewhere, skipped" in out, out
+        monkeypatch.setenv("MATVIEW_LOCK_NAMESPACE", "blue")
+        code, out = _refresh("mv_counts", "--url", url_text)
+        assert code == 0 and "locked elsewhere, skipped" in out, out
+        holder.execute(sa.select(sa.func.pg_advisory_unlock(salted)))
+        holder.commit()
