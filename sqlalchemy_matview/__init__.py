@@ -47,10 +47,12 @@ from .schema import (
 
 if TYPE_CHECKING:
     from .orchestration import (
+        Freshness,
         RefreshResult,
         RefreshWorker,
         TrackingProblem,
         check_tracking,
+        freshness,
         lock_key,
         refresh_all,
         refresh_stale,
@@ -65,10 +67,12 @@ __version__ = "0.1.0"
 # declaration module (``sqlalchemy_matview.schema``) never imports it.
 _ORCHESTRATION = frozenset(
     {
+        "Freshness",
         "RefreshResult",
         "RefreshWorker",
         "TrackingProblem",
         "check_tracking",
+        "freshness",
         "lock_key",
         "refresh_all",
         "refresh_stale",
@@ -95,6 +99,7 @@ __all__ = [
     "DependencyCycleError",
     "DropMaterializedView",
     "ExtensionNotInstalledError",
+    "Freshness",
     "MaterializedView",
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",
@@ -110,6 +115,7 @@ __all__ = [
     "WorkerOptionError",
     "__version__",
     "check_tracking",
+    "freshness",
     "lock_key",
     "materialized_view_of",
     "materialized_views",

@@ -21,8 +21,9 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from .orchestration import cron, runner, tracking
+from .orchestration import cron, objectives, runner, tracking
 from .orchestration.async_worker import RefreshWorker
+from .orchestration.objectives import Freshness
 from .orchestration.results import RefreshResult
 from .orchestration.runner import LockMode, Timeout, ViewRef
 from .schema import MaterializedView
@@ -30,6 +31,7 @@ from .schema import MaterializedView
 __all__ = [
     "RefreshWorker",
     "check_tracking",
+    "freshness",
     "refresh_all",
     "refresh_stale",
     "refresh_views",
@@ -211,4 +213,16 @@ async def check_tracking(bind: AsyncBind, metadata: sa.MetaData) -> list[trackin
     """
     return await _run(
         bind, lambda conn: tracking.check_tracking(conn, metadata), per_view_commit=False
+    )
+
+
+async def freshness(bind: AsyncBind, metadata: sa.MetaData) -> list[Freshness]:
+    """Async :func:`sqlalchemy_matview.freshness`.
+
+    Example::
+
+        late = [f.view for f in await freshness(async_engine, metadata) if f.breached]
+    """
+    return await _run(
+        bind, lambda conn: objectives.freshness(conn, metadata), per_view_commit=False
     )

@@ -697,6 +697,69 @@ def status(
             raise CommandError("; ".join(parts))
 
 
+def _span(delta: datetime.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+
+
+def check_problems(conn: Connection, metadata: sa.MetaData) -> list[str]:
+    """One line per problem ``matview check`` reports (empty when all is well)."""
+    from .orchestration import check_tracking, freshness
+
+    lines: list[str] = []
+    for f in freshness(conn, metadata):
+        if not f.populated:
+            lines.append(
+                f"{f.view}: not populated (missing, or created WITH NO DATA): refresh it "
+                "(matview refresh) or create it (create_all / the migration)"
+            )
+        elif f.breached:
+            assert f.max_staleness is not None
+            if f.staleness is None:
+                lines.append(
+                    f"{f.view}: age unknown (never refreshed through sqlalchemy-matview), "
+                    f"objective {_span(f.max_staleness)}: refresh it once, or run a worker"
+                )
+            else:
+                lines.append(
+                    f"{f.view}: {_span(f.staleness)} old, objective {_span(f.max_staleness)}"
+                )
+    lines += [
+        f"{p.view}: change tracking broken: {p.problem}" for p in check_tracking(conn, metadata)
+    ]
+    return lines
+
+
+@main.command(short_help="Exit 1 when a view breaches its objective or is broken.")
+@_common
+def check(url: str | None, metadata_path: str | None) -> None:
+    """For cron and monitoring: one line per problem and exit status 1, or exit 0.
+
+    Problems: a view older than its max_staleness objective, a view not populated (or
+    missing), broken change tracking. Read-only: it runs on a hot standby too.
+    """
+    if not metadata_path:
+        raise click.UsageError("check needs --metadata MODULE:ATTR (the declared views)")
+    db_url = _require_url(url)
+    metadata = load_metadata(metadata_path)
+    engine = create_engine(db_url)
+    try:
+        with _errors(db_url), engine.connect() as conn:
+            lines = check_problems(conn, metadata)
+            count = len(materialized_views(metadata))
+    finally:
+        engine.dispose()
+    for line in lines:
+        click.echo(line)
+    if lines:
+        sys.exit(1)
+    click.echo(f"OK: {count} view(s) checked")
+
+
 @main.command(short_help="Refresh views by name, --all, or --stale.")
 @_common
 @click.argument("views", nargs=-1, metavar="[VIEW]...")

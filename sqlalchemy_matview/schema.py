@@ -8,6 +8,7 @@ honour ``checkfirst``, and lets the ORM map it like any other table.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,11 @@ class MaterializedView:
         then swap them in milliseconds; see ``docs/alembic.md``). ``None`` (the default)
         leaves the choice to :func:`sqlalchemy_matview.alembic.register`, whose own default
         is ``"drop_create"``. Autogenerate writes it into the migration.
+    :param max_staleness: the view's freshness objective, a positive ``timedelta``: how old
+        its data may get. A ``RefreshWorker`` refreshes a tracked view no later than this
+        after its first unrefreshed change (debounce cannot postpone it), and refreshes an
+        untracked view at least this often; :func:`sqlalchemy_matview.freshness` and
+        ``matview check`` report breaches. ``None``: no objective.
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class MaterializedView:
         track_changes: bool = False,
         depends_on: Iterable[sa.Table | MaterializedView] = (),
         replace_strategy: str | None = None,
+        max_staleness: datetime.timedelta | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise DefinitionError(f"a materialized view needs a non-empty name, got {name!r}")
@@ -179,6 +186,7 @@ class MaterializedView:
         self.replace_strategy: str | None = check_replace_strategy(
             replace_strategy, f"materialized view {self._display}"
         )
+        self.max_staleness = self._check_max_staleness(max_staleness)
         if track_changes and not managed:
             raise DefinitionError(
                 f"materialized view {self._display}: track_changes=True needs a managed view "
@@ -237,6 +245,16 @@ class MaterializedView:
         readonly.install()
 
     # -- declaration helpers -------------------------------------------------------------
+
+    def _check_max_staleness(self, value: object) -> datetime.timedelta | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime.timedelta) or value <= datetime.timedelta(0):
+            raise DefinitionError(
+                f"materialized view {self._display}: max_staleness must be a positive "
+                f"datetime.timedelta (e.g. timedelta(minutes=5)), not {value!r}"
+            )
+        return value
 
     @property
     def _display(self) -> str:

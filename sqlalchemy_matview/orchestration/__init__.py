@@ -8,18 +8,21 @@ from __future__ import annotations
 
 from .cron import schedule_refresh, unschedule_refresh
 from .locking import LockHolder, lock_holders, lock_key, lock_key_parts
+from .objectives import Freshness, freshness
 from .results import RefreshResult
 from .runner import refresh_all, refresh_stale, refresh_views
 from .tracking import TrackingProblem, ViewState, check_tracking, view_states
 from .worker import RefreshWorker
 
 __all__ = [
+    "Freshness",
     "LockHolder",
     "RefreshResult",
     "RefreshWorker",
     "TrackingProblem",
     "ViewState",
     "check_tracking",
+    "freshness",
     "lock_holders",
     "lock_key",
     "lock_key_parts",

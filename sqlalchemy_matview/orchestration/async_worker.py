@@ -23,6 +23,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..errors import MaterializedViewError, SessionRequiredError, StandbyError
 from .locking import lock_holders
+from .objectives import due_views
 from .pooling import check_session_async, refuse_standby, session_required, standby_error
 from .results import RefreshResult
 from .runner import LockMode, Timeout
@@ -530,6 +531,8 @@ class RefreshWorker(WorkerBase):
             lock_namespace=self.lock_namespace,
             _should_stop=lambda: self._stopping,
         )
+        if self._periodic and lost_connection(results) is None and not self._stopping:
+            results += await self._refresh_due()
         self.passes += 1
         for result in results:
             if self.on_result is not None:
@@ -545,6 +548,25 @@ class RefreshWorker(WorkerBase):
         for view, seconds in self._locked.update(results, time.monotonic()):
             log_locked(view, seconds, await self._holders(view))
         return needs_retry(results)
+
+    async def _refresh_due(self) -> list[RefreshResult]:
+        """Refresh the views without tracking whose objective says they are due."""
+        from ..asyncio import refresh_views
+
+        metadata = self.metadata
+        async with self.engine.connect() as conn:
+            due = await conn.run_sync(lambda c: due_views(c, metadata))
+        if not due:
+            return []
+        return await refresh_views(
+            self.engine,
+            *due,
+            concurrently=self.concurrently,
+            lock=self.lock,
+            lock_timeout=self.lock_timeout,
+            statement_timeout=self.statement_timeout,
+            lock_namespace=self.lock_namespace,
+        )
 
     async def _holders(self, view: str) -> list[Any] | None:
         key = self._lock_key(view)

@@ -16,9 +16,10 @@ from sqlalchemy.engine import Engine
 
 from ..errors import MaterializedViewError, SessionRequiredError, StandbyError
 from .locking import lock_holders, lock_key
+from .objectives import due_views
 from .pooling import check_session, refuse_standby, session_required, standby_error
 from .results import RefreshResult
-from .runner import LockMode, Timeout, refresh_stale
+from .runner import LockMode, Timeout, refresh_stale, refresh_views
 from .schedule import (
     RefreshSchedule,
     backoff_delay,
@@ -390,6 +391,8 @@ class RefreshWorker(WorkerBase):
             lock_namespace=self.lock_namespace,
             _should_stop=self._stopping,
         )
+        if self._periodic and lost_connection(results) is None and not self._stopping():
+            results += self._refresh_due()
         self.passes += 1
         for result in results:
             if self.on_result is not None:
@@ -403,6 +406,22 @@ class RefreshWorker(WorkerBase):
         for view, seconds in self._locked.update(results, time.monotonic()):
             log_locked(view, seconds, self._holders(view))
         return needs_retry(results)
+
+    def _refresh_due(self) -> list[RefreshResult]:
+        """Refresh the views without tracking whose objective says they are due."""
+        with self.engine.connect() as conn:
+            due = due_views(conn, self.metadata)
+        if not due:
+            return []
+        return refresh_views(
+            self.engine,
+            *due,
+            concurrently=self.concurrently,
+            lock=self.lock,
+            lock_timeout=self.lock_timeout,
+            statement_timeout=self.statement_timeout,
+            lock_namespace=self.lock_namespace,
+        )
 
     def _holders(self, view: str) -> list[Any] | None:
         schema, _, name = view.partition(".")

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from ..errors import MaterializedViewError, WorkerOptionError
 from ..schema import materialized_views
 from .locking import lock_key
+from .objectives import periodic_interval, periodic_views, tracked_cap
 from .runner import LockMode, RefreshOptionError, RunOptions, Timeout, run_options
 from .schedule import LockedViews, Whitelist
 
@@ -38,7 +39,8 @@ class WorkerOptions:
     """A worker's validated options (built by :func:`worker_options`)."""
 
     debounce: float
-    #: Never below ``debounce``: a burst cannot be held back for less than the quiet it waits for.
+    #: Never below ``debounce`` (a burst cannot be held back for less than the quiet it waits
+    #: for), except that a tracked view's ``max_staleness`` caps it at half the objective.
     max_delay: float
     interval: float | None
     channel: str
@@ -74,11 +76,15 @@ def _check_metadata(owner: str, metadata: object) -> None:
             f"{owner}(metadata={type(metadata).__name__}): metadata must be the "
             f"sqlalchemy MetaData on which the views are declared{hint}"
         )
-    if not any(v.track_changes for v in materialized_views(metadata, managed=True)):
+    if not any(
+        v.track_changes or v.max_staleness is not None
+        for v in materialized_views(metadata, managed=True)
+    ):
         raise WorkerOptionError(
-            f"{owner}: metadata declares no materialized view with track_changes=True, so "
-            "nothing would ever wake the worker; declare track_changes=True on the views "
-            "whose sources change, or refresh on a schedule instead (schedule_refresh, or "
+            f"{owner}: metadata declares no materialized view with track_changes=True or "
+            "max_staleness=, so nothing would ever wake the worker; declare "
+            "track_changes=True on the views whose sources change (or max_staleness= for a "
+            "periodic refresh), or refresh on a schedule instead (schedule_refresh, or "
             "refresh_all from cron)"
         )
 
@@ -169,10 +175,18 @@ def worker_options(
     name = _check_channel(owner, channel)
     listen = _check_listen_url(owner, listen_url, drivername)
     _check_metadata(owner, metadata)
+    assert isinstance(metadata, sa.MetaData)
+    # Freshness objectives shorten the waits: a tracked view's change is never held back
+    # past half its objective, and views without tracking are looked at on a period.
+    delay = max(max_delay_s, debounce_s)
+    cap = tracked_cap(metadata)
+    period = periodic_interval(metadata)
     return WorkerOptions(
         debounce=debounce_s,
-        max_delay=max(max_delay_s, debounce_s),
-        interval=interval_s,
+        max_delay=delay if cap is None else min(delay, cap),
+        interval=min(p for p in (interval_s, period) if p is not None)
+        if interval_s is not None or period is not None
+        else None,
         channel=name,
         max_backoff=backoff_s,
         run=run,
@@ -226,6 +240,8 @@ class WorkerBase:
         self.passes = 0
         self.connections = 0
         self._whitelist = Whitelist(metadata, checked.channel)
+        # Views without tracking that have an objective: refreshed by every pass when due.
+        self._periodic = bool(periodic_views(metadata))
         self._locked = LockedViews(checked.max_delay)
 
     @property
