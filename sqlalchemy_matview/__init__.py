@@ -48,6 +48,7 @@ from .schema import (
 if TYPE_CHECKING:
     from .orchestration import (
         Freshness,
+        RefreshRecord,
         RefreshResult,
         RefreshWorker,
         TrackingProblem,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         freshness,
         lock_key,
         refresh_all,
+        refresh_history,
         refresh_stale,
         refresh_views,
         schedule_refresh,
@@ -68,6 +70,7 @@ __version__ = "0.1.0"
 _ORCHESTRATION = frozenset(
     {
         "Freshness",
+        "RefreshRecord",
         "RefreshResult",
         "RefreshWorker",
         "TrackingProblem",
@@ -75,6 +78,7 @@ _ORCHESTRATION = frozenset(
         "freshness",
         "lock_key",
         "refresh_all",
+        "refresh_history",
         "refresh_stale",
         "refresh_views",
         "schedule_refresh",
@@ -104,6 +108,7 @@ __all__ = [
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",
     "RefreshMaterializedView",
+    "RefreshRecord",
     "RefreshResult",
     "RefreshWorker",
     "SessionRequiredError",
@@ -122,6 +127,7 @@ __all__ = [
     "reflect_materialized_views",
     "refresh",
     "refresh_all",
+    "refresh_history",
     "refresh_stale",
     "refresh_views",
     "schedule_refresh",

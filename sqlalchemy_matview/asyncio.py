@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from .orchestration import cron, objectives, runner, tracking
+from .orchestration import cron, history, objectives, runner, tracking
 from .orchestration.async_worker import RefreshWorker
 from .orchestration.objectives import Freshness
 from .orchestration.results import RefreshResult
@@ -33,6 +33,7 @@ __all__ = [
     "check_tracking",
     "freshness",
     "refresh_all",
+    "refresh_history",
     "refresh_stale",
     "refresh_views",
     "schedule_refresh",
@@ -225,4 +226,24 @@ async def freshness(bind: AsyncBind, metadata: sa.MetaData) -> list[Freshness]:
     """
     return await _run(
         bind, lambda conn: objectives.freshness(conn, metadata), per_view_commit=False
+    )
+
+
+async def refresh_history(
+    bind: AsyncBind,
+    view: MaterializedView | str | None = None,
+    *,
+    limit: int = 50,
+    metadata: sa.MetaData | None = None,
+) -> list[history.RefreshRecord]:
+    """Async :func:`sqlalchemy_matview.refresh_history`.
+
+    Example::
+
+        failures = [r for r in await refresh_history(async_engine, limit=20) if r.error]
+    """
+    return await _run(
+        bind,
+        lambda conn: history.refresh_history(conn, view, limit=limit, metadata=metadata),
+        per_view_commit=False,
     )

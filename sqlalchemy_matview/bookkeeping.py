@@ -31,7 +31,10 @@ import sqlalchemy as sa
 __all__ = [
     "CHANGES_TABLE",
     "CHANNEL",
+    "DEFAULT_HISTORY_KEEP",
     "DEFAULT_SCHEMA",
+    "HISTORY_KEEP_SETTING",
+    "HISTORY_TABLE",
     "LEGACY_SCHEMA",
     "LEGACY_TABLES",
     "LEGACY_TRIGGER",
@@ -53,6 +56,12 @@ DEFAULT_SCHEMA = "sqlalchemy_matview"
 VIEWS_TABLE = "views"
 #: The change log: one row per (view, writing transaction) not yet covered by a refresh.
 CHANGES_TABLE = "changes"
+#: The refresh history: one row per refresh (or failure, or skip for a held lock), the last
+#: :data:`DEFAULT_HISTORY_KEEP` per view (the setting :data:`HISTORY_KEEP_SETTING` changes it).
+HISTORY_TABLE = "history"
+#: A PostgreSQL setting: how many history rows to keep per view (``ALTER DATABASE ... SET``).
+HISTORY_KEEP_SETTING = "sqlalchemy_matview.history_keep"
+DEFAULT_HISTORY_KEEP = 100
 #: The ``NOTIFY`` channel; the payload is the view's ``schema.name``.
 CHANNEL = "sqlalchemy_matview"
 

@@ -708,10 +708,17 @@ def _span(delta: datetime.timedelta) -> str:
 
 def check_problems(conn: Connection, metadata: sa.MetaData) -> list[str]:
     """One line per problem ``matview check`` reports (empty when all is well)."""
-    from .orchestration import check_tracking, freshness
+    from .orchestration import check_tracking, freshness, refresh_history
 
     lines: list[str] = []
     for f in freshness(conn, metadata):
+        last = refresh_history(conn, f.view, limit=1, metadata=metadata)
+        if last and last[0].status == "failed":
+            error = (last[0].error or "").splitlines()[0:1]
+            lines.append(
+                f"{f.view}: last refresh failed at {last[0].started_at:%Y-%m-%d %H:%M:%S%z}"
+                + (f": {error[0]}" if error else "")
+            )
         if not f.populated:
             lines.append(
                 f"{f.view}: not populated (missing, or created WITH NO DATA): refresh it "
@@ -758,6 +765,60 @@ def check(url: str | None, metadata_path: str | None) -> None:
     if lines:
         sys.exit(1)
     click.echo(f"OK: {count} view(s) checked")
+
+
+@main.command(short_help="The refresh history of a view, or of all.")
+@_common
+@click.argument("view", required=False, metavar="[VIEW]")
+@click.option(
+    "--limit", type=click.IntRange(1), default=20, show_default=True, help="How many rows."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def history(
+    url: str | None, metadata_path: str | None, view: str | None, limit: int, as_json: bool
+) -> None:
+    """Newest first: when each refresh started, how long it took, how it ended (refreshed,
+    failed, skipped_locked), and the error of a failure. --metadata only names a tracking
+    schema that is not the default."""
+    from .orchestration import refresh_history
+
+    db_url = _require_url(url)
+    metadata = load_metadata(metadata_path) if metadata_path else None
+    engine = create_engine(db_url)
+    try:
+        with _errors(db_url), engine.connect() as conn:
+            records = refresh_history(conn, view, limit=limit, metadata=metadata)
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {**dataclasses.asdict(r), "started_at": r.started_at.isoformat()}
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
+        return
+    console = make_console()
+    if not records:
+        console.print("No refreshes recorded." + (f" (view {view})" if view else ""))
+        return
+    table = Table(box=None)
+    for header in ("view", "started", "took", "status", "concurrently", "rows≈", "error"):
+        table.add_column(header, overflow="fold")
+    for r in records:
+        table.add_row(
+            r.view,
+            f"{r.started_at.astimezone():%Y-%m-%d %H:%M:%S}",
+            _duration(r.duration),
+            r.status,
+            "-" if r.concurrently is None else ("yes" if r.concurrently else "no"),
+            "-" if r.row_estimate is None else f"{r.row_estimate:,}",
+            (r.error or "").splitlines()[0] if r.error else "",
+        )
+    console.print(table)
 
 
 @main.command(short_help="Refresh views by name, --all, or --stale.")

@@ -7,6 +7,7 @@ Named ``orchestration`` rather than ``refresh`` so that it never shadows the
 from __future__ import annotations
 
 from .cron import schedule_refresh, unschedule_refresh
+from .history import RefreshRecord, refresh_history
 from .locking import LockHolder, lock_holders, lock_key, lock_key_parts
 from .objectives import Freshness, freshness
 from .results import RefreshResult
@@ -17,6 +18,7 @@ from .worker import RefreshWorker
 __all__ = [
     "Freshness",
     "LockHolder",
+    "RefreshRecord",
     "RefreshResult",
     "RefreshWorker",
     "TrackingProblem",
@@ -27,6 +29,7 @@ __all__ = [
     "lock_key",
     "lock_key_parts",
     "refresh_all",
+    "refresh_history",
     "refresh_stale",
     "refresh_views",
     "schedule_refresh",

@@ -41,7 +41,7 @@ from ..bookkeeping import tracking_schema
 from ..ddl import RefreshMaterializedView, qualifying_unique_index
 from ..errors import ConcurrentRefreshError, MaterializedViewError, UnknownViewError
 from ..schema import MaterializedView, materialized_view_of, materialized_views
-from . import tracking
+from . import history, tracking
 from .locking import check_namespace, lock_key
 from .ordering import DependencyGraph, QName
 from .pooling import refuse_standby
@@ -467,17 +467,19 @@ def _refresh_one(
             _restore_timeouts(conn, saved)
     except _LockWaitTimeout as exc:
         log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
-        return result("skipped_locked", concurrently, exc.error)
+        return _recorded(conn, owned, plan, result("skipped_locked", concurrently, exc.error))
     except Exception as exc:
         if tracking.is_lock_wait_timeout(exc):
             log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
-            return result("skipped_locked", concurrently, exc)
+            return _recorded(conn, owned, plan, result("skipped_locked", concurrently, exc))
         log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
-        return result("failed", concurrently, exc)
+        return _recorded(conn, owned, plan, result("failed", concurrently, exc))
     outcome = _OUTCOMES[status]
     done = result(outcome, concurrently)
     if status == "refreshed_pending":
         done = replace(done, pending=True)
+    if outcome == "skipped_locked":
+        return _recorded(conn, owned, plan, done)
     if outcome == "refreshed":
         log.info(
             "refreshed %s%s in %.3fs",
@@ -485,6 +487,21 @@ def _refresh_one(
             " concurrently" if concurrently else "",
             done.duration,
         )
+    return done
+
+
+def _recorded(conn: Connection, owned: bool, plan: _Plan, done: RefreshResult) -> RefreshResult:
+    """Write a failure or a skip into the history (the database records refreshes itself),
+    in a transaction of its own: the refresh's rolled back. Never raises."""
+    err = done.error
+    gone = isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated
+    if not plan.tracking_on or gone:
+        return done
+    try:
+        with _transaction(conn, owned):
+            history.record_result(conn, done, schema=plan.tracking_schema)
+    except sa.exc.SQLAlchemyError as exc:
+        log.warning("could not record the %s of %s: %s", done.status, done.view, exc)
     return done
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from ..bookkeeping import (
     CHANGES_TABLE,
     CHANNEL,
+    HISTORY_TABLE,
     LEGACY_SCHEMA,
     LEGACY_TRIGGER,
     VIEWS_TABLE,
@@ -180,7 +181,7 @@ def _inventory(conn: Connection, schema: str, *, strict: bool) -> _Inventory:
             return _Inventory(exists=False, current=False)
     marker = next((r.marker for r in rows if r.kind == "schema"), None)
     names = {r.name for r in rows}
-    complete = {f"{schema}.{VIEWS_TABLE}", f"{schema}.{CHANGES_TABLE}"} | {
+    complete = {f"{schema}.{t}" for t in (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE)} | {
         f"{schema}.{f}" for f in FUNCTIONS
     }
     return _Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)
