@@ -246,6 +246,7 @@ def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop
         "check_triggers",
         "expand_sources",
         "mark_stale",
+        "record",
         "refresh",
         "sync_triggers",
         "track",
