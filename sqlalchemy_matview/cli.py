@@ -303,6 +303,10 @@ class ViewStatus:
     tracking_problems: list[str] = dataclasses.field(default_factory=list)
     last_refreshed_at: datetime.datetime | None = None
     last_duration: float | None = None
+    #: The declared freshness objective in seconds (``max_staleness``), if any.
+    max_staleness: float | None = None
+    #: Whether the view is older than its objective (``None`` without one).
+    breached: bool | None = None
 
     @property
     def qualified_name(self) -> str:
@@ -398,8 +402,23 @@ def collect_status(
         for problem in _tracking_problems(conn, metadata):
             if problem.view in by_name:
                 by_name[problem.view].tracking_problems.append(problem.problem)
+        for report in _freshness(conn, metadata):
+            if report.max_staleness is not None and report.view in by_name:
+                by_name[report.view].max_staleness = report.max_staleness.total_seconds()
+                by_name[report.view].breached = report.breached
     rows.sort(key=lambda r: (r.schema, r.name))
     return rows
+
+
+def _freshness(conn: Connection, metadata: sa.MetaData) -> list[Any]:
+    from .orchestration import freshness
+
+    with conn.begin_nested() as savepoint:
+        try:
+            return freshness(conn, metadata)
+        except sa.exc.DBAPIError:
+            savepoint.rollback()
+            return []
 
 
 def _tracking_problems(conn: Connection, metadata: sa.MetaData) -> list[Any]:
@@ -471,6 +490,7 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     tracked = any(r.tracked or r.last_refreshed_at is not None or r.tracking_problems for r in rows)
     declared = any(r.declared is not None for r in rows)
+    objectives = any(r.max_staleness is not None for r in rows)
     table = Table(title="Materialized views", title_justify="left")
     # Names wrap rather than end in an ellipsis: an operator copies them into commands.
     table.add_column("view", overflow="fold")
@@ -485,6 +505,8 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
         table.add_column("stale since")
         table.add_column("last refreshed")
         table.add_column("last duration", justify="right")
+    if objectives:
+        table.add_column("objective")
     for row in rows:
         if not row.exists:
             cells = ["[red]missing[/]", "-", "-", "-", "-"]
@@ -511,6 +533,12 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
             else:
                 stale = "[green]fresh[/]"
             line += [stale, _ago(row.last_refreshed_at, now), _duration(row.last_duration)]
+        if objectives:
+            if row.max_staleness is None:
+                line.append("-")
+            else:
+                span = _span(datetime.timedelta(seconds=row.max_staleness))
+                line.append(f"[red]BREACHED ({span})[/]" if row.breached else f"met ({span})")
         table.add_row(*line)
     console.print(table)
     for row in rows:

@@ -55,6 +55,10 @@ def test_check_reports_each_problem_then_passes(
         line.startswith("public.mv_count: ") and "old, objective 0s" in line for line in lines
     ), lines
     assert any(line.startswith("public.mv_count: change tracking broken") for line in lines)
+    status = CliRunner(env={"COLUMNS": "300"}).invoke(
+        main, ["status", "--url", url_text, "--metadata", f"{name}:metadata"]
+    )
+    assert "BREACHED (0s)" in status.output, status.output
 
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER USER"))

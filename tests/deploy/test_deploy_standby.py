@@ -82,3 +82,46 @@ def test_status_works_read_only_on_the_standby(
     assert row["view"] == "public.mv_sum"
     assert row["populated"] is True
     assert row["tracked"] is True and row["stale"] is True
+
+
+def test_freshness_history_and_check_work_read_only_on_the_standby(
+    engine: sa.Engine, replica: sa.Engine, standby_server: StandbyServer, pg_url: sa.URL
+) -> None:
+    import datetime
+    import sys
+    import types
+
+    from sqlalchemy_matview import freshness, refresh_history
+
+    md, t, mv = _declare()
+    mv.max_staleness = datetime.timedelta(hours=1)
+    md.create_all(engine)
+    refresh_views(engine, mv)
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"id": 1}])  # stale now, well within the objective
+    standby_server.wait_for_replay()
+
+    [report] = freshness(replica, md)
+    assert (report.view, report.tracked, report.populated) == ("public.mv_sum", True, True)
+    assert report.stale_since is not None and not report.breached
+    assert [r.status for r in refresh_history(replica, mv)] == ["refreshed"]
+
+    module = types.ModuleType("standby_models")
+    module.metadata = md  # type: ignore[attr-defined]
+    sys.modules["standby_models"] = module
+    try:
+        assert pg_url.database is not None
+        url = standby_server.url(pg_url.database).set(drivername="postgresql")
+        args = ["--url", url.render_as_string(hide_password=False)]
+        checked = CliRunner().invoke(
+            main, ["check", *args, "--metadata", "standby_models:metadata"]
+        )
+        assert (checked.exit_code, checked.output) == (0, "OK: 1 view(s) checked\n")
+        status = CliRunner().invoke(
+            main, ["status", "--json", *args, "--metadata", "standby_models:metadata"]
+        )
+        assert status.exit_code == 0, status.output
+        [row] = json.loads(status.output)
+        assert (row["max_staleness"], row["breached"]) == (3600.0, False)
+    finally:
+        del sys.modules["standby_models"]
