@@ -1,9 +1,10 @@
 """Scheduling refreshes inside PostgreSQL with the ``pg_cron`` extension.
 
 A job's command calls the same database function every refresh of this library runs
-(:func:`~sqlalchemy_matview.orchestration.tracking.refresh_call`)::
+(:func:`~sqlalchemy_matview.orchestration.tracking.refresh_call`), through a procedure that
+records a failure in the refresh history before raising it again::
 
-    SELECT sqlalchemy_matview.refresh('public', 'mv_daily', <lock_key>, true, 'skip', false)
+    CALL sqlalchemy_matview.refresh_job('public', 'mv_daily', <lock_key>, true, 'skip', false)
 
 It takes the view's transaction-level advisory lock and does nothing when another refresher
 holds it, so a cron refresh never overlaps one made by
@@ -91,14 +92,14 @@ def refresh_command(
     name as quoted literals (identifiers are quoted inside it, with ``format('%I')``).
     For example ``refresh_command("Daily Stats", concurrently=False)`` is::
 
-        SELECT sqlalchemy_matview.refresh('public', 'Daily Stats', <lock_key>,
-                                          false, 'skip', false) AS ...
+        CALL sqlalchemy_matview.refresh_job('public', 'Daily Stats', <lock_key>,
+                                            false, 'skip', false)
     """
     view_schema, name = _qname(view, schema)
     declared = materialized_view_of(view)
     if declared is not None:
         refresh(declared, concurrently=concurrently)  # checks the unique key, before any SQL
-    call = tracking.refresh_call(
+    call = tracking.refresh_job_call(
         view_schema,
         name,
         concurrently=concurrently,
@@ -107,7 +108,8 @@ def refresh_command(
         lock_namespace=check_namespace(lock_namespace),
         tracking_schema_name=_bookkeeping_schema(view),
     )
-    return str(call.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True}))
+    compiled = call.compile(dialect=_COMMAND_DIALECT, compile_kwargs={"literal_binds": True})
+    return f"CALL {compiled}"
 
 
 def _bookkeeping_schema(view: MaterializedView | sa.Table | str) -> str:

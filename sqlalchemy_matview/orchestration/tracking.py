@@ -648,17 +648,69 @@ def refresh_call(
 
         status = conn.scalar(refresh_call("public", "mv_daily", concurrently=True))
     """
-    function = getattr(sa.func, tracking_schema_name or tracking_schema()).refresh
     return sa.select(
-        function(
-            sa.literal(schema, sa.Text),
-            sa.literal(name, sa.Text),
-            sa.literal(lock_key((schema, name), namespace=lock_namespace), sa.BigInteger),
-            sa.literal(bool(concurrently), sa.Boolean),
-            sa.literal(lock, sa.Text),
-            sa.literal(bool(only_if_stale), sa.Boolean),
-            type_=sa.Text,
+        _refresh_routine(
+            "refresh",
+            schema,
+            name,
+            concurrently=concurrently,
+            lock=lock,
+            only_if_stale=only_if_stale,
+            lock_namespace=lock_namespace,
+            tracking_schema_name=tracking_schema_name,
         )
+    )
+
+
+def _refresh_routine(
+    routine: str,
+    schema: str,
+    name: str,
+    *,
+    concurrently: bool,
+    lock: str,
+    only_if_stale: bool,
+    lock_namespace: str | None,
+    tracking_schema_name: str | None,
+) -> sa.FunctionElement[str]:
+    function = getattr(getattr(sa.func, tracking_schema_name or tracking_schema()), routine)
+    result: sa.FunctionElement[str] = function(
+        sa.literal(schema, sa.Text),
+        sa.literal(name, sa.Text),
+        sa.literal(lock_key((schema, name), namespace=lock_namespace), sa.BigInteger),
+        sa.literal(bool(concurrently), sa.Boolean),
+        sa.literal(lock, sa.Text),
+        sa.literal(bool(only_if_stale), sa.Boolean),
+        type_=sa.Text,
+    )
+    return result
+
+
+def refresh_job_call(
+    schema: str,
+    name: str,
+    *,
+    concurrently: bool,
+    lock: str = "skip",
+    only_if_stale: bool = False,
+    lock_namespace: str | None = None,
+    tracking_schema_name: str | None = None,
+) -> sa.FunctionElement[str]:
+    r"""``sqlalchemy_matview.refresh_job(...)``, which a pg_cron job ``CALL``\ s.
+
+    A procedure around :func:`refresh_call`'s function: when the refresh fails, it records
+    the failure in the history, commits that, and raises the error again (so pg_cron marks
+    the run failed). Arguments as for :func:`refresh_call`.
+    """
+    return _refresh_routine(
+        "refresh_job",
+        schema,
+        name,
+        concurrently=concurrently,
+        lock=lock,
+        only_if_stale=only_if_stale,
+        lock_namespace=lock_namespace,
+        tracking_schema_name=tracking_schema_name,
     )
 
 

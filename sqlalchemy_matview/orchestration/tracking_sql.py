@@ -65,7 +65,7 @@ __all__ = [
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 8"
+MARKER = "sqlalchemy_matview bookkeeping 9"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -81,6 +81,7 @@ FUNCTIONS = {
     "check_triggers": "",
     "expand_sources": "pg_catalog.regclass[]",
     "record": "text, text, timestamp with time zone, double precision, text, boolean, text",
+    "refresh_job": "text, text, bigint, boolean, text, boolean, text",
 }
 
 
@@ -146,6 +147,7 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         _RECORD.format(**names),
         _MARK_STALE.format(**names),
         _REFRESH.format(**names),
+        _REFRESH_JOB.format(**names),
         # Its result columns changed across versions: CREATE OR REPLACE cannot do that.
         f"DROP FUNCTION IF EXISTS {schema}.wanted_triggers()",
         _WANTED_TRIGGERS.format(**names),
@@ -156,7 +158,9 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         _UNTRACK.format(**names),
     ]
     statements += [
-        f"REVOKE ALL ON FUNCTION {sig} FROM PUBLIC" for sig in function_signatures(schema)
+        # ROUTINE: refresh_job is a procedure, which ON FUNCTION does not name.
+        f"REVOKE ALL ON ROUTINE {sig} FROM PUBLIC"
+        for sig in function_signatures(schema)
     ]
     statements.append(f"COMMENT ON SCHEMA {schema} IS '{MARKER}'")
     return statements
@@ -274,6 +278,42 @@ BEGIN
        AND h.id <= (SELECT o.id FROM {history} o
                      WHERE o.view_schema = target_schema AND o.view_name = target_name
                      ORDER BY o.id DESC OFFSET GREATEST(keep, 1) LIMIT 1);
+END
+$body$
+"""
+
+# What a pg_cron job CALLs: refresh(), and when it fails, a history row that must outlive the
+# failed transaction: the error is caught, recorded and committed, then raised again so that
+# pg_cron still marks the run failed. A procedure with a SET clause cannot COMMIT, so its
+# search_path is not pinned: everything in it is qualified instead, operators included.
+# CALL returns the refresh's status (the INOUT parameter), as refresh() does.
+_REFRESH_JOB = """
+CREATE OR REPLACE PROCEDURE {s}.refresh_job(
+    target_schema pg_catalog.text, target_name pg_catalog.text, lock_key pg_catalog.int8,
+    refresh_concurrently pg_catalog.bool DEFAULT false,
+    lock_mode pg_catalog.text DEFAULT 'skip', only_if_stale pg_catalog.bool DEFAULT false,
+    INOUT status pg_catalog.text DEFAULT NULL)
+LANGUAGE plpgsql AS $body$
+DECLARE
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    failure pg_catalog.text;
+    code pg_catalog.text;
+BEGIN
+    BEGIN
+        status := {s}.refresh(target_schema, target_name, lock_key, refresh_concurrently,
+                              lock_mode, only_if_stale);
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS failure = MESSAGE_TEXT, code = RETURNED_SQLSTATE;
+    END;
+    IF failure IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM {s}.record(target_schema, target_name, started,
+                       pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()
+                                            OPERATOR(pg_catalog.-) started),
+                       'failed', refresh_concurrently, failure);
+    COMMIT;
+    RAISE EXCEPTION USING MESSAGE = failure, ERRCODE = code;
 END
 $body$
 """

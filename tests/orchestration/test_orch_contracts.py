@@ -52,29 +52,26 @@ def test_every_way_of_naming_a_view_gives_its_key() -> None:
 
 def test_pg_cron_job_command_text() -> None:
     # 0.1.0's jobs called public.sqlalchemy_matview_refresh(...); the bookkeeping moved to
-    # its own schema, and schedule_refresh() writes this (the CHANGELOG says to reschedule).
+    # its own schema, and schedule_refresh() writes this CALL of a procedure that records a failed
+    # run in the refresh history (the CHANGELOG says to reschedule).
     assert refresh_command("mv_daily") == (
-        "SELECT sqlalchemy_matview.refresh("
+        "CALL sqlalchemy_matview.refresh_job("
         "'public', 'mv_daily', -6283123207096362487, true, 'skip', false)"
-        " AS refresh_1"
     )
     assert refresh_command("Daily Stats", concurrently=False) == (
-        "SELECT sqlalchemy_matview.refresh("
+        "CALL sqlalchemy_matview.refresh_job("
         "'public', 'Daily Stats', 5476311138525878931, false, 'skip', false)"
-        " AS refresh_1"
     )
     assert refresh_command('it\'s "odd"', schema="S c", concurrently=False, only_if_stale=True) == (
-        "SELECT sqlalchemy_matview.refresh("
+        "CALL sqlalchemy_matview.refresh_job("
         "'S c', 'it''s \"odd\"', -8333806095337087830, false, 'skip', true)"
-        " AS refresh_1"
     )
 
 
 def test_pg_cron_job_command_with_a_lock_namespace() -> None:
     assert refresh_command("mv_daily", lock_namespace="tenant-a") == (
-        "SELECT sqlalchemy_matview.refresh("
+        "CALL sqlalchemy_matview.refresh_job("
         "'public', 'mv_daily', -3002704982268961825, true, 'skip', false)"
-        " AS refresh_1"
     )
 
 

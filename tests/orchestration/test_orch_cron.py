@@ -93,7 +93,7 @@ def test_job_command_refreshes_and_records_like_refresh_views(engine, shop: Shop
 
 def test_job_command_quotes_names_as_literals():
     command = refresh_command('it\'s "odd"', schema="S c", concurrently=False)
-    assert command.startswith("SELECT sqlalchemy_matview.refresh(")
+    assert command.startswith("CALL sqlalchemy_matview.refresh_job(")
     assert "'S c', 'it''s \"odd\"', " in command
     key = lock_key(("S c", 'it\'s "odd"'))
     assert f"{key}, false, 'skip', false)" in command
@@ -203,7 +203,7 @@ def test_scheduled_jobs_run_in_the_same_and_in_another_database(cron_db):
         # cron.job.jobname is a `name`: PostgreSQL keeps its first 63 bytes.
         assert name == job_name_for(mv, database=db)[:63]
         assert command == refresh_command(mv)
-        assert command.startswith("SELECT sqlalchemy_matview.refresh('public', 'Odd \"Name\"', ")
+        assert command.startswith("CALL sqlalchemy_matview.refresh_job('public', 'Odd \"Name\"', ")
         assert f"{lock_key(mv)}, true, 'skip', false)" in command
         local_command, local_database, local_name = _job(cron_engine, local_job)
         assert local_database == "postgres"  # the bind's own database

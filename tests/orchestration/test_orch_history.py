@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -132,3 +133,48 @@ def test_async_refresh_history(engine: sa.Engine, async_engine, shop: Shop) -> N
         return [r.status for r in await mv_async.refresh_history(async_engine, "mv_top")]
 
     assert asyncio.run(main()) == ["refreshed"]
+
+
+def test_a_failing_pg_cron_job_leaves_a_history_row(engine: sa.Engine, shop: Shop) -> None:
+    from sqlalchemy_matview.orchestration.cron import refresh_command
+
+    md = shop.metadata
+    divisors = sa.Table("divisors3", md, sa.Column("d", sa.Integer))
+    ratio = MaterializedView(
+        "mv_ratio3", md, sa.select((sa.literal(1) / divisors.c.d).label("r")), with_data=False
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(divisors.insert(), [{"d": 0}])
+        # A hostile operator in a schema searched first must not be picked up.
+        conn.execute(sa.text("CREATE SCHEMA hostile"))
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION hostile.minus(timestamptz, timestamptz) RETURNS interval"
+                " LANGUAGE sql AS 'SELECT interval ''1000 years'''"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE OPERATOR hostile.- (LEFTARG = timestamptz, RIGHTARG = timestamptz,"
+                " FUNCTION = hostile.minus)"
+            )
+        )
+    command = refresh_command(ratio, concurrently=False)
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    # As pg_cron runs it: one top-level statement on a connection of its own.
+    with psycopg.connect(url, autocommit=True) as job:
+        job.execute("SET search_path = hostile, pg_catalog, public")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            job.execute(command)
+    (record,) = refresh_history(engine, ratio)
+    assert (record.status, record.concurrently) == ("failed", False)
+    assert record.error == "division by zero"
+    assert record.duration is not None and record.duration < 3600
+
+    # A job that succeeds returns the status and is recorded once, by the refresh function.
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE divisors3 SET d = 1"))
+    with psycopg.connect(url, autocommit=True) as job:
+        assert job.execute(command).fetchone() == ("refreshed",)
+    assert [r.status for r in refresh_history(engine, ratio)] == ["refreshed", "failed"]

@@ -248,6 +248,7 @@ def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop
         "mark_stale",
         "record",
         "refresh",
+        "refresh_job",
         "sync_triggers",
         "track",
         "untrack",
@@ -255,7 +256,10 @@ def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop
     ]
     for row in rows:
         assert not row.public_exec and not row.default_acl, row.proname
-        assert row.proconfig == ["search_path=pg_catalog, pg_temp"], row.proname
+        # refresh_job is a procedure that COMMITs, which a SET clause forbids: it qualifies
+        # everything instead (the procedure test runs it under a hostile search_path).
+        if row.proname != "refresh_job":
+            assert row.proconfig == ["search_path=pg_catalog, pg_temp"], row.proname
         assert row.prosecdef == (row.proname == "mark_stale")
 
 
