@@ -69,7 +69,8 @@ _MATVIEWS = """
              ORDER BY i.indnatts, ic.relname
              LIMIT 1) AS concurrent_index,
            EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                    WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
+                      AND d.objid = c.oid
                       AND d.deptype = 'e') AS extension_owned,
            c.reltuples::bigint AS row_estimate,
            ((c.relpages::bigint
@@ -141,8 +142,8 @@ _DEPENDENCIES = sa.text(
       JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
       JOIN pg_catalog.pg_class rc ON rc.oid = d.refobjid
       JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace
-     WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
-       AND d.refclassid = 'pg_catalog.pg_class'::regclass
+     WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass::pg_catalog.oid
+       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
        AND d.deptype = 'n'
        AND dc.relkind IN ('v', 'm')
        AND d.refobjid <> r.ev_class

@@ -478,7 +478,7 @@ def _swap_body(plan: SwapPlan, preparer: IdentifierPreparer, literal: Callable[[
             f"            SELECT pg_catalog.quote_ident(n.nspname), c.oid INTO s{i}, o{i}",
             "              FROM pg_catalog.pg_class c",
             "              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace",
-            f"             WHERE c.oid = pg_catalog.to_regclass({name})"
+            f"             WHERE c.oid = pg_catalog.to_regclass({name})::pg_catalog.oid"
             f" AND c.relkind = '{relkind}';",
             f"            IF s{i} IS NULL THEN",
             "                RAISE EXCEPTION USING ERRCODE = 'undefined_table', MESSAGE ="
@@ -586,13 +586,15 @@ _RESULT_TYPES = sa.text(
     SELECT w.label,
            ARRAY(SELECT a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod)
                    FROM pg_catalog.pg_attribute a
-                  WHERE a.attrelid = pg_catalog.to_regclass(w.old) AND a.attnum > 0
+                  WHERE a.attrelid = pg_catalog.to_regclass(w.old)::pg_catalog.oid AND a.attnum > 0
                     AND NOT a.attisdropped ORDER BY a.attnum) AS old_columns,
            ARRAY(SELECT a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod)
                    FROM pg_catalog.pg_attribute a
-                  WHERE a.attrelid = pg_catalog.to_regclass(w.new) AND a.attnum > 0
+                  WHERE a.attrelid = pg_catalog.to_regclass(w.new)::pg_catalog.oid AND a.attnum > 0
                     AND NOT a.attisdropped ORDER BY a.attnum) AS new_columns
-      FROM unnest(CAST(:labels AS text[]), CAST(:old AS text[]), CAST(:new AS text[]))
+      FROM ROWS FROM (pg_catalog.unnest(CAST(:labels AS text[])),
+                      pg_catalog.unnest(CAST(:old AS text[])),
+                      pg_catalog.unnest(CAST(:new AS text[])))
            AS w(label, old, new)
     """
 )
@@ -622,8 +624,8 @@ _SIZES = sa.text(
     """
     SELECT COALESCE(sum(pg_catalog.pg_total_relation_size(c.oid)), 0)::bigint
       FROM pg_catalog.pg_class c
-     WHERE c.oid = ANY (ARRAY(SELECT pg_catalog.to_regclass(n)
-                                FROM unnest(CAST(:names AS text[])) AS n))
+     WHERE c.oid = ANY (ARRAY(SELECT pg_catalog.to_regclass(n)::pg_catalog.oid
+                                FROM pg_catalog.unnest(CAST(:names AS text[])) AS n))
        AND c.relkind = 'm'
     """
 )

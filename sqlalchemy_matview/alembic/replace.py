@@ -146,12 +146,13 @@ _SOURCES = sa.text(
     SELECT DISTINCT n.nspname AS schema, c.relname AS name
       FROM pg_catalog.pg_rewrite r
       JOIN pg_catalog.pg_depend d ON d.objid = r.oid
-           AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass::pg_catalog.oid
+           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
            AND d.deptype = 'n'
       JOIN pg_catalog.pg_class c ON c.oid = d.refobjid
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE r.ev_class = pg_catalog.to_regclass(:relation) AND d.refobjid <> r.ev_class
+     WHERE r.ev_class = pg_catalog.to_regclass(:relation)::pg_catalog.oid
+       AND d.refobjid <> r.ev_class
      ORDER BY 1, 2
     """
 )
@@ -359,7 +360,7 @@ def _plan(
 
 _POPULATED = sa.text(
     "SELECT c.relispopulated FROM pg_catalog.pg_class c"
-    " WHERE c.oid = pg_catalog.to_regclass(:relation) AND c.relkind = 'm'"
+    " WHERE c.oid = pg_catalog.to_regclass(:relation)::pg_catalog.oid AND c.relkind = 'm'"
 )
 _SCHEMA_TAKEN = sa.text("SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = :name)")
 

@@ -69,12 +69,13 @@ _CAPTURE = sa.text(
            COALESCE(acl.grantable, '{}') AS grantable
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      JOIN unnest(CAST(:schemas AS text[]), CAST(:names AS text[])) AS w(schema, name)
+      JOIN ROWS FROM (pg_catalog.unnest(CAST(:schemas AS text[])),
+                      pg_catalog.unnest(CAST(:names AS text[]))) AS w(schema, name)
         ON w.schema = n.nspname AND w.name = c.relname
       LEFT JOIN LATERAL (
-            SELECT array_agg(e.grantee ORDER BY e.grantee, e.privilege) AS grantees,
-                   array_agg(e.privilege ORDER BY e.grantee, e.privilege) AS privileges,
-                   array_agg(e.grantable ORDER BY e.grantee, e.privilege) AS grantable
+            SELECT pg_catalog.array_agg(e.grantee ORDER BY e.grantee, e.privilege) AS grantees,
+                   pg_catalog.array_agg(e.privilege ORDER BY e.grantee, e.privilege) AS privileges,
+                   pg_catalog.array_agg(e.grantable ORDER BY e.grantee, e.privilege) AS grantable
               FROM (SELECT CASE WHEN a.grantee = 0 THEN 'public'
                                 ELSE pg_catalog.pg_get_userbyid(a.grantee)::text END AS grantee,
                            a.privilege_type::text AS privilege,
@@ -140,11 +141,13 @@ _COLUMN_READERS = sa.text(
       JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
       JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
       JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid
-      JOIN unnest(CAST(:schemas AS text[]), CAST(:tables AS text[]), CAST(:columns AS text[]))
+      JOIN ROWS FROM (pg_catalog.unnest(CAST(:schemas AS text[])),
+                      pg_catalog.unnest(CAST(:tables AS text[])),
+                      pg_catalog.unnest(CAST(:columns AS text[])))
            AS w(schema, tab, col)
         ON w.schema = tn.nspname AND w.tab = t.relname AND w.col = a.attname
-     WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
-       AND d.refclassid = 'pg_catalog.pg_class'::regclass
+     WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass::pg_catalog.oid
+       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
        AND d.refobjsubid > 0
        AND v.relkind = 'm'
     """

@@ -250,7 +250,8 @@ def _move_legacy(conn: Connection, schema: str) -> None:
         sa.text(
             "SELECT pg_catalog.pg_get_userbyid(c.relowner)::text AS owner,"
             f" {_TRUSTED.format(owner='c.relowner')} AS trusted"
-            " FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass(:state)"
+            " FROM pg_catalog.pg_class c"
+            " WHERE c.oid = pg_catalog.to_regclass(:state)::pg_catalog.oid"
         ),
         {"state": _LEGACY_STATE},
     ).one()

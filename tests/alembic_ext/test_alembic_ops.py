@@ -69,7 +69,7 @@ def test_install_change_tracking_offline_prints_the_bookkeeping() -> None:
     sql = offline_sql("op.install_change_tracking()\n")
     assert sql.startswith("CREATE SCHEMA IF NOT EXISTS sqlalchemy_matview;")
     assert "CREATE OR REPLACE FUNCTION sqlalchemy_matview.mark_stale()" in sql
-    assert "REVOKE ALL ON FUNCTION sqlalchemy_matview.refresh(" in sql
+    assert "REVOKE ALL ON ROUTINE sqlalchemy_matview.refresh(" in sql
 
 
 def test_online_create_refresh_comment_drop(conn: sa.Connection) -> None:

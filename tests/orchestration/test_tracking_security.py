@@ -25,6 +25,7 @@ from sqlalchemy_matview import (
     RefreshResult,
     RefreshWorker,
     TrackingInstallError,
+    check_tracking,
     refresh_stale,
 )
 from sqlalchemy_matview.orchestration import tracking
@@ -462,3 +463,77 @@ def test_a_writer_cannot_opt_out_of_marking(roles: Roles) -> None:
         app.dispose()
         writer.dispose()
     _assert_untouched(roles)
+
+
+# Operators pg_catalog has no exact version of (it compares these through a coercion or a
+# polymorphic operator): one created in public with the exact argument types wins even with
+# pg_catalog first in the search path, as functions do.
+_OPERATOR_HIJACKS = [
+    ("=", "oid", "regclass", "boolean"),
+    ("=", "regclass", "oid", "boolean"),
+    ("=", "regclass", "regclass", "boolean"),
+    ("<>", "regclass", "regclass", "boolean"),
+    ("=", "oid[]", "oid[]", "boolean"),
+    ("=", "regclass[]", "regclass[]", "boolean"),
+    ("=", "text[]", "text[]", "boolean"),
+    ("=", "regproc", "regproc", "boolean"),
+    ("=", "regprocedure", "oid", "boolean"),
+    ("=", "oid", "regprocedure", "boolean"),
+    ("=", "regnamespace", "oid", "boolean"),
+    ("=", "oid", "regnamespace", "boolean"),
+    ("=", "regrole", "oid", "boolean"),
+    ("=", "oid", "regrole", "boolean"),
+    ("=", "xid8", "bigint", "boolean"),
+    ("=", "bigint", "xid8", "boolean"),
+]
+
+
+def test_operator_hijacks_in_public_never_run(roles: Roles) -> None:
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text("GRANT CREATE ON SCHEMA public TO PUBLIC"))
+    with roles.psql(roles.attacker) as raw:
+        for i, (op, left, right, _) in enumerate(_OPERATOR_HIJACKS):
+            base = {
+                "regclass": "oid",
+                "regproc": "oid",
+                "regprocedure": "oid",
+                "regnamespace": "oid",
+                "regrole": "oid",
+                "xid8": "text",
+            }
+            cast_l = f"$1::{base[left]}" if left in base else "$1"
+            cast_r = f"$2::{base[right]}" if right in base else "$2"
+            if "xid8" in (left, right):
+                cast_l, cast_r = "$1::text", "$2::text"
+            # Springs once per session and operator: a catalog join calls it per row.
+            raw.execute(
+                f"CREATE FUNCTION public.hijack_{i}(a {left}, b {right}) RETURNS boolean"
+                " LANGUAGE plpgsql SET search_path = pg_catalog AS $$ BEGIN"
+                f" IF current_setting('trap.op{i}', true) IS DISTINCT FROM 'x' THEN"
+                f" PERFORM set_config('trap.op{i}', 'x', false);"
+                f" {_trap_body(roles, op + ' ' + left + ',' + right)} END IF;"
+                f" RETURN {cast_l} OPERATOR(pg_catalog.{op}) {cast_r}; END $$"
+            )
+            raw.execute(
+                f"CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right},"
+                f" FUNCTION = public.hijack_{i})"
+            )
+    md, src, _ = _declare()
+    app = sa.create_engine(
+        roles.url.set(username=roles.app),
+        poolclass=sa.NullPool,
+        connect_args={"options": "-c statement_timeout=30s"},
+    )
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(src.insert(), [{"id": 1, "v": 1}])
+        with app.connect() as conn:
+            assert tracking.view_states(conn)[("public", "mv_sum")].stale
+        assert check_tracking(app, md) == []
+        assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+        assert _statuses(app, md)["public.mv_sum"] == "skipped_fresh"
+        md.drop_all(app)
+        md.create_all(app)
+    finally:
+        app.dispose()
