@@ -89,8 +89,8 @@ def _report(conn: Connection, metadata: sa.MetaData) -> list[Freshness]:
         stale_since = state.stale_since if state and state.stale else None
         staleness: datetime.timedelta | None
         if tracked:
-            staleness = max(now - stale_since, datetime.timedelta(0)) if stale_since else None
-            staleness = staleness if stale_since else datetime.timedelta(0)
+            zero = datetime.timedelta(0)
+            staleness = max(now - stale_since, zero) if stale_since else zero
         else:
             staleness = max(now - last, datetime.timedelta(0)) if last else None
         out.append(

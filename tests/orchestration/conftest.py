@@ -76,3 +76,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def failing_view(engine: Engine, metadata: sa.MetaData, name: str) -> MaterializedView:
+    """A view created WITH NO DATA whose refresh fails (division by zero), on ``metadata``."""
+    divisors = sa.Table(f"{name}_divisors", metadata, sa.Column("d", sa.Integer))
+    view = MaterializedView(
+        name, metadata, sa.select((sa.literal(1) / divisors.c.d).label("r")), with_data=False
+    )
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(divisors.insert(), [{"d": 0}])
+    return view

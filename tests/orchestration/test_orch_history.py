@@ -10,7 +10,6 @@ import sqlalchemy as sa
 
 import sqlalchemy_matview.asyncio as mv_async
 from sqlalchemy_matview import (
-    MaterializedView,
     lock_key,
     refresh_history,
     refresh_stale,
@@ -19,7 +18,7 @@ from sqlalchemy_matview import (
 from sqlalchemy_matview.orchestration import tracking
 from sqlalchemy_matview.orchestration.history import HistoryError
 
-from .conftest import Shop
+from .conftest import Shop, failing_view
 
 
 def test_refreshes_are_recorded_newest_first(engine: sa.Engine, shop: Shop) -> None:
@@ -57,14 +56,7 @@ def test_what_pg_cron_runs_is_recorded_too(engine: sa.Engine, shop: Shop) -> Non
 
 
 def test_failures_and_lock_skips_are_recorded(engine: sa.Engine, shop: Shop) -> None:
-    md = shop.metadata
-    divisors = sa.Table("divisors", md, sa.Column("d", sa.Integer))
-    ratio = MaterializedView(
-        "mv_ratio", md, sa.select((sa.literal(1) / divisors.c.d).label("r")), with_data=False
-    )
-    md.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(divisors.insert(), [{"d": 0}])
+    ratio = failing_view(engine, shop.metadata, "mv_ratio")
     (failed,) = refresh_views(engine, ratio)
     assert failed.status == "failed"
     (record,) = refresh_history(engine, ratio)
@@ -82,14 +74,8 @@ def test_failures_and_lock_skips_are_recorded(engine: sa.Engine, shop: Shop) -> 
 def test_a_failure_inside_the_callers_transaction_is_recorded_and_the_transaction_lives(
     engine: sa.Engine, shop: Shop
 ) -> None:
-    md = shop.metadata
-    divisors = sa.Table("divisors2", md, sa.Column("d", sa.Integer))
-    ratio = MaterializedView(
-        "mv_ratio2", md, sa.select((sa.literal(1) / divisors.c.d).label("r")), with_data=False
-    )
-    md.create_all(engine)
+    ratio = failing_view(engine, shop.metadata, "mv_ratio2")
     with engine.begin() as conn:
-        conn.execute(divisors.insert(), [{"d": 0}])
         (failed,) = refresh_views(conn, ratio)
         assert failed.status == "failed"
         assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
@@ -138,14 +124,8 @@ def test_async_refresh_history(engine: sa.Engine, async_engine, shop: Shop) -> N
 def test_a_failing_pg_cron_job_leaves_a_history_row(engine: sa.Engine, shop: Shop) -> None:
     from sqlalchemy_matview.orchestration.cron import refresh_command
 
-    md = shop.metadata
-    divisors = sa.Table("divisors3", md, sa.Column("d", sa.Integer))
-    ratio = MaterializedView(
-        "mv_ratio3", md, sa.select((sa.literal(1) / divisors.c.d).label("r")), with_data=False
-    )
-    md.create_all(engine)
+    ratio = failing_view(engine, shop.metadata, "mv_ratio3")
     with engine.begin() as conn:
-        conn.execute(divisors.insert(), [{"d": 0}])
         # A hostile operator in a schema searched first must not be picked up.
         conn.execute(sa.text("CREATE SCHEMA hostile"))
         conn.execute(
@@ -174,7 +154,7 @@ def test_a_failing_pg_cron_job_leaves_a_history_row(engine: sa.Engine, shop: Sho
 
     # A job that succeeds returns the status and is recorded once, by the refresh function.
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE divisors3 SET d = 1"))
+        conn.execute(sa.text("UPDATE mv_ratio3_divisors SET d = 1"))
     with psycopg.connect(url, autocommit=True) as job:
         assert job.execute(command).fetchone() == ("refreshed",)
     assert [r.status for r in refresh_history(engine, ratio)] == ["refreshed", "failed"]
