@@ -167,5 +167,11 @@ def dependencies(conn: Connection) -> list[Dependency]:
 
 
 def current_schema(conn: Connection) -> str:
-    """The schema unqualified names resolve to (``current_schema()``)."""
-    return str(conn.execute(sa.text("SELECT current_schema()")).scalar_one())
+    """The schema unqualified names resolve to (``current_schema()``).
+
+    With an empty ``search_path`` there is none: unqualified names then resolve only in
+    ``pg_catalog``, which is what this returns, so that lookups report the views missing
+    instead of looking in a schema called ``"None"``.
+    """
+    current = conn.execute(sa.text("SELECT pg_catalog.current_schema()")).scalar_one()
+    return "pg_catalog" if current is None else str(current)

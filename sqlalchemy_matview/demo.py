@@ -366,9 +366,10 @@ def _alembic(config: Any, engine: Engine, name: str, *args: Any, **kwargs: Any) 
 
 
 def _state(conn: Connection, view: Any) -> Any:
+    from . import catalog
     from .orchestration.tracking import view_states
 
-    schema = view.schema or conn.scalar(sa.text("SELECT current_schema()"))
+    schema = view.schema or catalog.current_schema(conn)
     return view_states(conn).get((schema, view.name))
 
 

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from .. import catalog
 from ..bookkeeping import HISTORY_TABLE, tracking_schema
 from ..errors import MaterializedViewError
 from ..schema import MaterializedView
@@ -115,7 +116,7 @@ def _view_key(conn: Connection, view: MaterializedView | str) -> tuple[str, str]
             "('schema.name', or 'name' in the current schema)"
         )
     if schema is None:
-        schema = str(conn.scalar(sa.text("SELECT pg_catalog.current_schema()")))
+        schema = catalog.current_schema(conn)
     return schema, name
 
 

@@ -70,7 +70,7 @@ class Freshness:
 
 
 def _report(conn: Connection, metadata: sa.MetaData) -> list[Freshness]:
-    current = conn.scalar(sa.text("SELECT pg_catalog.current_schema()")) or "public"
+    current = catalog.current_schema(conn)
     now = conn.scalar(sa.select(sa.func.now()))
     assert isinstance(now, datetime.datetime)
     views = materialized_views(metadata, managed=None)
@@ -169,7 +169,7 @@ def due_views(conn: Connection, metadata: sa.MetaData) -> list[MaterializedView]
     if not views:
         return []
     ages = {f.view: f.staleness for f in _report(conn, metadata)}
-    current = conn.scalar(sa.text("SELECT pg_catalog.current_schema()")) or "public"
+    current = catalog.current_schema(conn)
     due = []
     for view in views:
         assert view.max_staleness is not None

@@ -265,3 +265,19 @@ def test_catalog_without_definitions_does_not_wait_behind_a_plain_refresh(
         with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
             catalog.materialized_views(monitor)  # pg_get_viewdef must lock the view
         refresher.rollback()
+
+
+def test_current_schema_with_an_empty_search_path(
+    engine: Engine, md: sa.MetaData, events: sa.Table, dashboard: MaterializedView
+) -> None:
+    """Unqualified names then resolve only in pg_catalog: the views are reported missing,
+    not looked up in a schema called "None"."""
+    from sqlalchemy_matview import freshness
+
+    md.create_all(engine)
+    with engine.connect() as conn:
+        assert catalog.current_schema(conn) == "public"
+        conn.execute(sa.text("SET search_path = ''"))
+        assert catalog.current_schema(conn) == "pg_catalog"
+        (report,) = freshness(conn, md)
+        assert report.view == "pg_catalog.mv_dashboard"
