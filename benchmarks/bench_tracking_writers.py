@@ -44,16 +44,13 @@ import argparse
 import collections
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _benchlib
 import sqlalchemy as sa
 
 from sqlalchemy_matview import MaterializedView, RefreshWorker, refresh_stale
@@ -69,21 +66,6 @@ SCRIPTS = {
     "bulk": "INSERT INTO {table} (grp, v) SELECT g % 1000, 1 FROM generate_series(1, 1000) g;\n",
 }
 PARTITIONS = 4
-
-# The launcher starts servers for speed (fsync off...); "default" puts PostgreSQL's own back.
-DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
-
-_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
-
-
-def find_pgbench(server: PostgresServer) -> str:
-    beside = server.installation.bindir / "pgbench"
-    if os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("pgbench")
-    if found is None:
-        sys.exit("pgbench not found (Debian: postgresql-15 ships it in /usr/lib/postgresql/15/bin)")
-    return found
 
 
 @dataclass
@@ -185,44 +167,13 @@ class Run:
         return tps
 
     def _pgbench(self, duration: int) -> float:
-        cmd = [
-            self.exe,
-            "-n",  # no vacuum of pgbench's own tables: we have none
-            "-f",
-            str(self.script),
-            "-c",
-            str(self.clients),
-            "-j",
-            str(min(2, self.clients)),
-            "-T",
-            str(duration),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(self.server.port),
-            "-U",
-            "postgres",
-            self.database,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        match = _TPS.search(proc.stdout)
-        if proc.returncode != 0 or match is None:
-            sys.exit(f"pgbench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        return float(match.group(1))
+        return _benchlib.pgbench_tps(
+            self.exe, self.server, self.database, self.script, self.clients, duration
+        )
 
 
 def set_durability(engine: sa.Engine, database: str, mode: str) -> None:
-    """Per database: the server's command line (``-c``) would override ``ALTER SYSTEM``."""
-    value = "off" if mode == "async" else "on"
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        target = conn.dialect.identifier_preparer.quote(database)
-        conn.execute(sa.text(f"ALTER DATABASE {target} SET synchronous_commit = {value}"))
-    fresh = sa.create_engine(engine.url, poolclass=sa.NullPool)  # a new session, like pgbench's
-    with fresh.connect() as conn:
-        seen = conn.scalar(sa.text("SHOW synchronous_commit"))
-    fresh.dispose()
-    if seen != value:
-        sys.exit(f"synchronous_commit is {seen!r} in a new session, wanted {value!r}")
+    _benchlib.set_synchronous_commit(engine, database, "off" if mode == "async" else "on")
 
 
 def reset_tables(engine: sa.Engine, md: sa.MetaData) -> None:
@@ -266,10 +217,10 @@ def main() -> None:
     modes = ["default", "async"] if args.durability == "both" else [args.durability]
 
     md = declare(args.partitioned)
-    settings = {**DURABLE, "shared_buffers": "128MB", "max_connections": "100"}
+    settings = {**_benchlib.DURABLE, "shared_buffers": "128MB", "max_connections": "100"}
     results: dict[tuple[str, str, int], Cell] = {}
     with PostgresServer(settings=settings) as server, tempfile.TemporaryDirectory() as tmp:
-        exe = find_pgbench(server)
+        exe = _benchlib.find_pgbench(server)
         database = server.create_database()
         engine = sa.create_engine(server.url(database))
         md.create_all(engine)
