@@ -347,20 +347,24 @@ def _bookkeeping_ops(
     ``enable_change_tracking`` of a database that has none, and remove it after the
     ``disable_change_tracking`` of the last tracked view (its reverse then installs it
     again, and ``alembic downgrade base`` leaves nothing of the library behind)."""
+    from ..bookkeeping import DEFAULT_SCHEMA, tracking_schema
+
     ops = before + after
+    own = tracking_schema(metadatas[0]) if metadatas else DEFAULT_SCHEMA
+    schema = None if own == DEFAULT_SCHEMA else own
+    for op in ops:
+        # A replace keeps a tracked view's tracking, in whichever schema holds it.
+        if isinstance(
+            op, (EnableChangeTrackingOp, DisableChangeTrackingOp, ReplaceMaterializedViewOp)
+        ):
+            op.tracking_schema = schema
     enables = any(isinstance(o, EnableChangeTrackingOp) for o in ops)
     disables = any(isinstance(o, DisableChangeTrackingOp) for o in ops)
     if not (enables or disables):
         return
-    from ..bookkeeping import DEFAULT_SCHEMA, tracking_schema
     from ..orchestration import tracking
 
-    own = tracking_schema(metadatas[0]) if metadatas else DEFAULT_SCHEMA
-    schema = None if own == DEFAULT_SCHEMA else own
     installed = tracking.bookkeeping_installed(conn, own)
-    for op in ops:
-        if isinstance(op, (EnableChangeTrackingOp, DisableChangeTrackingOp)):
-            op.tracking_schema = schema
     if enables and not installed:
         for phase in (before, after):
             first = next(

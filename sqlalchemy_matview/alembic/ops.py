@@ -399,6 +399,7 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         strategy: str = "drop_create",
         swap_lock_timeout: float | timedelta = DEFAULT_SWAP_LOCK_TIMEOUT,
         swap_retries: int = DEFAULT_SWAP_RETRIES,
+        tracking_schema: str | None = None,
     ) -> None:
         self.name = name
         self.definition = definition
@@ -415,6 +416,7 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         self.swap_lock_timeout, self.swap_retries = check_swap_options(
             name, swap_lock_timeout, swap_retries
         )
+        self.tracking_schema = tracking_schema
 
     @classmethod
     def replace_materialized_view(
@@ -435,6 +437,7 @@ class ReplaceMaterializedViewOp(MigrateOperation):
         strategy: str = "drop_create",
         swap_lock_timeout: float | timedelta = DEFAULT_SWAP_LOCK_TIMEOUT,
         swap_retries: int = DEFAULT_SWAP_RETRIES,
+        tracking_schema: str | None = None,
     ) -> None:
         """Give a materialized view a new definition.
 
@@ -502,6 +505,7 @@ class ReplaceMaterializedViewOp(MigrateOperation):
                 strategy=strategy,
                 swap_lock_timeout=swap_lock_timeout,
                 swap_retries=swap_retries,
+                tracking_schema=tracking_schema,
             )
         )
 
@@ -527,6 +531,7 @@ class ReplaceMaterializedViewOp(MigrateOperation):
             strategy=self.strategy,
             swap_lock_timeout=self.swap_lock_timeout,
             swap_retries=self.swap_retries,
+            tracking_schema=self.tracking_schema,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:

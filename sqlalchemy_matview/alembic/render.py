@@ -259,6 +259,7 @@ def _render_replace(autogen_context: AutogenContext, op: ReplaceMaterializedView
             ("strategy", op.strategy, "drop_create"),
             ("swap_lock_timeout", op.swap_lock_timeout, DEFAULT_SWAP_LOCK_TIMEOUT),
             ("swap_retries", op.swap_retries, DEFAULT_SWAP_RETRIES),
+            ("tracking_schema", op.tracking_schema, None),
             ("with_data", op.with_data, True),
             ("*old_definition", old, None),
             ("columns", list(op.columns) if op.columns is not None else None, None),

@@ -194,6 +194,7 @@ class TrackingSync:
     name: str
     old: tuple[tuple[str, str], ...]
     new: tuple[tuple[str, str], ...]
+    tracking_schema: str | None = None
 
     @classmethod
     def read(
@@ -204,7 +205,7 @@ class TrackingSync:
             from ..orchestration import tracking
         except ImportError:  # pragma: no cover - depends on the installed version
             return None
-        if (schema, op.name) not in tracking.tracking_installed(conn):
+        if (schema, op.name) not in tracking.tracking_installed(conn, op.tracking_schema):
             return None
         preparer = conn.dialect.identifier_preparer
         relation = preparer.format_table(sa.table(op.name, schema=schema))
@@ -217,12 +218,14 @@ class TrackingSync:
             conn.execute(DropPlainView(_PROBE, "pg_temp"))
         if set(old) == set(new):
             return None
-        return cls(schema, op.name, old, new)
+        return cls(schema, op.name, old, new, op.tracking_schema)
 
     def _install(self, conn: Connection, sources: tuple[tuple[str, str], ...]) -> None:
         from ..orchestration import tracking
 
-        tracking.install_tracking(conn, self.schema, self.name, list(sources))
+        tracking.install_tracking(
+            conn, self.schema, self.name, list(sources), schema=self.tracking_schema
+        )
 
     def widen(self, conn: Connection) -> None:
         if not set(self.new) <= set(self.old):

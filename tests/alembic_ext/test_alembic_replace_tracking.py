@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from matview_swap_helpers import migrate
 
-from sqlalchemy_matview.orchestration.tracking import install_tracking, view_states
+from sqlalchemy_matview.orchestration.tracking import install_tracking, refresh_call, view_states
 from sqlalchemy_matview.swap import SwapError
 
 SETUP = [
@@ -26,17 +26,23 @@ JOINED = (
 KINDS_ONLY = "SELECT kind, 0 AS total, label FROM kinds"
 
 
-def _state(engine: sa.Engine) -> tuple[tuple[str, ...], bool]:
+def _state(engine: sa.Engine, tracking_schema: str | None = None) -> tuple[tuple[str, ...], bool]:
     with engine.connect() as conn:
-        state = view_states(conn)[("public", "mv")]
+        state = view_states(conn, tracking_schema)[("public", "mv")]
         return state.sources, state.stale
 
 
-def _refresh(engine: sa.Engine) -> None:
+def _refresh(engine: sa.Engine, tracking_schema: str | None = None) -> None:
     from sqlalchemy_matview import refresh_views
 
-    results = refresh_views(engine, "mv", "mv_top")
-    assert {r.status for r in results} == {"refreshed"}
+    if tracking_schema is None:
+        results = refresh_views(engine, "mv", "mv_top")
+        assert {r.status for r in results} == {"refreshed"}
+        return
+    # Refreshing by name knows no MetaData, hence no tracking schema: the SQL function does.
+    call = refresh_call("public", "mv", concurrently=False, tracking_schema_name=tracking_schema)
+    with engine.begin() as conn:
+        assert conn.scalar(call) == "refreshed"
 
 
 def _write(engine: sa.Engine, statement: str) -> None:
@@ -44,33 +50,44 @@ def _write(engine: sa.Engine, statement: str) -> None:
         conn.exec_driver_sql(statement)
 
 
+@pytest.mark.parametrize("tracking_schema", [None, "ops_bookkeeping"])
 @pytest.mark.parametrize("strategy", ["drop_create", "side_by_side"])
 def test_tracking_follows_the_tables_the_new_definition_reads(
-    engine: sa.Engine, strategy: str
+    engine: sa.Engine, strategy: str, tracking_schema: str | None
 ) -> None:
     with engine.begin() as conn:
         for statement in SETUP:
             conn.exec_driver_sql(statement)
-        install_tracking(conn, None, "mv", [(None, "events")])
-    _refresh(engine)
-    assert _state(engine) == (("public.events",), False)
+        install_tracking(conn, None, "mv", [(None, "events")], schema=tracking_schema)
+    _refresh(engine, tracking_schema)
+    assert _state(engine, tracking_schema) == (("public.events",), False)
 
-    migrate(engine, lambda op: op.replace_materialized_view("mv", JOINED, strategy=strategy))
-    assert _state(engine)[0] == ("public.events", "public.kinds")
-    _refresh(engine)
+    def replace(definition: str) -> None:
+        migrate(
+            engine,
+            lambda op: op.replace_materialized_view(
+                "mv", definition, strategy=strategy, tracking_schema=tracking_schema
+            ),
+        )
+
+    replace(JOINED)
+    assert _state(engine, tracking_schema)[0] == ("public.events", "public.kinds")
+    _refresh(engine, tracking_schema)
     _write(engine, "UPDATE kinds SET label = 'renamed' WHERE kind = 'k1'")
-    assert _state(engine)[1], "a write to the newly read table marks the view stale"
+    assert _state(engine, tracking_schema)[1], "a write to the newly read table marks it stale"
 
-    migrate(engine, lambda op: op.replace_materialized_view("mv", KINDS_ONLY, strategy=strategy))
-    assert _state(engine)[0] == ("public.kinds",)
-    _refresh(engine)
+    replace(KINDS_ONLY)
+    assert _state(engine, tracking_schema)[0] == ("public.kinds",)
+    _refresh(engine, tracking_schema)
     _write(engine, "INSERT INTO events VALUES (1000, 'k1', 1)")
-    assert not _state(engine)[1], "a table the view no longer reads does not mark it stale"
+    assert not _state(engine, tracking_schema)[1], "a table it no longer reads does not mark it"
     with engine.connect() as conn:
         triggers = conn.scalar(
             sa.text("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass")
         )
         assert triggers == 0
+        if tracking_schema is not None:
+            assert not conn.scalar(sa.text("SELECT to_regnamespace('sqlalchemy_matview')"))
 
 
 def test_a_failed_side_by_side_replace_leaves_tracking_as_it_was(engine: sa.Engine) -> None:

@@ -13,7 +13,11 @@ from sqlalchemy_matview.alembic.ops import (
     InstallChangeTrackingOp,
     UninstallChangeTrackingOp,
 )
-from sqlalchemy_matview.orchestration.tracking import bookkeeping_installed, tracking_installed
+from sqlalchemy_matview.orchestration.tracking import (
+    bookkeeping_installed,
+    tracking_installed,
+    view_states,
+)
 
 
 def models(track: bool) -> sa.MetaData:
@@ -89,6 +93,27 @@ def test_a_custom_tracking_schema_is_migrated(conn: sa.Connection) -> None:
     assert tracking_installed(conn, "mv admin") == {("public", "mv_count"), ("public", "mv_on_mv")}
     assert not bookkeeping_installed(conn)  # nothing in the default schema
     assert autogenerate(conn, md).empty
+
+    # A replace keeps the view tracked in that schema, on the tables it reads now.
+    changed = sa.MetaData()
+    set_tracking_schema(changed, "mv admin")
+    events = sa.Table("events", changed, sa.Column("id", sa.Integer, primary_key=True))
+    kinds = sa.Table("kinds", changed, sa.Column("id", sa.Integer, primary_key=True))
+    joined = sa.select(sa.func.count(events.c.id).label("n")).where(
+        events.c.id.in_(sa.select(kinds.c.id))
+    )
+    count = MaterializedView("mv_count", changed, joined, track_changes=True)
+    MaterializedView("mv_on_mv", changed, sa.select(count.c.n), track_changes=True)
+    conn.execute(sa.text("CREATE TABLE kinds (id int PRIMARY KEY)"))
+    replaced = autogenerate(conn, changed)
+    assert "tracking_schema='mv admin'" in replaced.upgrade
+    run_code(conn, replaced.upgrade)
+    sources = view_states(conn, "mv admin")[("public", "mv_count")].sources
+    assert sources == ("public.events", "public.kinds")
+    assert not bookkeeping_installed(conn)
+    run_code(conn, replaced.downgrade)
+    conn.execute(sa.text("DROP TABLE kinds"))
+
     run_code(conn, generated.downgrade)
     assert conn.scalar(sa.text("SELECT to_regnamespace('\"mv admin\"')")) is None
 
