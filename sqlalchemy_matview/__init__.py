@@ -28,6 +28,7 @@ from .errors import (
     DefinitionError,
     DependencyCycleError,
     ExtensionNotInstalledError,
+    IncrementalRefreshError,
     MaterializedViewError,
     ReadOnlyMaterializedViewError,
     SessionRequiredError,
@@ -37,6 +38,7 @@ from .errors import (
     UnsupportedDialectError,
     WorkerOptionError,
 )
+from .incremental import Incremental
 from .reflection import reflect_materialized_views
 from .schema import (
     MaterializedView,
@@ -104,6 +106,8 @@ __all__ = [
     "DropMaterializedView",
     "ExtensionNotInstalledError",
     "Freshness",
+    "Incremental",
+    "IncrementalRefreshError",
     "MaterializedView",
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",

@@ -27,10 +27,21 @@ _table_compilers_wrapped = False
 
 def install_ddl(view: MaterializedView) -> None:
     """Make ``create_all`` / ``drop_all`` emit the view's DDL for ``view.table``."""
-    from .ddl import CommentOnMaterializedView, CreateMaterializedView, DropMaterializedView
+    from .ddl import (
+        CommentOnMaterializedView,
+        CreateIncrementalTable,
+        CreateMaterializedView,
+        DropMaterializedView,
+    )
 
     table = view.table
-    if HAS_TABLE_DDL_HOOKS:
+    if view.incremental is not None:
+        # A real table: SQLAlchemy's own DROP TABLE; only its creation differs.
+        if HAS_TABLE_DDL_HOOKS:
+            table.set_creator_ddl(cast(Any, CreateIncrementalTable(view)))
+        else:
+            _wrap_table_compilers()
+    elif HAS_TABLE_DDL_HOOKS:
         table.set_creator_ddl(cast(Any, CreateMaterializedView(view)))
         table.set_dropper_ddl(cast(Any, DropMaterializedView(view)))
     else:
@@ -50,7 +61,7 @@ def _wrap_table_compilers() -> None:
     if _table_compilers_wrapped:
         return
     _table_compilers_wrapped = True
-    from .ddl import CreateMaterializedView, DropMaterializedView
+    from .ddl import CreateIncrementalTable, CreateMaterializedView, DropMaterializedView
 
     @compiles(CreateTable)
     def _create_table(element: CreateTable, compiler: DDLCompiler, **kw: Any) -> str:
@@ -58,13 +69,17 @@ def _wrap_table_compilers() -> None:
         if view is None:
             return str(compiler.visit_create_table(element, **kw))  # type: ignore[no-untyped-call]
         if_not_exists = bool(getattr(element, "if_not_exists", False))
-        create = CreateMaterializedView(view, if_not_exists=if_not_exists)
+        create: Any
+        if view.incremental is not None:
+            create = CreateIncrementalTable(view, if_not_exists=if_not_exists)
+        else:
+            create = CreateMaterializedView(view, if_not_exists=if_not_exists)
         return compiler.process(create, **kw)
 
     @compiles(DropTable)
     def _drop_table(element: DropTable, compiler: DDLCompiler, **kw: Any) -> str:
         view = _view_of(element.element)
-        if view is None:
+        if view is None or view.incremental is not None:
             return str(compiler.visit_drop_table(element, **kw))  # type: ignore[no-untyped-call]
         drop = DropMaterializedView(view, if_exists=bool(getattr(element, "if_exists", False)))
         return compiler.process(drop, **kw)

@@ -18,7 +18,12 @@ from sqlalchemy.sql.compiler import DDLCompiler
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement
 
-from .errors import ConcurrentRefreshError, MaterializedViewError, UnsupportedDialectError
+from .errors import (
+    ConcurrentRefreshError,
+    IncrementalRefreshError,
+    MaterializedViewError,
+    UnsupportedDialectError,
+)
 from .query import Definition, as_query, query_sql
 from .schema import MaterializedView, _table_of, materialized_view_of
 
@@ -32,6 +37,7 @@ __all__ = [
     "CatalogStatement",
     "CommentOnMaterializedView",
     "CommentOnPlainView",
+    "CreateIncrementalTable",
     "CreateMaterializedView",
     "CreatePlainView",
     "DropMaterializedView",
@@ -128,6 +134,23 @@ class CreateMaterializedView(_ViewDDL):
         self.if_not_exists = if_not_exists
 
 
+class CreateIncrementalTable(_ViewDDL):
+    """``CREATE TABLE name (columns) AS query WITH NO DATA``: the table of an incremental view.
+
+    Its columns get exactly the types of the query's. ``create_all`` runs it, then adds the
+    primary key, the triggers and the log, and fills the table (see
+    :mod:`sqlalchemy_matview.orchestration.incremental`).
+    """
+
+    __visit_name__ = "create_incremental_table"
+
+    def __init__(self, view: MaterializedView, *, if_not_exists: bool = False) -> None:
+        self.table = view.table
+        self.definition: ClauseElement = view.definition
+        self.column_names = tuple(c.name for c in view.table.c)
+        self.if_not_exists = if_not_exists
+
+
 class DropMaterializedView(_ViewDDL):
     """``DROP MATERIALIZED VIEW [IF EXISTS] name [CASCADE]``.
 
@@ -196,6 +219,7 @@ def _refuse_other_dialects(element: _ViewDDL, compiler: DDLCompiler, **kw: Any) 
 
 for _construct in (
     CreateMaterializedView,
+    CreateIncrementalTable,
     DropMaterializedView,
     RefreshMaterializedView,
     CommentOnMaterializedView,
@@ -226,6 +250,21 @@ def _visit_create(element: CreateMaterializedView, compiler: DDLCompiler, **kw: 
     return text
 
 
+@compiles(CreateIncrementalTable, "postgresql")
+def _visit_create_incremental(
+    element: CreateIncrementalTable, compiler: DDLCompiler, **kw: Any
+) -> str:
+    quote = compiler.preparer.quote
+    return (
+        "CREATE TABLE "
+        + ("IF NOT EXISTS " if element.if_not_exists else "")
+        + _name(element, compiler)
+        + " ("
+        + ", ".join(quote(n) for n in element.column_names)
+        + f") AS {definition_query(element.definition, compiler)} WITH NO DATA"
+    )
+
+
 @compiles(DropMaterializedView, "postgresql")
 def _visit_drop(element: DropMaterializedView, compiler: DDLCompiler, **kw: Any) -> str:
     text = "DROP MATERIALIZED VIEW "
@@ -254,7 +293,9 @@ def _visit_comment(element: CommentOnMaterializedView, compiler: DDLCompiler, **
         literal = "NULL"
     else:
         literal = compiler.sql_compiler.render_literal_value(element.comment, sa.String())
-    return f"COMMENT ON MATERIALIZED VIEW {_name(element, compiler)} IS {literal}"
+    # An incremental view is stored as a table.
+    kind = "TABLE" if element.view is not None and element.view.incremental else "MATERIALIZED VIEW"
+    return f"COMMENT ON {kind} {_name(element, compiler)} IS {literal}"
 
 
 # -- refresh() -----------------------------------------------------------------------------
@@ -318,6 +359,12 @@ def refresh(
         with_data=with_data,
     )
     label = _label(statement)
+    if statement.view is not None and statement.view.incremental is not None:
+        raise IncrementalRefreshError(
+            f"refresh({label}): it is an incremental view, stored as a table that no REFRESH "
+            "MATERIALIZED VIEW can refresh; use refresh_views(bind, view) (or refresh_stale), "
+            "which recomputes its dirty buckets"
+        )
     if concurrently and not with_data:
         raise ConcurrentRefreshError(
             f"refresh({label}): CONCURRENTLY cannot be combined with WITH NO DATA; pass "

@@ -14,6 +14,7 @@ __all__ = [
     "DefinitionError",
     "DependencyCycleError",
     "ExtensionNotInstalledError",
+    "IncrementalRefreshError",
     "MaterializedViewError",
     "ReadOnlyMaterializedViewError",
     "SessionRequiredError",
@@ -43,6 +44,11 @@ class ReadOnlyMaterializedViewError(MaterializedViewError, TypeError):
 
 class UnsupportedDialectError(MaterializedViewError, CompileError):
     """A materialized-view construct was compiled for a database other than PostgreSQL."""
+
+
+class IncrementalRefreshError(MaterializedViewError, TypeError):
+    """``refresh(view)`` (``REFRESH MATERIALIZED VIEW``) was built for an incremental view,
+    which is stored as a table: refresh it with ``refresh_views`` / ``refresh_stale``."""
 
 
 class UnknownViewError(MaterializedViewError, LookupError):

@@ -21,6 +21,7 @@ from sqlalchemy.types import NullType
 
 from . import _compat, bookkeeping
 from .errors import DefinitionError
+from .incremental import Incremental, incremental_hooks
 from .query import Definition, Query, as_query, check_query
 
 if TYPE_CHECKING:
@@ -147,6 +148,10 @@ class MaterializedView:
         after its first unrefreshed change (debounce cannot postpone it), and refreshes an
         untracked view at least this often; :func:`sqlalchemy_matview.freshness` and
         ``matview check`` report breaches. ``None``: no objective.
+    :param incremental: an :class:`~sqlalchemy_matview.Incremental`: store the rows in a
+        table named as the view, kept by triggers that log which buckets writes touch, and
+        refresh only those buckets (see ``docs/incremental.md``). Its ``key`` becomes the
+        table's primary key (and :attr:`unique_key`).
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class MaterializedView:
         depends_on: Iterable[sa.Table | MaterializedView] = (),
         replace_strategy: str | None = None,
         max_staleness: datetime.timedelta | None = None,
+        incremental: Incremental | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise DefinitionError(f"a materialized view needs a non-empty name, got {name!r}")
@@ -194,6 +200,12 @@ class MaterializedView:
             )
 
         table_columns = self._build_columns(columns)
+        #: The :class:`~sqlalchemy_matview.Incremental` declaration, or ``None``.
+        self.incremental: Incremental | None = self._check_incremental(
+            incremental, unique_key, table_columns
+        )
+        if self.incremental is not None:
+            unique_key = self.incremental.key
         self.unique_key: tuple[str, ...] = self._check_unique_key(unique_key, table_columns)
         for column in table_columns:
             if column.name in self.unique_key:
@@ -218,7 +230,7 @@ class MaterializedView:
         self.table: sa.Table = sa.Table(
             name, owner, *table_columns, schema=self.schema, info={INFO_KEY: self}
         )
-        if self.unique_key:
+        if self.unique_key and self.incremental is None:
             sa.Index(
                 unique_key_index_name(name),
                 *(self.table.c[k] for k in self.unique_key),
@@ -230,6 +242,12 @@ class MaterializedView:
                 if source.metadata is metadata and source is not self.table:
                     self.table.add_is_dependent_on(source)
             _compat.install_ddl(self)
+            if self.incremental is not None:
+                # The table, its triggers and its log are created and dropped by the
+                # orchestration layer, loaded when first needed (incremental_hooks).
+                sa.event.listen(self.table, "before_create", _incremental_before_create)
+                sa.event.listen(self.table, "after_create", _incremental_after_create)
+                sa.event.listen(self.table, "before_drop", _incremental_before_drop)
             if track_changes:
                 # create_all installs the triggers, drop_all removes them; the
                 # orchestration layer does it (bookkeeping.tracking_hooks).
@@ -255,6 +273,30 @@ class MaterializedView:
                 f"datetime.timedelta (e.g. timedelta(minutes=5)), not {value!r}"
             )
         return value
+
+    def _check_incremental(
+        self,
+        incremental: object,
+        unique_key: str | Sequence[str] | None,
+        columns: list[sa.Column[Any]],
+    ) -> Incremental | None:
+        if incremental is None:
+            return None
+        if not isinstance(incremental, Incremental):
+            raise DefinitionError(
+                f"materialized view {self._display}: incremental= takes an "
+                f"Incremental(key=..., sources={{...}}), not {incremental!r}"
+            )
+        incremental.bind(self, [c.name for c in columns])
+        if unique_key is not None:
+            given = (unique_key,) if isinstance(unique_key, str) else tuple(unique_key)
+            if set(given) != set(incremental.key):
+                raise DefinitionError(
+                    f"materialized view {self._display}: unique_key={unique_key!r} differs from "
+                    f"the incremental key {list(incremental.key)}, which is the table's primary "
+                    "key; drop unique_key="
+                )
+        return incremental
 
     @property
     def _display(self) -> str:
@@ -411,7 +453,12 @@ class MaterializedView:
     ) -> None:
         """Drop the view (``cascade=True`` also drops whatever depends on it)."""
         self._require_managed("drop")
-        if not cascade:
+        if not cascade or self.incremental is not None:
+            if cascade:
+                raise DefinitionError(
+                    f"incremental view {self._display}: drop(cascade=True) is not supported; "
+                    "drop the views reading it first, then drop it"
+                )
             self.table.drop(bind, checkfirst=checkfirst)
             return
         from .ddl import DropMaterializedView
@@ -520,3 +567,15 @@ def _tracking_before_drop(target: sa.Table, connection: Any, **kw: Any) -> None:
     view = target.info.get(INFO_KEY)
     if isinstance(view, MaterializedView):
         bookkeeping.tracking_hooks()[1](view, connection, **kw)
+
+
+def _incremental_before_create(target: sa.Table, connection: Any, **kw: Any) -> None:
+    incremental_hooks()["before_create"](target.info[INFO_KEY], connection)
+
+
+def _incremental_after_create(target: sa.Table, connection: Any, **kw: Any) -> None:
+    incremental_hooks()["after_create"](target.info[INFO_KEY], connection)
+
+
+def _incremental_before_drop(target: sa.Table, connection: Any, **kw: Any) -> None:
+    incremental_hooks()["before_drop"](target.info[INFO_KEY], connection)

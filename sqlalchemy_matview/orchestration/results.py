@@ -49,6 +49,13 @@ class RefreshResult:
     #: Changes to its sources committed while it was being refreshed: the view is still
     #: stale and another refresh is due (a worker refreshes it again).
     pending: bool = False
+    #: Incremental views only (else ``None``): how many buckets the refresh recomputed
+    #: (every stored bucket after a full recompute; 0 when nothing was dirty).
+    buckets: int | None = None
+    #: Incremental views only (else ``None``): True when everything was recomputed, because
+    #: a source was truncated or the dirty buckets held more than ``full_refresh_above`` of
+    #: the rows.
+    full_refresh: bool | None = None
 
     @property
     def ok(self) -> bool:

@@ -41,7 +41,7 @@ from ..bookkeeping import tracking_schema
 from ..ddl import RefreshMaterializedView, qualifying_unique_index
 from ..errors import ConcurrentRefreshError, MaterializedViewError, UnknownViewError
 from ..schema import MaterializedView, materialized_view_of, materialized_views
-from . import history, tracking
+from . import history, incremental, tracking
 from .locking import check_namespace, lock_key
 from .ordering import DependencyGraph, QName
 from .pooling import refuse_standby
@@ -199,6 +199,8 @@ class _Item:
     exists: bool = True
     populated: bool = True
     concurrent_index: bool = False
+    #: An incremental view: a table whose dirty buckets are recomputed.
+    incremental: bool = False
 
     @property
     def label(self) -> str:
@@ -276,9 +278,18 @@ def _plan(
         _resolve(ref, current, infos) for ref in refs
     ]
     for _, view in resolved:
-        if view is not None and opts.concurrently is True:
+        if view is not None and opts.concurrently is True and view.incremental is None:
             _check_concurrent_declaration(view)
-    missing = [q for q, _ in resolved if q not in infos]
+    schema = _bookkeeping_schema(metadata, [v for _, v in resolved if v is not None])
+    # Incremental views are tables, not in pg_matviews: their refresh function says they exist.
+    incrementals = {
+        q
+        for q, view in resolved
+        if q not in infos
+        and (view is None or view.incremental is not None)
+        and incremental.is_incremental(conn, q[0], q[1], schema)
+    }
+    missing = [q for q, _ in resolved if q not in infos and q not in incrementals]
     if strict and missing:
         names = ", ".join(f"'{s}.{n}'" for s, n in missing)
         raise UnknownViewError(
@@ -303,14 +314,16 @@ def _plan(
             _Item(
                 qname=qname,
                 declared=wanted[qname],
-                exists=info is not None,
-                populated=info.populated if info is not None else False,
+                exists=info is not None or qname in incrementals,
+                populated=info.populated if info is not None else qname in incrementals,
                 concurrent_index=bool(info and info.concurrent_index),
+                incremental=qname in incrementals,
             )
         )
-    schema = _bookkeeping_schema(metadata, [v for _, v in resolved if v is not None])
     tracking_on = tracking.bookkeeping_installed(conn, schema)
     stale = tracking.stale_views(conn, schema) if (tracking_on and want_stale) else set()
+    if want_stale and incrementals:
+        stale |= incremental.dirty_views(conn, sorted(incrementals), schema)
     return _Plan(
         items=items, graph=graph, tracking_on=tracking_on, stale=stale, tracking_schema=schema
     )
@@ -440,6 +453,8 @@ def _refresh_one(
                 "it (metadata.create_all / alembic upgrade)"
             ),
         )
+    if item.incremental:
+        return _refresh_incremental(conn, owned, item, plan, opts, only_if_stale, result)
     concurrently = _use_concurrently(item, opts)
     if isinstance(concurrently, ConcurrentRefreshError):
         return result("failed", error=concurrently)
@@ -488,6 +503,57 @@ def _refresh_one(
             done.duration,
         )
     return done
+
+
+def _refresh_incremental(
+    conn: Connection,
+    owned: bool,
+    item: _Item,
+    plan: _Plan,
+    opts: RunOptions,
+    only_if_stale: bool,
+    result: Callable[..., RefreshResult],
+) -> RefreshResult:
+    """Recompute the dirty buckets of an incremental view (lock, log and history included:
+    the view's own refresh function, the one pg_cron jobs run)."""
+    declared = item.declared
+    threshold = (
+        declared.incremental.full_refresh_above
+        if declared is not None and declared.incremental is not None
+        else None
+    )
+    try:
+        with _transaction(conn, owned):
+            saved = _set_timeouts(conn, opts)
+            done = incremental.refresh_incremental(
+                conn,
+                item.qname,
+                lock=opts.lock,
+                only_if_dirty=only_if_stale,
+                lock_namespace=opts.lock_namespace,
+                threshold=threshold,
+                tracking_schema_name=plan.tracking_schema,
+            )
+            _restore_timeouts(conn, saved)
+    except Exception as exc:
+        if tracking.is_lock_wait_timeout(exc):
+            log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
+            return _recorded(conn, owned, plan, result("skipped_locked", False, exc))
+        log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
+        return _recorded(conn, owned, plan, result("failed", False, exc))
+    outcome = _OUTCOMES[done.status]
+    res = replace(result(outcome), buckets=done.buckets, full_refresh=done.full_refresh)
+    if outcome == "skipped_locked":
+        return _recorded(conn, owned, plan, res)
+    if outcome == "refreshed":
+        log.info(
+            "refreshed incremental view %s (%d bucket(s)%s) in %.3fs",
+            item.label,
+            done.buckets,
+            ", full recompute" if done.full_refresh else "",
+            res.duration,
+        )
+    return res
 
 
 def _recorded(conn: Connection, owned: bool, plan: _Plan, done: RefreshResult) -> RefreshResult:

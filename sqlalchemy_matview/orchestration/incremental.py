@@ -1,0 +1,926 @@
+"""Incremental views: their table, triggers and dirty-bucket log, and their refresh.
+
+Declared with :class:`~sqlalchemy_matview.Incremental` (the declaration and its checks are in
+:mod:`sqlalchemy_matview.incremental`); this module is what ``create_all`` / ``drop_all`` run
+for them (through hooks, so that the declaration layer never imports the orchestration) and
+what the refresh functions call.
+
+Objects (``S`` is the bookkeeping schema, ``inc_<h>`` the view's prefix, see
+:func:`~sqlalchemy_matview.incremental.names_for`):
+
+- the view's table, named as the view, primary key on the key columns;
+- ``S.inc_<h>_log``: the dirty-bucket log, the key columns plus the writer's ``xid8``, all of
+  them the primary key: writers insert ``ON CONFLICT DO NOTHING`` and never wait on each other
+  (two transactions never share an xid);
+- ``S.inc_<h>_all``: one row per transaction that truncated a source (everything is dirty);
+- ``S.inc_<h>_src<i>()``: the trigger function of source ``i`` (SECURITY DEFINER, pinned
+  ``search_path``, EXECUTE revoked from PUBLIC), fired by AFTER ... FOR EACH STATEMENT
+  triggers with transition tables (one per event: PostgreSQL allows transition tables on
+  single-event triggers only), an AFTER TRUNCATE trigger (ENABLE ALWAYS), and a row-level
+  twin ENABLE REPLICA for rows applied by logical replication (which fires no statement
+  trigger). A partitioned source gets a row-level trigger instead (PostgreSQL clones it to
+  every partition, those created later included, so direct writes into a partition are
+  seen) and TRUNCATE triggers on every partition;
+- ``S.inc_<h>_refresh(lock_key, lock_mode, only_if_dirty, threshold)``: the refresh.
+
+The refresh, in one transaction under the view's advisory lock: (1) one statement deletes the
+log rows its snapshot sees and collects their buckets; (2) when the rows in those buckets
+(planner estimates, per source) exceed ``full_refresh_above`` of all rows, or a TRUNCATE was
+logged, everything is recomputed instead; (3) one statement recomputes the buckets with the
+view's own query, restricted to them (the restriction is pushed into the query, down to an
+index on the bucket expression), upserts the rows that changed and deletes the buckets that
+came back empty. Statement (3) runs on a snapshot at least as new as (1)'s, so every change
+whose log row was consumed is in the result; a change committed in between keeps its log row
+for the next refresh. Nothing is truncated and no lock stronger than row locks is taken on the
+table: readers never wait, and see the refresh whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import DDLCompiler
+from sqlalchemy.sql.ddl import ExecutableDDLElement
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.util import ClauseAdapter
+
+from ..bookkeeping import VIEWS_TABLE, tracking_schema
+from ..catalog import current_schema
+from ..errors import DefinitionError, MaterializedViewError
+from ..incremental import IncrementalNames, names_for, register_incremental_hooks
+from ..query import query_sql
+from ..schema import MaterializedView, unique_key_index_name
+from .locking import lock_key
+from .tracking import ensure_bookkeeping
+from .tracking_sql import ADVISORY_TIMEOUT_MARK
+
+__all__ = [
+    "IncrementalState",
+    "IncrementalStatus",
+    "incremental_state",
+    "refresh_incremental",
+]
+
+log = logging.getLogger("sqlalchemy_matview")
+
+#: The log's column holding the writer's transaction id (a key column may not take it).
+XID_COLUMN = "sqlalchemy_matview_xid"
+#: Argument types of a view's refresh function.
+REFRESH_ARGS = "bigint, text, boolean, double precision"
+_TAG = "$sqlalchemy_matview$"
+_INNER_TAG = "$sqlalchemy_matview_q$"
+
+
+class _DDL(ExecutableDDLElement):
+    """DDL built at compile time from the compiler (its preparer and dialect)."""
+
+    __visit_name__ = "sqlalchemy_matview_incremental_ddl"
+    inherit_cache = False
+
+    def __init__(self, build: Callable[[DDLCompiler], str]) -> None:
+        self.build = build
+
+
+@compiles(_DDL)
+def _visit(element: _DDL, compiler: DDLCompiler, **kw: Any) -> str:
+    return element.build(compiler)
+
+
+def _sql(compiler: DDLCompiler, clause: ClauseElement) -> str:
+    """``clause`` compiled for the connection's dialect with its values written in."""
+    return query_sql(compiler.dialect, clause)
+
+
+def _dollar(body: str, tag: str = _TAG) -> str:
+    if tag in body:  # pragma: no cover - a definition would have to contain the tag
+        raise DefinitionError(f"the SQL of an incremental view contains {tag}; rename what uses it")
+    return f"{tag}{body}{tag}"
+
+
+# -- what the database says ------------------------------------------------------------------
+
+_RELATION = sa.text(
+    """
+    SELECT c.oid, c.relkind, n.nspname::text AS nspname, c.relname::text AS relname
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = pg_catalog.to_regclass(:name)
+    """
+)
+
+# Every relation below ``root`` (partitions, sub-partitions, inheritance children).
+_DESCENDANTS = sa.text(
+    """
+    WITH RECURSIVE tree(oid) AS (
+        SELECT CAST(:root AS pg_catalog.oid)
+      UNION
+        SELECT i.inhrelid FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.oid
+    )
+    SELECT c.oid, c.relkind, n.nspname::text AS nspname, c.relname::text AS relname
+      FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.oid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE tree.oid <> CAST(:root AS pg_catalog.oid) AND c.relkind IN ('r', 'p')
+     ORDER BY n.nspname, c.relname
+    """
+)
+
+
+@dataclass(frozen=True)
+class _Relation:
+    oid: int
+    kind: str
+    schema: str
+    name: str
+
+    def table(self) -> sa.TableClause:
+        return sa.table(self.name, schema=self.schema)
+
+
+def _formatted(conn: Connection, table: sa.Table | sa.TableClause) -> str:
+    return str(conn.dialect.identifier_preparer.format_table(table))
+
+
+def _resolve(conn: Connection, view: MaterializedView, table: sa.Table) -> _Relation:
+    row = conn.execute(_RELATION, {"name": _formatted(conn, table)}).first()
+    if row is None:
+        raise DefinitionError(
+            f"incremental view {view._display}: its source {table.fullname!r} does not exist; "
+            "create it first"
+        )
+    if row.relkind not in ("r", "p"):
+        raise DefinitionError(
+            f"incremental view {view._display}: its source {table.fullname!r} is not a table "
+            f"(relkind {row.relkind!r}); triggers can log the writes of tables only, so read "
+            "the tables themselves"
+        )
+    return _Relation(int(row.oid), str(row.relkind), row.nspname, row.relname)
+
+
+def _view_schema(conn: Connection, view: MaterializedView) -> str:
+    return view.schema or current_schema(conn)
+
+
+def _names(conn: Connection, view: MaterializedView) -> IncrementalNames:
+    return names_for(_view_schema(conn, view), view.name)
+
+
+def _bucket_over(view: MaterializedView, table: sa.Table, alias: str) -> list[ClauseElement]:
+    """The bucket expressions of ``table`` rewritten over a relation named ``alias``."""
+    assert view.incremental is not None
+    adapter = ClauseAdapter(table.alias(alias))
+    return [adapter.traverse(e) for e in view.incremental.sources[table]]
+
+
+# -- create: checks first, then table, log, triggers, refresh function, fill ------------------
+
+
+def _before_create(view: MaterializedView, conn: Connection) -> None:
+    """Check each bucket expression on the server before anything is created: it must be
+    IMMUTABLE and must resolve under the triggers' pinned ``search_path``."""
+    assert view.incremental is not None
+    for table in view.incremental.sources:
+        relation = _resolve(conn, view, table)
+        exprs = _bucket_over(view, table, "new_rows")
+        with conn.begin_nested() as savepoint:
+            try:
+                conn.execute(sa.text("SET LOCAL search_path = pg_catalog, pg_temp"))
+                conn.execute(_probe_table(relation))
+                conn.execute(_probe_index(exprs))
+            except DBAPIError as exc:
+                savepoint.rollback()
+                raise _bucket_error(view, table, exc) from exc
+            savepoint.rollback()
+
+
+def _probe_table(relation: _Relation) -> _DDL:
+    return _DDL(
+        lambda c: (
+            f"CREATE TEMPORARY TABLE new_rows (LIKE {c.preparer.format_table(relation.table())})"
+        )
+    )
+
+
+def _probe_index(exprs: list[ClauseElement]) -> _DDL:
+    # PostgreSQL checks that index expressions are IMMUTABLE, with the function it resolves.
+    return _DDL(
+        lambda c: "CREATE INDEX ON new_rows (" + ", ".join(f"({_sql(c, e)})" for e in exprs) + ")"
+    )
+
+
+def _statistics(bk: str, name: str, relation: _Relation, expr: ClauseElement) -> _DDL:
+    return _DDL(
+        lambda c: (
+            f"CREATE STATISTICS {c.preparer.quote_schema(bk)}.{c.preparer.quote(name)} "
+            f"ON ({_sql(c, expr)}) FROM {c.preparer.format_table(relation.table())}"
+        )
+    )
+
+
+def _drop_statistics(bk: str, name: str) -> _DDL:
+    return _DDL(
+        lambda c: (
+            f"DROP STATISTICS IF EXISTS {c.preparer.quote_schema(bk)}.{c.preparer.quote(name)}"
+        )
+    )
+
+
+def _drop_function(bk: str, function: str, args: str = "", cascade: bool = False) -> _DDL:
+    return _DDL(
+        lambda c: (
+            "DROP FUNCTION IF EXISTS "
+            f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}({args})"
+            + (" CASCADE" if cascade else "")
+        )
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+def _bucket_error(view: MaterializedView, table: sa.Table, exc: DBAPIError) -> DefinitionError:
+    label = f"incremental view {view._display}: the bucket of {table.fullname!r}"
+    message = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+    code = _sqlstate(exc)
+    if code == "42P17":
+        return DefinitionError(
+            f"{label} is not IMMUTABLE ({message}): a STABLE function such as "
+            "date_trunc('day', timestamptz) depends on the session's TimeZone, so writers "
+            "could log another bucket than their rows land in; use an immutable form, e.g. "
+            'sa.cast(sa.func.timezone("UTC", events.c.created_at), sa.Date), or date_bin'
+        )
+    if code in ("42883", "42704", "42P01"):
+        return DefinitionError(
+            f"{label} does not resolve with search_path = pg_catalog, pg_temp, which its "
+            f"trigger runs with ({message}); qualify your functions and types with their "
+            "schema (sa.func.myschema.f(...))"
+        )
+    return DefinitionError(f"{label} is refused by the server: {message}")
+
+
+def _after_create(view: MaterializedView, conn: Connection) -> None:
+    assert view.incremental is not None
+    inc = view.incremental
+    bk = tracking_schema(view.metadata)
+    ensure_bookkeeping(conn, bk)
+    names = _names(conn, view)
+    view_schema = _view_schema(conn, view)
+    target = sa.table(view.name, schema=view_schema)
+    key = list(inc.key)
+    columns = [c.name for c in view.table.c]
+    for k in key:
+        if k == XID_COLUMN:  # pragma: no cover - nobody names a column so
+            raise DefinitionError(f"incremental view {view._display}: rename column {k!r}")
+
+    def q(c: DDLCompiler, name: str) -> str:
+        return str(c.preparer.quote(name))
+
+    def in_bk(c: DDLCompiler, name: str) -> str:
+        return f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(name)}"
+
+    def tbl(c: DDLCompiler) -> str:
+        return str(c.preparer.format_table(target))
+
+    def run(build: Callable[[DDLCompiler], str]) -> None:
+        conn.execute(_DDL(build))
+
+    run(
+        lambda c: (
+            f"ALTER TABLE {tbl(c)} ADD CONSTRAINT "
+            f"{q(c, unique_key_index_name(view.name))} PRIMARY KEY ("
+            + ", ".join(q(c, k) for k in key)
+            + ")"
+        )
+    )
+    # The log's key columns get the table's exact types.
+    run(
+        lambda c: (
+            f"CREATE TABLE {in_bk(c, names.log)} AS SELECT "
+            + ", ".join(q(c, k) for k in key)
+            + f" FROM {tbl(c)} WITH NO DATA"
+        )
+    )
+    run(
+        lambda c: (
+            f"ALTER TABLE {in_bk(c, names.log)} ADD COLUMN {q(c, XID_COLUMN)} "
+            "pg_catalog.xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(), "
+            "ADD PRIMARY KEY (" + ", ".join(q(c, k) for k in [*key, XID_COLUMN]) + ")"
+        )
+    )
+    run(
+        lambda c: (
+            f"CREATE TABLE {in_bk(c, names.whole)} ({q(c, XID_COLUMN)} pg_catalog.xid8 "
+            "PRIMARY KEY DEFAULT pg_catalog.pg_current_xact_id())"
+        )
+    )
+    for index, table in enumerate(inc.sources):
+        _install_source(conn, view, names, bk, index, table, key)
+    _create_refresh_function(conn, view, names, bk, target, key, columns)
+    # After CREATE TRIGGER, in its transaction: its SHARE ROW EXCLUSIVE lock on each source
+    # keeps writers out until this commits, so no write falls between fill and log.
+    try:
+        with conn.begin_nested():
+            run(
+                lambda c: (
+                    f"INSERT INTO {tbl(c)} ("
+                    + ", ".join(q(c, n) for n in columns)
+                    + f") SELECT d.* FROM ({_sql(c, view.definition)}) AS d WHERE "
+                    + " AND ".join(f"d.{q(c, k)} IS NOT NULL" for k in key)
+                )
+            )
+    except sa.exc.IntegrityError as exc:
+        if _sqlstate(exc) == "23502":
+            raise DefinitionError(
+                f"incremental view {view._display}: the definition returns a row whose key "
+                f"({', '.join(key)}) is NULL, which the table's primary key refuses; filter "
+                "those rows out (.where(<bucket> IS NOT NULL)) or coalesce the bucket"
+            ) from exc
+        raise
+    log.info("incremental view %s.%s created and filled", view_schema, view.name)
+
+
+def _install_source(
+    conn: Connection,
+    view: MaterializedView,
+    names: IncrementalNames,
+    bk: str,
+    index: int,
+    table: sa.Table,
+    key: list[str],
+) -> None:
+    relation = _resolve(conn, view, table)
+    function = names.trigger_function(index)
+    statement_exprs = {
+        alias: _bucket_over(view, table, alias) for alias in ("new_rows", "old_rows")
+    }
+
+    def build(c: DDLCompiler) -> str:
+        log_table = f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.log)}"
+        whole = f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.whole)}"
+        cols = ", ".join(c.preparer.quote(k) for k in key)
+
+        def log_from(sources: list[str], distinct: bool) -> str:
+            selects = []
+            for alias in sources:
+                exprs = [_sql(c, e) for e in statement_exprs[alias]]
+                rel = alias if distinct else f"(SELECT {alias[:3].upper()}.*) AS {alias}"
+                where = " AND ".join(f"({e}) IS NOT NULL" for e in exprs)
+                selects.append(f"SELECT {', '.join(exprs)} FROM {rel} WHERE {where}")
+            body = " UNION ".join(selects) if distinct else " UNION ALL ".join(selects)
+            keyword = "DISTINCT " if distinct and len(selects) == 1 else ""
+            return (
+                f"INSERT INTO {log_table} ({cols}) SELECT {keyword}b.* FROM ({body}) AS b "
+                "ON CONFLICT DO NOTHING;"
+            )
+
+        body = f"""
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO {whole} DEFAULT VALUES ON CONFLICT DO NOTHING;
+    ELSIF TG_LEVEL = 'ROW' THEN
+        IF TG_OP = 'INSERT' THEN
+            {log_from(["new_rows"], False)}
+        ELSIF TG_OP = 'DELETE' THEN
+            {log_from(["old_rows"], False)}
+        ELSE
+            {log_from(["old_rows", "new_rows"], False)}
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
+        {log_from(["new_rows"], True)}
+    ELSIF TG_OP = 'DELETE' THEN
+        {log_from(["old_rows"], True)}
+    ELSE
+        {log_from(["old_rows", "new_rows"], True)}
+    END IF;
+    RETURN NULL;
+END
+"""
+        return (
+            f"CREATE FUNCTION {c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}() "
+            "RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+            f"SET search_path = pg_catalog, pg_temp AS {_dollar(body)}"
+        )
+
+    conn.execute(_DDL(build))
+    conn.execute(
+        _DDL(
+            lambda c: (
+                "REVOKE ALL ON FUNCTION "
+                f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}() FROM PUBLIC"
+            )
+        )
+    )
+    # Statistics on each bucket expression: the planner then estimates how many rows the
+    # dirty buckets hold (the full-recompute threshold) even without an index on it.
+    # (A plain column has statistics of its own.)
+    assert view.incremental is not None
+    declared = view.incremental.sources[table]
+    for position, expr in enumerate(_bucket_over(view, table, relation.name)):
+        if not isinstance(declared[position], sa.Column):
+            conn.execute(_statistics(bk, names.statistics(index, position), relation, expr))
+    members = [relation]
+    members += [
+        _Relation(int(r.oid), str(r.relkind), r.nspname, r.relname)
+        for r in conn.execute(_DESCENDANTS, {"root": relation.oid})
+    ]
+    for member in members:
+        for suffix, event, level, enable in _triggers_for(relation, member):
+            _create_trigger(
+                conn,
+                names.trigger(f"{index}_{suffix}"),
+                member,
+                event,
+                level,
+                enable,
+                bk,
+                function,
+            )
+
+
+def _triggers_for(root: _Relation, member: _Relation) -> list[tuple[str, str, str, str]]:
+    """``(suffix, event clause, level, enable)`` of the triggers ``member`` needs."""
+    if root.kind == "p":
+        # Row-level on the partitioned root (cloned to every partition, later ones too);
+        # TRUNCATE of a partition fires only that partition's own statement trigger.
+        wanted = [("trunc", "AFTER TRUNCATE", "STATEMENT", "ALWAYS")]
+        if member.oid == root.oid:
+            wanted.append(("row", "AFTER INSERT OR UPDATE OR DELETE", "ROW", "ALWAYS"))
+        return wanted
+    if member.kind != "r":
+        return []
+    return [
+        ("ins", "AFTER INSERT|REFERENCING NEW TABLE AS new_rows", "STATEMENT", "ORIGIN"),
+        (
+            "upd",
+            "AFTER UPDATE|REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            "STATEMENT",
+            "ORIGIN",
+        ),
+        ("del", "AFTER DELETE|REFERENCING OLD TABLE AS old_rows", "STATEMENT", "ORIGIN"),
+        ("trunc", "AFTER TRUNCATE", "STATEMENT", "ALWAYS"),
+        # Logical replication applies rows with session_replication_role = replica, which
+        # fires no statement trigger: this twin fires only then.
+        ("repl", "AFTER INSERT OR UPDATE OR DELETE", "ROW", "REPLICA"),
+    ]
+
+
+def _create_trigger(
+    conn: Connection,
+    name: str,
+    member: _Relation,
+    event: str,
+    level: str,
+    enable: str,
+    bk: str,
+    function: str,
+) -> None:
+    timing, _, referencing = event.partition("|")
+
+    def create(c: DDLCompiler) -> str:
+        return (
+            f"CREATE TRIGGER {c.preparer.quote(name)} {timing} ON "
+            f"{c.preparer.format_table(member.table())} {referencing} FOR EACH {level} "
+            "EXECUTE FUNCTION "
+            f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}()"
+        )
+
+    conn.execute(_DDL(create))
+    if enable != "ORIGIN":
+        conn.execute(
+            _DDL(
+                lambda c: (
+                    f"ALTER TABLE {c.preparer.format_table(member.table())} ENABLE "
+                    f"{enable} TRIGGER {c.preparer.quote(name)}"
+                )
+            )
+        )
+
+
+def _create_refresh_function(
+    conn: Connection,
+    view: MaterializedView,
+    names: IncrementalNames,
+    bk: str,
+    target: sa.TableClause,
+    key: list[str],
+    columns: list[str],
+) -> None:
+    assert view.incremental is not None
+    inc = view.incremental
+    types = {
+        r.attname: r.type
+        for r in conn.execute(
+            sa.text(
+                "SELECT a.attname::text AS attname,"
+                " pg_catalog.format_type(a.atttypid, a.atttypmod) AS type"
+                " FROM pg_catalog.pg_attribute a"
+                " WHERE a.attrelid = pg_catalog.to_regclass(:t) AND a.attnum > 0"
+                " AND NOT a.attisdropped"
+            ),
+            {"t": _formatted(conn, target)},
+        )
+    }
+    sources = [(_resolve(conn, view, t), _bucket_over(view, t, "src")) for t in inc.sources]
+    view_schema = target.schema or ""
+    # The definition names what it reads as the creating session resolved it: the function
+    # resolves it through the same schemas (after pg_catalog, so that nothing in them can
+    # stand in for a built-in), whoever's session runs the refresh.
+    path = list(conn.execute(sa.text("SELECT pg_catalog.current_schemas(false)")).scalar_one())
+
+    def build(c: DDLCompiler) -> str:
+        q = c.preparer.quote
+        s = c.preparer.quote_schema(bk)
+        tbl = c.preparer.format_table(target)
+        log_table = f"{s}.{q(names.log)}"
+        whole = f"{s}.{q(names.whole)}"
+
+        def lit(value: str) -> str:
+            return str(c.sql_compiler.render_literal_value(value, sa.String()))
+
+        arrays = [f"_a{i}" for i in range(len(key))]
+        declare = "\n".join(f"    {a} {types[k]}[];" for a, k in zip(arrays, key, strict=True))
+        collect = ", ".join(f"pg_catalog.array_agg(DISTINCT g.{q(k)})" for k in key)
+        distinct_keys = (
+            f"g.{q(key[0])}" if len(key) == 1 else "(" + ", ".join(f"g.{q(k)}" for k in key) + ")"
+        )
+        estimates = []
+        for relation, exprs in sources:
+            source = c.preparer.format_table(relation.table())
+            cond = " AND ".join(
+                f"({_sql(c, e)}) OPERATOR(pg_catalog.=) ANY (${i + 1})" for i, e in enumerate(exprs)
+            )
+            using = ", ".join(arrays)
+            estimates.append(
+                f"""
+        EXECUTE {
+                    _dollar(
+                        f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {source} AS src WHERE {cond}",
+                        _INNER_TAG,
+                    )
+                } INTO _plan USING {using};
+        _dirty_rows := _dirty_rows + (_plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;
+        EXECUTE {_dollar(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {source} AS src", _INNER_TAG)}
+           INTO _plan;
+        _total_rows := _total_rows + (_plan -> 0 -> 'Plan' ->> 'Plan Rows')::float8;"""
+            )
+        definition = _sql(c, view.definition)
+        cols = ", ".join(q(n) for n in columns)
+        fcols = ", ".join(f"f.{q(n)}" for n in columns)
+        others = [n for n in columns if n not in key]
+        on_key = ", ".join(q(k) for k in key)
+        if others:
+            conflict = (
+                f"ON CONFLICT ({on_key}) DO UPDATE SET "
+                + ", ".join(f"{q(n)} = EXCLUDED.{q(n)}" for n in others)
+                + " WHERE ROW("
+                + ", ".join(f"v.{q(n)}" for n in others)
+                + ")::text IS DISTINCT FROM ROW("
+                + ", ".join(f"EXCLUDED.{q(n)}" for n in others)
+                + ")::text"
+            )
+        else:
+            conflict = f"ON CONFLICT ({on_key}) DO NOTHING"
+        same_key = " AND ".join(f"f.{q(k)} = v.{q(k)}" for k in key)
+        # A group whose key is NULL is not stored (a primary key cannot hold it), and rows
+        # whose bucket is NULL are not logged.
+        not_null = " AND ".join(f"d.{q(k)} IS NOT NULL" for k in key)
+        restrict_d = " AND ".join(f"d.{q(k)} = ANY ({a})" for k, a in zip(key, arrays, strict=True))
+        restrict_v = " AND ".join(f"v.{q(k)} = ANY ({a})" for k, a in zip(key, arrays, strict=True))
+
+        def apply(where_d: str, where_v: str) -> str:
+            return f"""
+        WITH fresh AS MATERIALIZED (
+            SELECT d.* FROM ({definition}) AS d {where_d}
+        ), upserted AS (
+            INSERT INTO {tbl} AS v ({cols}) SELECT {fcols} FROM fresh AS f {conflict}
+            RETURNING 1
+        ), removed AS (
+            DELETE FROM {tbl} AS v
+             WHERE {where_v} NOT EXISTS (SELECT 1 FROM fresh AS f WHERE {same_key})
+            RETURNING 1
+        )
+        SELECT (SELECT pg_catalog.count(*) FROM upserted)
+               + (SELECT pg_catalog.count(*) FROM removed) INTO _changed;"""
+
+        lock_mark = lit(f"{ADVISORY_TIMEOUT_MARK} ")
+        body = f"""
+#variable_conflict use_column
+DECLARE
+{declare}
+    _whole boolean;
+    _plan json;
+    _dirty_rows float8 := 0;
+    _total_rows float8 := 0;
+    _changed bigint;
+    _started timestamptz := pg_catalog.clock_timestamp();
+    _spent float8;
+BEGIN
+    buckets := 0;
+    full_refresh := false;
+    IF lock_mode = 'skip' THEN
+        IF NOT pg_catalog.pg_try_advisory_xact_lock(lock_key) THEN
+            status := 'skipped_locked';
+            RETURN;
+        END IF;
+    ELSIF lock_mode = 'wait' THEN
+        BEGIN
+            PERFORM pg_catalog.pg_advisory_xact_lock(lock_key);
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+                MESSAGE = {lock_mark} || {lit(f"{view_schema}.{view.name}")},
+                HINT = 'another process is refreshing it; raise lock_timeout or skip it';
+        END;
+    ELSIF lock_mode IS DISTINCT FROM 'none' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'lock_mode ' || pg_catalog.quote_nullable(lock_mode)
+                      || ': pass skip, wait or none';
+    END IF;
+    -- Consumed: the log rows this statement's snapshot sees. The recompute below runs on
+    -- a later snapshot, so it sees at least these changes.
+    WITH gone AS (DELETE FROM {whole} RETURNING 1)
+    SELECT pg_catalog.count(*) > 0 INTO _whole FROM gone;
+    WITH g AS (DELETE FROM {log_table} RETURNING {", ".join(q(k) for k in key)})
+    SELECT {collect}, pg_catalog.count(DISTINCT {distinct_keys}) INTO {", ".join(arrays)}, buckets
+      FROM g;
+    IF NOT _whole AND buckets = 0 THEN
+        IF only_if_dirty THEN
+            status := 'skipped_fresh';
+            RETURN;
+        END IF;
+    END IF;
+    threshold := COALESCE(threshold, {float(inc.full_refresh_above)!r});
+    IF NOT _whole AND buckets > 0 AND threshold < 1 THEN
+        -- Rows in the dirty buckets against all rows (planner estimates): buckets differ
+        -- in size, so their number says little.{"".join(estimates)}
+        _whole := _total_rows > 0 AND _dirty_rows > threshold * _total_rows;
+    END IF;
+    IF _whole THEN
+        full_refresh := true;{apply("WHERE " + not_null, "")}
+        SELECT pg_catalog.count(*) INTO buckets FROM {tbl};
+    ELSIF buckets > 0 THEN{apply("WHERE " + restrict_d, restrict_v + " AND")}
+    END IF;
+    status := 'refreshed';
+    _spent := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - _started);
+    PERFORM {s}.record({lit(view_schema)}, {lit(view.name)}, _started, _spent, 'refreshed',
+                       false, NULL);
+    INSERT INTO {s}.{q(VIEWS_TABLE)} (view_schema, view_name)
+    VALUES ({lit(view_schema)}, {lit(view.name)})
+    ON CONFLICT (view_schema, view_name) DO NOTHING;
+    UPDATE {s}.{q(VIEWS_TABLE)}
+       SET last_refreshed_at = pg_catalog.clock_timestamp(), last_duration = _spent,
+           last_concurrently = false, refresh_count = refresh_count + 1
+     WHERE view_schema = {lit(view_schema)} AND view_name = {lit(view.name)};
+END
+"""
+        return (
+            f"CREATE FUNCTION {s}.{q(names.refresh)}(lock_key bigint, "
+            "lock_mode text DEFAULT 'skip', only_if_dirty boolean DEFAULT false, "
+            "threshold double precision DEFAULT NULL, OUT status text, OUT buckets bigint, "
+            "OUT full_refresh boolean) LANGUAGE plpgsql VOLATILE "
+            "SET search_path = "
+            + ", ".join(["pg_catalog", *(q(p) for p in path if p != "pg_catalog"), "pg_temp"])
+            + f" SET plan_cache_mode = force_custom_plan AS {_dollar(body)}"
+        )
+
+    conn.execute(_DDL(build))
+    conn.execute(
+        _DDL(
+            lambda c: (
+                f"REVOKE ALL ON FUNCTION {c.preparer.quote_schema(bk)}."
+                f"{c.preparer.quote(names.refresh)}({REFRESH_ARGS}) FROM PUBLIC"
+            )
+        )
+    )
+
+
+# -- drop ----------------------------------------------------------------------------------------
+
+
+def _before_drop(view: MaterializedView, conn: Connection) -> None:
+    """Drop the triggers (with their functions), the log and the refresh function."""
+    assert view.incremental is not None
+    bk = tracking_schema(view.metadata)
+    names = _names(conn, view)
+    exists = conn.execute(
+        sa.text("SELECT pg_catalog.to_regnamespace(:s) IS NOT NULL"), {"s": bk}
+    ).scalar()
+    if not exists:
+        return
+    # The triggers depend on their functions: CASCADE drops them (and only them).
+    for index, table in enumerate(view.incremental.sources):
+        conn.execute(_drop_function(bk, names.trigger_function(index), cascade=True))
+        for position in range(len(view.incremental.sources[table])):
+            conn.execute(_drop_statistics(bk, names.statistics(index, position)))
+    conn.execute(_drop_function(bk, names.refresh, REFRESH_ARGS))
+    conn.execute(
+        _DDL(
+            lambda c: (
+                "DROP TABLE IF EXISTS "
+                f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.log)}, "
+                f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.whole)}"
+            )
+        )
+    )
+
+
+register_incremental_hooks(
+    before_create=_before_create, after_create=_after_create, before_drop=_before_drop
+)
+
+
+# -- refresh and state ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IncrementalStatus:
+    """What one incremental refresh did."""
+
+    #: ``"refreshed"``, ``"skipped_locked"`` or ``"skipped_fresh"``.
+    status: str
+    #: Buckets recomputed (every stored bucket after a full recompute).
+    buckets: int
+    #: True when everything was recomputed (a TRUNCATE, or above ``full_refresh_above``).
+    full_refresh: bool
+
+
+def refresh_function(bk: str, schema: str, name: str) -> Any:
+    """``sa.func.<bk>.inc_<h>_refresh``: the refresh function of ``schema.name``."""
+    return getattr(getattr(sa.func, bk), names_for(schema, name).refresh)
+
+
+def refresh_incremental(
+    conn: Connection,
+    view: MaterializedView | tuple[str, str],
+    *,
+    lock: str = "skip",
+    only_if_dirty: bool = False,
+    lock_namespace: str | None = None,
+    threshold: float | None = None,
+    tracking_schema_name: str | None = None,
+) -> IncrementalStatus:
+    """Refresh an incremental view in ``conn``'s transaction: recompute its dirty buckets.
+
+    ``view`` is the declared view or ``(schema, name)``. ``lock`` as for
+    :func:`~sqlalchemy_matview.refresh_views`; ``only_if_dirty`` returns ``skipped_fresh``
+    when nothing is logged; ``threshold`` overrides ``full_refresh_above`` (``None``: the
+    declared one, else the one the view was created with). Most code calls
+    :func:`~sqlalchemy_matview.refresh_views` / :func:`~sqlalchemy_matview.refresh_stale`,
+    which call this.
+
+    Example::
+
+        with engine.begin() as conn:
+            done = refresh_incremental(conn, mv_daily)
+            print(done.status, done.buckets, done.full_refresh)
+    """
+    if isinstance(view, MaterializedView):
+        schema, name = _view_schema(conn, view), view.name
+        if threshold is None and view.incremental is not None:
+            threshold = view.incremental.full_refresh_above
+        bk = tracking_schema_name or tracking_schema(view.metadata)
+    else:
+        schema, name = view
+        bk = tracking_schema_name or tracking_schema()
+    function = refresh_function(bk, schema, name)
+    call = sa.select(
+        sa.column("status", sa.Text),
+        sa.column("buckets", sa.BigInteger),
+        sa.column("full_refresh", sa.Boolean),
+    ).select_from(
+        function(
+            sa.literal(lock_key((schema, name), namespace=lock_namespace), sa.BigInteger),
+            sa.literal(lock, sa.Text),
+            sa.literal(bool(only_if_dirty), sa.Boolean),
+            sa.literal(threshold, sa.Float),
+        ).alias("r")
+    )
+    row = conn.execute(call).one()
+    return IncrementalStatus(str(row.status), int(row.buckets or 0), bool(row.full_refresh))
+
+
+@dataclass(frozen=True)
+class IncrementalState:
+    """The log of an incremental view (see :func:`incremental_state`)."""
+
+    #: Distinct buckets logged and not yet recomputed.
+    dirty_buckets: int
+    #: A source was truncated since the last refresh: everything will be recomputed.
+    truncated: bool
+
+    @property
+    def dirty(self) -> bool:
+        return self.truncated or self.dirty_buckets > 0
+
+
+def is_incremental(
+    conn: Connection, schema: str, name: str, tracking_schema_name: str | None = None
+) -> bool:
+    """True when ``schema.name`` is an incremental view (its refresh function exists)."""
+    bk = tracking_schema_name or tracking_schema()
+    names = names_for(schema, name)
+    return bool(
+        conn.execute(
+            sa.text(
+                "SELECT pg_catalog.to_regprocedure(pg_catalog.quote_ident(:bk) || '.' ||"
+                f" pg_catalog.quote_ident(:fn) || '({REFRESH_ARGS})')"
+                " IS NOT NULL"
+            ),
+            {"bk": bk, "fn": names.refresh},
+        ).scalar()
+    )
+
+
+def incremental_state(
+    conn: Connection,
+    view: MaterializedView | tuple[str, str],
+    *,
+    tracking_schema_name: str | None = None,
+) -> IncrementalState:
+    """How many buckets of an incremental view are dirty (read-only, one query).
+
+    Example::
+
+        with engine.connect() as conn:
+            state = incremental_state(conn, mv_daily)
+            print(state.dirty_buckets, state.truncated)
+    """
+    if isinstance(view, MaterializedView):
+        schema, name = _view_schema(conn, view), view.name
+        bk = tracking_schema_name or tracking_schema(view.metadata)
+    else:
+        schema, name = view
+        bk = tracking_schema_name or tracking_schema()
+    names = names_for(schema, name)
+    preparer = conn.dialect.identifier_preparer
+    log_table = f"{preparer.quote_schema(bk)}.{preparer.quote(names.log)}"
+    whole = f"{preparer.quote_schema(bk)}.{preparer.quote(names.whole)}"
+    # The log's key columns, from the catalog: a name is enough to ask.
+    key = conn.execute(
+        sa.text(
+            "SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)"
+            " FROM pg_catalog.pg_attribute a"
+            " WHERE a.attrelid = pg_catalog.to_regclass(:log) AND a.attnum > 0"
+            " AND NOT a.attisdropped AND a.attname <> :xid"
+        ),
+        {"log": log_table, "xid": XID_COLUMN},
+    ).scalar()
+    if not key:
+        raise IncrementalError(
+            f"{schema}.{name} is not an incremental view of this database (no log "
+            f"{bk}.{names.log}); create it with create_all"
+        )
+    # One row per bucket and writing transaction: count the distinct buckets.
+    row = conn.execute(
+        _Query(
+            "SELECT (SELECT pg_catalog.count(*) FROM (SELECT DISTINCT "
+            + ", ".join(preparer.quote(k) for k in key)
+            + f" FROM {log_table}) AS d) AS buckets,"
+            f" EXISTS (SELECT 1 FROM {whole}) AS truncated"
+        )
+    ).one()
+    return IncrementalState(dirty_buckets=int(row.buckets), truncated=bool(row.truncated))
+
+
+class _Query(ExecutableDDLElement):
+    """A read-only query whose identifiers were quoted by the dialect's preparer."""
+
+    __visit_name__ = "sqlalchemy_matview_incremental_query"
+    inherit_cache = False
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+@compiles(_Query)
+def _visit_query(element: _Query, compiler: DDLCompiler, **kw: Any) -> str:
+    text: str = compiler.sql_compiler.post_process_text(element.text)  # type: ignore[no-untyped-call]
+    return text
+
+
+def dirty_views(
+    conn: Connection, views: Sequence[tuple[str, str]], tracking_schema_name: str | None = None
+) -> set[tuple[str, str]]:
+    """Which of the incremental ``views`` (``(schema, name)``) have something logged."""
+    bk = tracking_schema_name or tracking_schema()
+    preparer = conn.dialect.identifier_preparer
+    out: set[tuple[str, str]] = set()
+    for schema, name in views:
+        names = names_for(schema, name)
+        log_table = f"{preparer.quote_schema(bk)}.{preparer.quote(names.log)}"
+        whole = f"{preparer.quote_schema(bk)}.{preparer.quote(names.whole)}"
+        if conn.execute(
+            _Query(f"SELECT EXISTS (SELECT 1 FROM {log_table}) OR EXISTS (SELECT 1 FROM {whole})")
+        ).scalar():
+            out.add((schema, name))
+    return out
+
+
+class IncrementalError(MaterializedViewError, RuntimeError):
+    """An incremental view's objects are missing (dropped by hand, or bookkeeping removed)."""

@@ -1,0 +1,329 @@
+"""Incremental views: created filled, writes logged by bucket, refreshes recompute them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_matview import (
+    DefinitionError,
+    Incremental,
+    MaterializedView,
+    lock_key,
+    refresh_all,
+    refresh_history,
+    refresh_stale,
+    refresh_views,
+)
+from sqlalchemy_matview.orchestration.incremental import incremental_state
+
+from .conftest import build_dashboard, difference
+
+UTC = dt.timezone.utc
+
+
+def at(day: int, hour: int = 12) -> dt.datetime:
+    return dt.datetime(2026, 3, day, hour, tzinfo=UTC)
+
+
+def test_create_fill_log_refresh(engine):
+    d = build_dashboard()
+    with engine.begin() as conn:
+        d.metadata.tables["events"].create(conn)
+        conn.execute(
+            d.events.insert(),
+            [
+                {
+                    "created_at": at(1 + i % 3),
+                    "user_id": i % 5,
+                    "kind": "purchase" if i % 2 else "view",
+                    "amount": i,
+                }
+                for i in range(30)
+            ],
+        )
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        assert difference(conn, d.mv_daily) == 0
+        assert difference(conn, d.mv_users) == 0
+        assert incremental_state(conn, d.mv_daily).dirty_buckets == 0
+        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 9, "kind": "view"}])
+        conn.execute(d.events.update().where(d.events.c.id == 1).values(created_at=at(5)))
+    with engine.connect() as conn:
+        assert incremental_state(conn, d.mv_daily).dirty_buckets == 3  # 2, 5 and 1's old day
+        assert difference(conn, d.mv_daily) > 0
+    results = refresh_views(engine, d.mv_daily, d.mv_users)
+    assert [r.status for r in results] == ["refreshed", "refreshed"]
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+        assert difference(conn, d.mv_users) == 0
+        assert incremental_state(conn, d.mv_daily).dirty_buckets == 0
+
+
+def seed(engine, d, n: int = 60) -> None:
+    with engine.begin() as conn:
+        d.events.create(conn)
+        conn.execute(
+            d.events.insert(),
+            [
+                {
+                    "created_at": at(1 + i % 6, i % 24),
+                    "user_id": i % 7,
+                    "kind": "purchase" if i % 3 == 0 else "view",
+                    "amount": i % 11,
+                }
+                for i in range(n)
+            ],
+        )
+    d.metadata.create_all(engine)
+
+
+def bookkeeping_objects(conn) -> set[str]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'sqlalchemy_matview' AND c.relname LIKE 'inc\\_%'"
+            " UNION ALL SELECT p.proname::text FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'sqlalchemy_matview' AND p.proname LIKE 'inc\\_%'"
+            " UNION ALL SELECT t.tgname::text FROM pg_trigger t"
+            " WHERE t.tgname LIKE 'sqlalchemy_matview_inc%'"
+            " UNION ALL SELECT s.stxname::text FROM pg_statistic_ext s"
+            " WHERE s.stxname LIKE 'inc\\_%'"
+        )
+    )
+    return {r[0] for r in rows}
+
+
+def test_the_table_is_a_table_with_a_primary_key(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.connect() as conn:
+        kind = conn.execute(
+            sa.text("SELECT relkind FROM pg_class WHERE oid = 'mv_daily'::regclass")
+        )
+        assert kind.scalar() == "r"
+        pk = conn.execute(
+            sa.text(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE conrelid = 'mv_daily'::regclass AND contype = 'p'"
+            )
+        ).scalar()
+        assert pk == "PRIMARY KEY (day)"
+        # Exact types of the query (count() is bigint, not the Integer SQLAlchemy infers).
+        types = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute"
+                    " WHERE attrelid = 'mv_daily'::regclass AND attnum > 0"
+                )
+            ).all()
+        )
+        assert types["events"] == "bigint"
+        assert types["day"] == "date"
+
+
+def test_drop_all_removes_everything(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.connect() as conn:
+        objects = bookkeeping_objects(conn)
+    # Per view: log, truncate marks, trigger function, refresh function (and the logs'
+    # primary keys), statistics on the day (user_id has its own); 5 triggers on events.
+    own = [o for o in objects if o.startswith("inc_") and not o.endswith("_pkey")]
+    assert len(own) == 2 * 4 + 1
+    assert len([o for o in objects if o.startswith("sqlalchemy_matview_inc")]) == 2 * 5
+    d.metadata.drop_all(engine)
+    with engine.connect() as conn:
+        assert bookkeeping_objects(conn) == set()
+        assert conn.execute(sa.text("SELECT to_regclass('mv_daily')")).scalar() is None
+
+
+def bare_events() -> tuple[sa.MetaData, sa.Table]:
+    md = sa.MetaData()
+    events = sa.Table(
+        "events",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("created_at", sa.DateTime(timezone=True)),
+    )
+    return md, events
+
+
+def per_day(name: str, md: sa.MetaData, events: sa.Table, day: Any) -> MaterializedView:
+    return MaterializedView(
+        name,
+        md,
+        sa.select(day.label("day"), sa.func.count().label("n")).group_by(day),
+        incremental=Incremental(key="day", sources={events: day}),
+    )
+
+
+def test_a_stable_bucket_function_is_refused_by_the_server(engine):
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION public.local_day(timestamptz) RETURNS date"
+                " LANGUAGE sql STABLE AS 'SELECT $1::date'"
+            )
+        )
+    md, events = bare_events()
+    day = sa.func.public.local_day(events.c.created_at, type_=sa.Date)
+    per_day("mv_local", md, events, day)
+    with pytest.raises(DefinitionError, match=r"'mv_local'.*is not IMMUTABLE.*timezone"):
+        md.create_all(engine)
+    with engine.connect() as conn:
+        # Nothing was created: not even the source (create_all's transaction rolled back).
+        assert conn.execute(sa.text("SELECT to_regclass('mv_local')")).scalar() is None
+        assert bookkeeping_objects(conn) == set()
+
+
+def test_an_unqualified_user_function_is_refused(engine):
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION public.utc_day(timestamptz) RETURNS date"
+                " LANGUAGE sql IMMUTABLE AS $$SELECT (timezone('UTC', $1))::date$$"
+            )
+        )
+    md, events = bare_events()
+    unqualified = sa.func.utc_day(events.c.created_at, type_=sa.Date)
+    per_day("mv_utc", md, events, unqualified)
+    with pytest.raises(DefinitionError, match=r"'mv_utc'.*qualify your functions"):
+        md.create_all(engine)
+    # Qualified, it works.
+    md, events = bare_events()
+    qualified = sa.func.public.utc_day(events.c.created_at, type_=sa.Date)
+    mv = per_day("mv_utc", md, events, qualified)
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(events.insert(), [{"created_at": at(3)}, {"created_at": None}])
+    assert refresh_views(engine, mv)[0].buckets == 1
+    with engine.connect() as conn:
+        assert difference(conn, mv) == 0
+
+
+def test_truncate_recomputes_everything(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE events"))
+        conn.execute(d.events.insert(), [{"created_at": at(9), "user_id": 1, "kind": "view"}])
+    with engine.connect() as conn:
+        assert incremental_state(conn, d.mv_daily).truncated
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert result.full_refresh is True
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(d.mv_daily.table)).scalar() == 1
+        assert not incremental_state(conn, d.mv_daily).dirty
+
+
+def test_many_dirty_rows_fall_back_to_a_full_recompute(engine):
+    d = build_dashboard(threshold=0.4)
+    seed(engine, d, n=600)
+    with engine.begin() as conn:
+        # The bucket's statistics (created with the view) give the planner the day sizes.
+        conn.execute(sa.text("ANALYZE events"))
+        # One day of six dirty: ~1/6 of the rows, under 0.4.
+        conn.execute(d.events.insert(), [{"created_at": at(1), "user_id": 1, "kind": "view"}])
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert (result.status, result.buckets, result.full_refresh) == ("refreshed", 1, False)
+    with engine.begin() as conn:
+        # Four days of six: ~2/3 of the rows, over 0.4.
+        conn.execute(
+            d.events.insert(),
+            [{"created_at": at(day), "user_id": 1, "kind": "view"} for day in (1, 2, 3, 4)],
+        )
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert result.full_refresh is True
+    assert result.buckets == 6
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+
+
+def test_emptied_buckets_are_deleted_and_moves_dirty_both(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.begin() as conn:
+        conn.execute(
+            d.events.delete().where(
+                sa.cast(sa.func.timezone("UTC", d.events.c.created_at), sa.Date)
+                == dt.date(2026, 3, 2)
+            )
+        )
+        conn.execute(d.events.update().where(d.events.c.user_id == 3).values(created_at=at(20)))
+    refresh_views(engine, d.mv_daily, d.mv_users)
+    with engine.connect() as conn:
+        days = {r.day for r in conn.execute(sa.select(d.mv_daily.c.day))}
+        assert dt.date(2026, 3, 2) not in days
+        assert dt.date(2026, 3, 20) in days
+        assert difference(conn, d.mv_daily) == 0
+        assert difference(conn, d.mv_users) == 0
+
+
+def test_refresh_stale_and_refresh_all(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    results = {r.view: r for r in refresh_stale(engine, d.metadata)}
+    assert {v: r.status for v, r in results.items()} == {
+        "public.mv_daily": "skipped_fresh",
+        "public.mv_users": "skipped_fresh",
+    }
+    with engine.begin() as conn:
+        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "view"}])
+    results = {r.view: r for r in refresh_stale(engine, d.metadata)}
+    assert results["public.mv_daily"].status == "refreshed"
+    assert results["public.mv_daily"].buckets == 1
+    assert results["public.mv_users"].buckets == 1
+    results = {r.view: r for r in refresh_all(engine, d.metadata)}
+    assert {r.status for r in results.values()} == {"refreshed"}
+    assert {r.buckets for r in results.values()} == {0}
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+        # By name too (the CLI's way): the refresh function says it is incremental.
+    assert refresh_views(engine, "mv_daily")[0].status == "refreshed"
+
+
+def test_the_lock_is_the_views_advisory_lock(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.connect() as holder:
+        holder.execute(
+            sa.select(sa.func.pg_advisory_lock(sa.literal(lock_key(d.mv_daily), sa.BigInteger)))
+        )
+        assert refresh_views(engine, d.mv_daily)[0].status == "skipped_locked"
+        holder.rollback()
+        holder.execute(
+            sa.select(sa.func.pg_advisory_unlock(sa.literal(lock_key(d.mv_daily), sa.BigInteger)))
+        )
+    assert refresh_views(engine, d.mv_daily)[0].status == "refreshed"
+
+
+def test_history_records_incremental_refreshes(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    refresh_views(engine, d.mv_daily)
+    records = refresh_history(engine, d.mv_daily)
+    assert records and records[0].status == "refreshed"
+
+
+def test_async_refresh(async_engine, engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.begin() as conn:
+        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "view"}])
+
+    async def main():
+        from sqlalchemy_matview.asyncio import refresh_stale as async_refresh_stale
+
+        return await async_refresh_stale(async_engine, d.metadata)
+
+    results = {r.view: r for r in asyncio.run(main())}
+    assert results["public.mv_daily"].buckets == 1
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
