@@ -327,3 +327,67 @@ def test_async_refresh(async_engine, engine):
     assert results["public.mv_daily"].buckets == 1
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
+
+
+def test_partitioned_source_direct_writes_and_later_partitions(engine):
+    d = build_dashboard(partitioned=True)
+    with engine.begin() as conn:
+        d.events.create(conn)
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events_march PARTITION OF events"
+                " FOR VALUES FROM ('2026-03-01') TO ('2026-04-01')"
+            )
+        )
+        conn.execute(d.events.insert(), [{"created_at": at(1), "user_id": 1, "kind": "view"}])
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        # A partition created after the view: the cloned row trigger logs its writes.
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events_april PARTITION OF events"
+                " FOR VALUES FROM ('2026-04-01') TO ('2026-05-01')"
+            )
+        )
+        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 2, "kind": "view"}])
+        conn.execute(
+            sa.text(
+                "INSERT INTO events_march (created_at, user_id, kind) VALUES"
+                " ('2026-03-03 10:00+00', 3, 'purchase')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO events_april (created_at, user_id, kind) VALUES"
+                " ('2026-04-03 10:00+00', 4, 'view')"
+            )
+        )
+        # A row moving between partitions dirties both days.
+        conn.execute(
+            sa.text("UPDATE events SET created_at = '2026-04-09 10:00+00' WHERE user_id = 1")
+        )
+    with engine.connect() as conn:
+        assert incremental_state(conn, d.mv_daily).dirty_buckets == 5
+    refresh_views(engine, d.mv_daily, d.mv_users)
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+        assert difference(conn, d.mv_users) == 0
+    with engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE events_march"))
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert result.full_refresh
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+
+
+def test_logical_replication_apply_is_logged(engine):
+    """Rows applied with session_replication_role = replica fire the replica twin."""
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        conn.execute(d.events.insert(), [{"created_at": at(25), "user_id": 1, "kind": "view"}])
+        conn.execute(d.events.delete().where(d.events.c.user_id == 2))
+    refresh_views(engine, d.mv_daily)
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
