@@ -65,7 +65,7 @@ __all__ = [
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 9"
+MARKER = "sqlalchemy_matview bookkeeping 10"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -338,7 +338,19 @@ DECLARE
     spent double precision;
     dep_schemas text[];
     dep_names text[];
+    inc_status text;
+    -- An incremental view (a table kept per bucket) has a refresh function of its own,
+    -- named after the MD5 of its name (sqlalchemy_matview.incremental.names_for).
+    incremental text := pg_catalog.quote_ident({s_lit}) || '.' || pg_catalog.quote_ident(
+        'inc_' || pg_catalog.left(pg_catalog.md5(target_schema || '.' || target_name), 12)
+        || '_refresh');
 BEGIN
+    IF pg_catalog.to_regprocedure(
+           incremental || '(bigint, text, boolean, double precision)') IS NOT NULL THEN
+        EXECUTE 'SELECT r.status FROM ' || incremental || '($1, $2, $3, NULL) AS r'
+           INTO STRICT inc_status USING lock_key, lock_mode, only_if_stale;
+        RETURN inc_status;
+    END IF;
     IF lock_mode = 'skip' THEN
         IF NOT pg_catalog.pg_try_advisory_xact_lock(lock_key) THEN
             RETURN 'skipped_locked';

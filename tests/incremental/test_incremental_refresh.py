@@ -391,3 +391,65 @@ def test_logical_replication_apply_is_logged(engine):
     refresh_views(engine, d.mv_daily)
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
+
+
+def test_the_sql_refresh_function_and_the_pg_cron_procedure(engine):
+    """What pg_cron jobs run (refresh_job -> refresh) recomputes an incremental view too."""
+    from sqlalchemy_matview.orchestration.tracking import refresh_call, refresh_job_call
+
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.begin() as conn:
+        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "view"}])
+    with engine.begin() as conn:
+        call = refresh_call("public", "mv_daily", concurrently=True, only_if_stale=True)
+        assert conn.execute(call).scalar_one() == "refreshed"
+        assert conn.execute(call).scalar_one() == "skipped_fresh"
+        assert difference(conn, d.mv_daily) == 0
+    with engine.begin() as conn:
+        conn.execute(d.events.insert(), [{"created_at": at(4), "user_id": 1, "kind": "view"}])
+    job = refresh_job_call("public", "mv_daily", concurrently=True)
+    command = str(job.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text(f"CALL {command}"))
+        assert difference(conn, d.mv_daily) == 0
+        assert refresh_history(conn, d.mv_daily)[0].status == "refreshed"
+
+
+def test_the_recompute_reads_the_dirty_days_through_the_bucket_index(engine):
+    """The plan the refresh function really runs (auto_explain of nested statements, its
+    log sent to the client): the dirty days are found through an index on the bucket."""
+    d = build_dashboard()
+    sa.Index("ix_events_utc_day", sa.cast(sa.func.timezone("UTC", d.events.c.created_at), sa.Date))
+    with engine.begin() as conn:
+        d.events.create(conn)
+        conn.execute(
+            sa.text(
+                "INSERT INTO events (created_at, user_id, kind, amount)"
+                " SELECT timestamptz '2026-01-01 00:00+00' + g * interval '1 minute',"
+                " g % 500, 'view', 1 FROM generate_series(1, 60000) g"
+            )
+        )
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE events"))
+        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "view"}])
+    plans: list[str] = []
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        driver.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+        for statement in (
+            "LOAD 'auto_explain'",
+            "SET auto_explain.log_min_duration = 0",
+            "SET auto_explain.log_nested_statements = on",
+            "SET client_min_messages = log",
+        ):
+            conn.execute(sa.text(statement))
+        (result,) = refresh_views(conn, d.mv_daily)
+        conn.commit()
+    assert (result.buckets, result.full_refresh) == (1, False)
+    recompute = [p for p in plans if "fresh" in p and "mv_daily" in p]
+    assert recompute, plans
+    assert "ix_events_utc_day" in recompute[0], recompute[0]
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
