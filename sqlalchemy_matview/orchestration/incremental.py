@@ -38,6 +38,7 @@ table: readers never wait, and see the refresh whole or not at all.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,7 @@ from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.util import ClauseAdapter
 
-from ..bookkeeping import VIEWS_TABLE, tracking_schema
+from ..bookkeeping import CHANNEL, VIEWS_TABLE, tracking_schema
 from ..catalog import current_schema
 from ..errors import DefinitionError, MaterializedViewError
 from ..incremental import IncrementalNames, names_for, register_incremental_hooks
@@ -320,9 +321,12 @@ def _after_create(view: MaterializedView, conn: Connection) -> None:
             "PRIMARY KEY DEFAULT pg_catalog.pg_current_xact_id())"
         )
     )
+    # The writers' barrier (see _notify): a random key, so that no other user of advisory
+    # locks holds it by chance.
+    barrier = secrets.randbits(63)
     for index, table in enumerate(inc.sources):
-        _install_source(conn, view, names, bk, index, table, key)
-    _create_refresh_function(conn, view, names, bk, target, key, columns)
+        _install_source(conn, view, names, bk, index, table, key, barrier)
+    _create_refresh_function(conn, view, names, bk, target, key, columns, barrier)
     # After CREATE TRIGGER, in its transaction: its SHARE ROW EXCLUSIVE lock on each source
     # keeps writers out until this commits, so no write falls between fill and log.
     try:
@@ -354,9 +358,11 @@ def _install_source(
     index: int,
     table: sa.Table,
     key: list[str],
+    barrier: int,
 ) -> None:
     relation = _resolve(conn, view, table)
     function = names.trigger_function(index)
+    payload = f"{_view_schema(conn, view)}.{view.name}"
     statement_exprs = {
         alias: _bucket_over(view, table, alias) for alias in ("new_rows", "old_rows")
     }
@@ -380,10 +386,16 @@ def _install_source(
                 "ON CONFLICT DO NOTHING;"
             )
 
+        xid = c.preparer.quote(XID_COLUMN)
+        channel = c.sql_compiler.render_literal_value(CHANNEL, sa.String())
+        notify = f"PERFORM pg_catalog.pg_notify({channel}, "
+        notify += f"{c.sql_compiler.render_literal_value(payload, sa.String())});"
         body = f"""
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {whole} DEFAULT VALUES ON CONFLICT DO NOTHING;
+        {notify}
+        RETURN NULL;
     ELSIF TG_LEVEL = 'ROW' THEN
         IF TG_OP = 'INSERT' THEN
             {log_from(["new_rows"], False)}
@@ -398,6 +410,19 @@ BEGIN
         {log_from(["old_rows"], True)}
     ELSE
         {log_from(["old_rows", "new_rows"], True)}
+    END IF;
+    -- Wake the workers on the clean-to-dirty transition only (NOTIFY queues committing
+    -- writers on one lock). Holding the barrier shared until commit, a writer that finds
+    -- another transaction's log row leaves the notifying to it: a refresh takes the barrier
+    -- exclusively before its snapshot, so it waits for this transaction and covers it too.
+    -- No barrier (a refresh is starting or running): notify. (Correctness never depends on
+    -- this: the log itself is consumed by snapshot.)
+    IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({barrier}) THEN
+        {notify}
+    ELSIF pg_catalog.current_setting('transaction_isolation') <> 'read committed'
+          OR NOT EXISTS (SELECT 1 FROM {log_table} l
+                          WHERE l.{xid} <> pg_catalog.pg_current_xact_id()) THEN
+        {notify}
     END IF;
     RETURN NULL;
 END
@@ -511,6 +536,7 @@ def _create_refresh_function(
     target: sa.TableClause,
     key: list[str],
     columns: list[str],
+    barrier: int,
 ) -> None:
     assert view.incremental is not None
     inc = view.incremental
@@ -621,6 +647,8 @@ DECLARE
     _changed bigint;
     _started timestamptz := pg_catalog.clock_timestamp();
     _spent float8;
+    _saved_timeout text;
+    _degraded boolean := false;
 BEGIN
     buckets := 0;
     full_refresh := false;
@@ -642,6 +670,23 @@ BEGIN
             MESSAGE = 'lock_mode ' || pg_catalog.quote_nullable(lock_mode)
                       || ': pass skip, wait or none';
     END IF;
+    IF only_if_dirty AND NOT EXISTS (SELECT 1 FROM {log_table})
+       AND NOT EXISTS (SELECT 1 FROM {whole}) THEN
+        status := 'skipped_fresh';
+        RETURN;
+    END IF;
+    -- Writers that hold the barrier (shared, until they commit) may have left notifying to
+    -- an earlier writer: wait for them, so that the snapshots below see them.
+    _saved_timeout := pg_catalog.current_setting('lock_timeout');
+    IF _saved_timeout = '0' THEN
+        PERFORM pg_catalog.set_config('lock_timeout', '60s', true);
+    END IF;
+    BEGIN
+        PERFORM pg_catalog.pg_advisory_xact_lock({barrier});
+    EXCEPTION WHEN lock_not_available THEN
+        _degraded := true;
+    END;
+    PERFORM pg_catalog.set_config('lock_timeout', _saved_timeout, true);
     -- Consumed: the log rows this statement's snapshot sees. The recompute below runs on
     -- a later snapshot, so it sees at least these changes.
     WITH gone AS (DELETE FROM {whole} RETURNING 1)
@@ -666,7 +711,15 @@ BEGIN
         SELECT pg_catalog.count(*) INTO buckets FROM {tbl};
     ELSIF buckets > 0 THEN{apply("WHERE " + restrict_d, restrict_v + " AND")}
     END IF;
-    status := 'refreshed';
+    -- Left: changes committed while this ran (their writers notified).
+    IF _degraded OR EXISTS (SELECT 1 FROM {log_table}) OR EXISTS (SELECT 1 FROM {whole}) THEN
+        status := 'refreshed_pending';
+        IF _degraded THEN
+            PERFORM pg_catalog.pg_notify({lit(CHANNEL)}, {lit(f"{view_schema}.{view.name}")});
+        END IF;
+    ELSE
+        status := 'refreshed';
+    END IF;
     _spent := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - _started);
     PERFORM {s}.record({lit(view_schema)}, {lit(view.name)}, _started, _spent, 'refreshed',
                        false, NULL);
@@ -742,7 +795,8 @@ register_incremental_hooks(
 class IncrementalStatus:
     """What one incremental refresh did."""
 
-    #: ``"refreshed"``, ``"skipped_locked"`` or ``"skipped_fresh"``.
+    #: ``"refreshed"``, ``"refreshed_pending"`` (writes committed meanwhile are logged for
+    #: the next refresh), ``"skipped_locked"`` or ``"skipped_fresh"``.
     status: str
     #: Buckets recomputed (every stored bucket after a full recompute).
     buckets: int

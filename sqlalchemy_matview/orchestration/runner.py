@@ -542,7 +542,12 @@ def _refresh_incremental(
         log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
         return _recorded(conn, owned, plan, result("failed", False, exc))
     outcome = _OUTCOMES[done.status]
-    res = replace(result(outcome), buckets=done.buckets, full_refresh=done.full_refresh)
+    res = replace(
+        result(outcome),
+        buckets=done.buckets,
+        full_refresh=done.full_refresh,
+        pending=done.status == "refreshed_pending",
+    )
     if outcome == "skipped_locked":
         return _recorded(conn, owned, plan, res)
     if outcome == "refreshed":

@@ -77,11 +77,12 @@ def _check_metadata(owner: str, metadata: object) -> None:
             f"sqlalchemy MetaData on which the views are declared{hint}"
         )
     if not any(
-        v.track_changes or v.max_staleness is not None
+        v.track_changes or v.incremental is not None or v.max_staleness is not None
         for v in materialized_views(metadata, managed=True)
     ):
         raise WorkerOptionError(
-            f"{owner}: metadata declares no materialized view with track_changes=True or "
+            f"{owner}: metadata declares no materialized view with track_changes=True, "
+            "incremental= or "
             "max_staleness=, so nothing would ever wake the worker; declare "
             "track_changes=True on the views whose sources change (or max_staleness= for a "
             "periodic refresh), or refresh on a schedule instead (schedule_refresh, or "

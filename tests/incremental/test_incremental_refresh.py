@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 import pytest
@@ -451,5 +452,52 @@ def test_the_recompute_reads_the_dirty_days_through_the_bucket_index(engine):
     recompute = [p for p in plans if "fresh" in p and "mv_daily" in p]
     assert recompute, plans
     assert "ix_events_utc_day" in recompute[0], recompute[0]
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
+
+
+def test_writers_notify_the_workers_once_per_refresh(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.connect() as listener:
+        listener.execution_options(isolation_level="AUTOCOMMIT").execute(
+            sa.text("LISTEN sqlalchemy_matview")
+        )
+        driver = listener.connection.driver_connection
+
+        def payloads() -> list[str]:
+            return [n.payload for n in driver.notifies(timeout=0.2, stop_after=None)]
+
+        for _ in range(3):
+            with engine.begin() as conn:
+                conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "x"}])
+        # The first writer made the views dirty: one notification each; the others found
+        # its log row.
+        assert sorted(payloads()) == ["public.mv_daily", "public.mv_users"]
+        refresh_views(engine, d.mv_daily, d.mv_users)
+        with engine.begin() as conn:
+            conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "x"}])
+        assert sorted(payloads()) == ["public.mv_daily", "public.mv_users"]
+
+
+def test_a_worker_refreshes_incremental_views(engine):
+    from sqlalchemy_matview import RefreshWorker
+
+    d = build_dashboard()
+    seed(engine, d)
+    done = []
+    worker = RefreshWorker(engine, d.metadata, debounce=0.05, max_delay=0.5, on_result=done.append)
+    worker.start()
+    try:
+        with engine.begin() as conn:
+            conn.execute(d.events.insert(), [{"created_at": at(7), "user_id": 1, "kind": "x"}])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            r.view == "public.mv_daily" and r.status == "refreshed" for r in done
+        ):
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert any(r.view == "public.mv_daily" and r.buckets == 1 for r in done), done
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
