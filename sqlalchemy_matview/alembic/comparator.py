@@ -30,10 +30,12 @@ from ..compare.indexes import renderable_index
 from ..schema import check_replace_strategy, materialized_views
 from . import filters
 from .ops import (
+    CreateIncrementalViewOp,
     CreateMaterializedViewOp,
     CreatePlainViewOp,
     DependentView,
     DisableChangeTrackingOp,
+    DropIncrementalViewOp,
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
@@ -183,6 +185,20 @@ def to_operation(
             grants=view.grants or None,
             owner=view.owner,
         )
+    if isinstance(change, compare.CreateIncremental):
+        return CreateIncrementalViewOp(
+            change.name,
+            change.statements,
+            schema=change.schema,
+            drop_statements=change.drop_statements,
+        )
+    if isinstance(change, compare.DropIncremental):
+        return DropIncrementalViewOp(
+            change.name,
+            change.statements,
+            schema=change.schema,
+            create_statements=change.create_statements,
+        )
     if isinstance(change, compare.CreateIndex):
         return alembic_ops.CreateIndexOp.from_index(renderable_index(change.index))
     if isinstance(change, compare.DropIndex):
@@ -206,6 +222,8 @@ _DETECTED: dict[type[Any], str] = {
     compare.ChangeComment: "changed comment of materialized view",
     compare.EnableTracking: "added change tracking of materialized view",
     compare.DisableTracking: "removed change tracking of materialized view",
+    compare.CreateIncremental: "added incremental view",
+    compare.DropIncremental: "removed incremental view",
 }
 
 
@@ -358,7 +376,9 @@ def _bookkeeping_ops(
             op, (EnableChangeTrackingOp, DisableChangeTrackingOp, ReplaceMaterializedViewOp)
         ):
             op.tracking_schema = schema
-    enables = any(isinstance(o, EnableChangeTrackingOp) for o in ops)
+    # An incremental view's log and functions live in the bookkeeping schema too.
+    needs = (EnableChangeTrackingOp, CreateIncrementalViewOp)
+    enables = any(isinstance(o, needs) for o in ops)
     disables = any(isinstance(o, DisableChangeTrackingOp) for o in ops)
     if not (enables or disables):
         return
@@ -367,14 +387,14 @@ def _bookkeeping_ops(
     installed = tracking.bookkeeping_installed(conn, own)
     if enables and not installed:
         for phase in (before, after):
-            first = next(
-                (i for i, o in enumerate(phase) if isinstance(o, EnableChangeTrackingOp)), None
-            )
+            first = next((i for i, o in enumerate(phase) if isinstance(o, needs)), None)
             if first is not None:
                 phase.insert(first, InstallChangeTrackingOp(schema=schema))
                 return
     still_tracked = any(
-        v.track_changes for md in metadatas for v in materialized_views(md, managed=True)
+        v.track_changes or v.incremental is not None
+        for md in metadatas
+        for v in materialized_views(md, managed=True)
     )
     if disables and installed and not still_tracked:
         for phase in (after, before):

@@ -49,19 +49,25 @@ def is_bookkeeping(schema: str, name: str, own_schema: str | None = None) -> boo
     return is_bookkeeping_table(schema, name, tracking_schema=own_schema)
 
 
-def _filters(default_schema: str, own_schema: str) -> tuple[Any, Any]:
+def _filters(
+    default_schema: str, own_schema: str, incremental: frozenset[tuple[str, str]] = frozenset()
+) -> tuple[Any, Any]:
+    # Incremental views are tables in the catalog; the views' comparator handles them.
+    def library_table(schema: str, name: str) -> bool:
+        return is_bookkeeping(schema, name, own_schema) or (schema, name) in incremental
+
     def include_object(obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any) -> bool:
         if type_ != "table" or not isinstance(obj, sa.Table):
             return True
         if not reflected:
             return not is_view_table(obj)
-        return not is_bookkeeping(obj.schema or default_schema, obj.name, own_schema)
+        return not library_table(obj.schema or default_schema, obj.name)
 
     def include_name(name: Any, type_: str, parent_names: Mapping[str, Any]) -> bool:
         if type_ != "table" or name is None:
             return True
         schema = parent_names.get("schema_name") or default_schema
-        return not is_bookkeeping(schema, name, own_schema)
+        return not library_table(schema, name)
 
     return include_object, include_name
 
@@ -81,7 +87,10 @@ def install(
     default_schema = autogen_context.connection.dialect.default_schema_name or "public"
     metadata = autogen_context.metadata
     own = tracking_schema(metadata if isinstance(metadata, sa.MetaData) else None)
-    include_object, include_name = _filters(default_schema, own)
+    from ..compare.incremental import installed_incremental
+
+    incremental = frozenset(installed_incremental(autogen_context.connection, own))
+    include_object, include_name = _filters(default_schema, own, incremental)
     # In front, so that the project's own filters never see a view as a table.
     autogen_context._object_filters.insert(0, include_object)
     autogen_context._name_filters.insert(0, include_name)

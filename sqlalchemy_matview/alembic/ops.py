@@ -29,10 +29,12 @@ if TYPE_CHECKING:
     from ..schema import Definition
 
 __all__ = [
+    "CreateIncrementalViewOp",
     "CreateMaterializedViewOp",
     "CreatePlainViewOp",
     "DependentView",
     "DisableChangeTrackingOp",
+    "DropIncrementalViewOp",
     "DropMaterializedViewOp",
     "DropPlainViewOp",
     "EnableChangeTrackingOp",
@@ -961,6 +963,131 @@ class DropPlainViewOp(MigrateOperation):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("drop_plain_view", self.schema, self.name)
+
+
+@Operations.register_operation("create_incremental_view")
+class CreateIncrementalViewOp(MigrateOperation):
+    """Create and fill an incremental view: see :meth:`create_incremental_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        statements: Sequence[str],
+        *,
+        schema: str | None = None,
+        drop_statements: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.statements = tuple(statements)
+        self.schema = schema
+        self.drop_statements = tuple(drop_statements) if drop_statements is not None else None
+
+    @classmethod
+    def create_incremental_view(
+        cls,
+        operations: Operations,
+        name: str,
+        statements: Sequence[str],
+        *,
+        schema: str | None = None,
+        drop_statements: Sequence[str] | None = None,
+    ) -> None:
+        """Create an incremental view: its table, dirty-bucket log, trigger functions,
+        triggers on its sources and refresh function, then fill it, in the migration's
+        transaction (``CREATE TRIGGER`` keeps writers out until it commits, so no write
+        falls between the fill and the log).
+
+        ``statements`` are the SQL that ``create_all`` runs for the view, which autogenerate
+        captures from the declaration and writes out literally, so that the migration does
+        not depend on the models as they are later, and ``alembic upgrade --sql`` prints
+        them for ``psql``. ``drop_statements`` (written by autogenerate) make it reversible.
+        See ``docs/incremental.md``.
+
+        Example::
+
+            op.create_incremental_view(
+                "mv_daily",
+                ["CREATE TABLE mv_daily (day, n) AS SELECT ... WITH NO DATA", "..."],
+                drop_statements=["DROP FUNCTION IF EXISTS ...", "..."],
+            )
+        """
+        operations.invoke(cls(name, statements, schema=schema, drop_statements=drop_statements))
+
+    def reverse(self) -> DropIncrementalViewOp:
+        if self.drop_statements is None:
+            raise IrreversibleOperationError(
+                f"create_incremental_view({self.name!r}) cannot be reversed: pass "
+                "drop_statements=[...] (autogenerate writes them)"
+            )
+        return DropIncrementalViewOp(
+            self.name,
+            self.drop_statements,
+            schema=self.schema,
+            create_statements=self.statements,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("create_incremental_view", self.schema, self.name)
+
+
+@Operations.register_operation("drop_incremental_view")
+class DropIncrementalViewOp(MigrateOperation):
+    """Drop an incremental view and all it owns: see :meth:`drop_incremental_view`."""
+
+    def __init__(
+        self,
+        name: str,
+        statements: Sequence[str],
+        *,
+        schema: str | None = None,
+        create_statements: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.statements = tuple(statements)
+        self.schema = schema
+        self.create_statements = tuple(create_statements) if create_statements is not None else None
+
+    @classmethod
+    def drop_incremental_view(
+        cls,
+        operations: Operations,
+        name: str,
+        statements: Sequence[str],
+        *,
+        schema: str | None = None,
+        create_statements: Sequence[str] | None = None,
+    ) -> None:
+        """Drop an incremental view: its trigger functions (and so the triggers on its
+        sources), statistics, refresh function, log and table.
+
+        ``statements`` are those drops as autogenerate read them from the catalog;
+        ``create_statements`` re-create every object as it was and refill the table (a full
+        recompute by the view's refresh function): the reverse.
+
+        Example::
+
+            op.drop_incremental_view(
+                "mv_daily",
+                ["DROP FUNCTION IF EXISTS ... CASCADE", "...", "DROP TABLE IF EXISTS mv_daily"],
+            )
+        """
+        operations.invoke(cls(name, statements, schema=schema, create_statements=create_statements))
+
+    def reverse(self) -> CreateIncrementalViewOp:
+        if self.create_statements is None:
+            raise IrreversibleOperationError(
+                f"drop_incremental_view({self.name!r}) cannot be reversed: pass "
+                "create_statements=[...] (autogenerate writes them)"
+            )
+        return CreateIncrementalViewOp(
+            self.name,
+            self.create_statements,
+            schema=self.schema,
+            drop_statements=self.statements,
+        )
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return ("drop_incremental_view", self.schema, self.name)
 
 
 # The implementations register themselves against the classes above.

@@ -17,10 +17,12 @@ from sqlalchemy.sql.elements import ClauseElement
 from ..compare import Grant, definition_sql
 from ..swap import DEFAULT_SWAP_LOCK_TIMEOUT, DEFAULT_SWAP_RETRIES
 from .ops import (
+    CreateIncrementalViewOp,
     CreateMaterializedViewOp,
     CreatePlainViewOp,
     DependentView,
     DisableChangeTrackingOp,
+    DropIncrementalViewOp,
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
@@ -328,3 +330,26 @@ def _render_install(autogen_context: AutogenContext, op: InstallChangeTrackingOp
 @renderers.dispatch_for(UninstallChangeTrackingOp)
 def _render_uninstall(autogen_context: AutogenContext, op: UninstallChangeTrackingOp) -> str:
     return _call(autogen_context, "uninstall_change_tracking", [], [("schema", op.schema, None)])
+
+
+@renderers.dispatch_for(CreateIncrementalViewOp)
+def _render_create_incremental(autogen_context: AutogenContext, op: CreateIncrementalViewOp) -> str:
+    return _call(
+        autogen_context,
+        "create_incremental_view",
+        [repr(op.name), _statements(op.statements) or "[]"],
+        [("schema", op.schema, None), ("*drop_statements", _statements(op.drop_statements), None)],
+    )
+
+
+@renderers.dispatch_for(DropIncrementalViewOp)
+def _render_drop_incremental(autogen_context: AutogenContext, op: DropIncrementalViewOp) -> str:
+    return _call(
+        autogen_context,
+        "drop_incremental_view",
+        [repr(op.name), _statements(op.statements) or "[]"],
+        [
+            ("schema", op.schema, None),
+            ("*create_statements", _statements(op.create_statements), None),
+        ],
+    )

@@ -33,9 +33,11 @@ from ..ddl import (
 )
 from ..errors import MaterializedViewError
 from .ops import (
+    CreateIncrementalViewOp,
     CreateMaterializedViewOp,
     CreatePlainViewOp,
     DisableChangeTrackingOp,
+    DropIncrementalViewOp,
     DropMaterializedViewOp,
     DropPlainViewOp,
     EnableChangeTrackingOp,
@@ -281,6 +283,31 @@ def disable_change_tracking(operations: Operations, op: DisableChangeTrackingOp)
         return
     conn = _bind(operations, f"disable_change_tracking({op.name!r})")
     _tracking().uninstall_tracking(conn, op.schema, op.name, schema=op.tracking_schema)
+
+
+# -- incremental views ---------------------------------------------------------------------------
+
+
+def _run_statements(operations: Operations, statements: Sequence[str]) -> None:
+    """Literal SQL: sent as is online; printed as is (``;``-terminated) under ``--sql``."""
+    if operations.migration_context.as_sql:
+        for statement in statements:
+            # Escaped colons: text() must not read ``:=`` or ``::`` as bind parameters.
+            operations.execute(sa.text(statement.replace(":", "\\:")))
+        return
+    conn = operations.get_bind()
+    for statement in statements:
+        conn.exec_driver_sql(statement)
+
+
+@Operations.implementation_for(CreateIncrementalViewOp)
+def create_incremental_view(operations: Operations, op: CreateIncrementalViewOp) -> None:
+    _run_statements(operations, op.statements)
+
+
+@Operations.implementation_for(DropIncrementalViewOp)
+def drop_incremental_view(operations: Operations, op: DropIncrementalViewOp) -> None:
+    _run_statements(operations, op.statements)
 
 
 # The replace operation has a module of its own (two strategies); it registers itself.

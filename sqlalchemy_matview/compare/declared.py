@@ -33,6 +33,8 @@ class Declared:
     #: Tables (not views) that the declared definition reads directly.
     tables: set[tuple[str | None, str]] = field(default_factory=set)
     base_tables: tuple[tuple[str | None, str], ...] = ()
+    #: The declared view when it is incremental (a table with triggers, not a matview).
+    incremental: MaterializedView | None = None
 
     @property
     def key(self) -> tuple[str | None, str]:
@@ -82,6 +84,7 @@ def declared_views(
                 table=view.table,
                 track_changes=view.track_changes,
                 replace_strategy=view.replace_strategy,
+                incremental=view if view.incremental is not None else None,
             )
             declared.append(item)
             by_table[id(view.table)] = item

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 from .. import catalog
 from ..bookkeeping import tracking_schema
 from .declared import Declared, declared_views
+from .incremental import compare_incremental, installed_incremental
 from .indexes import declared_shape
 from .normalise import Probe, normalise, normalize_definition
 from .plan import (
@@ -80,6 +81,32 @@ def _as_printed(
     return definitions, shapes_of
 
 
+def _incremental_changes(
+    conn: Connection,
+    declared: Sequence[Declared],
+    installed: Sequence[FullKey],
+    incremental_keys: set[Key],
+    unmanaged: set[Key],
+    include: IncludeFilter | None,
+    norm: Callable[[str | None], str | None],
+    full: Callable[[Key], FullKey],
+    bookkeeping: str,
+    matviews: Iterable[FullKey],
+) -> list[Change]:
+    """Drops of incremental views no longer declared as such (before anything is created),
+    then creates and rebuilds of the declared ones."""
+    obsolete = [
+        ((norm(s), n), (s, n))
+        for s, n in installed
+        if (norm(s), n) not in incremental_keys
+        and (norm(s), n) not in unmanaged
+        and (include is None or include(ViewRef(norm(s), n, None, True)))
+    ]
+    views = [(d.key, full(d.key), d.incremental) for d in declared if d.incremental is not None]
+    drops, creates = compare_incremental(conn, views, installed, obsolete, bookkeeping, matviews)
+    return [*drops, *creates]
+
+
 def compare_views(
     conn: Connection,
     metadata: sa.MetaData | Sequence[sa.MetaData],
@@ -134,12 +161,16 @@ def compare_views(
         return (key[0] or default_schema or "public", key[1])
 
     declared_all, unmanaged = declared_views(metadatas, default_schema)
-    declared = [
+    included = [
         d
         for d in declared_all
         if d.schema in wanted
         and (include is None or include(ViewRef(d.schema, d.name, d.table, False)))
     ]
+    # Incremental views are tables: compared by .incremental, not against pg_matviews.
+    declared = [d for d in included if d.incremental is None]
+    bookkeeping = tracking_schema(metadatas[0]) if metadatas else tracking_schema()
+    installed_inc = installed_incremental(conn, bookkeeping, schema_names)
     existing = {
         (norm(info.schema), info.name): info
         for info in catalog.materialized_views(conn, schema_names)
@@ -148,7 +179,7 @@ def compare_views(
     tracked = tracking_installed(conn, tracking_schema(metadatas[0]) if metadatas else None)
     tracked_keys = {(norm(s), n) for s, n in tracked} if tracked is not None else set()
 
-    declared_keys = {d.key for d in declared_all}
+    declared_keys = {d.key for d in declared_all if d.incremental is None}
     obsolete = [
         info
         for key, info in existing.items()
@@ -245,6 +276,18 @@ def compare_views(
     if split is not None:
         drops.extend((full((d.schema, d.name)), [d]) for d in split.detach)
     changes: list[Change] = [c for _, group in readers_first(drops, edges or []) for c in group]
+    changes += _incremental_changes(
+        conn,
+        [d for d in included if d.incremental is not None],
+        installed_inc,
+        {d.key for d in declared_all if d.incremental is not None},
+        unmanaged,
+        include,
+        norm,
+        full,
+        bookkeeping,
+        [info.qualified_name for info in existing.values()],
+    )
 
     for item in topological(declared):
         sql = item.sql

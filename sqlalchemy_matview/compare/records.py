@@ -261,6 +261,36 @@ class AttachView:
     phase = "after"
 
 
+@dataclass(frozen=True)
+class CreateIncremental:
+    """Create an incremental view (its table, log, triggers, refresh function) and fill it.
+
+    ``statements`` are the SQL the library runs for it, captured when the comparison ran;
+    ``drop_statements`` remove it all again (the reverse).
+    """
+
+    schema: str | None
+    name: str
+    statements: tuple[str, ...]
+    drop_statements: tuple[str, ...]
+    phase = "after"
+
+
+@dataclass(frozen=True)
+class DropIncremental:
+    """Drop an incremental view and everything it owns.
+
+    ``create_statements`` re-create it as it is in the database (read from the catalog) and
+    refill it: the reverse.
+    """
+
+    schema: str | None
+    name: str
+    statements: tuple[str, ...]
+    create_statements: tuple[str, ...]
+    phase = "before"
+
+
 Change = (
     CreateView
     | DropView
@@ -272,6 +302,8 @@ Change = (
     | DisableTracking
     | DetachView
     | AttachView
+    | CreateIncremental
+    | DropIncremental
 )
 
 

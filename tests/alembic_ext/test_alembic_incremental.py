@@ -1,0 +1,194 @@
+"""Autogenerate and incremental views: create, rebuild, convert, drop, downgrade, --sql.
+
+Every migration is rendered to code and that code is run (online, or printed with
+``--sql`` and run through psql), then autogenerate runs again and must find nothing.
+After each step the view's table equals its definition computed from scratch, and a new
+write followed by ``refresh_views`` is still picked up (the triggers are in place).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from matview_alembic_helpers import autogenerate, offline_sql, run_code
+from matview_project import psql
+
+from sqlalchemy_matview import Incremental, MaterializedView, refresh_views
+from sqlalchemy_matview.compare.incremental import installed_incremental
+
+NOW = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
+
+
+def models(
+    *, plain: bool = False, label: str = "n", key: str = "day", threshold: float = 0.25
+) -> tuple[sa.MetaData, MaterializedView | None, sa.Table]:
+    md = sa.MetaData()
+    events = sa.Table(
+        "events",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("user_id", sa.Integer, nullable=False),
+    )
+    day = sa.cast(sa.func.timezone("UTC", events.c.created_at), sa.Date)
+    bucket = day if key == "day" else events.c.user_id
+    query = sa.select(bucket.label(key), sa.func.count().label(label)).group_by(bucket)
+    if plain:
+        view = MaterializedView("mv_daily", md, query, unique_key=key)
+    else:
+        view = MaterializedView(
+            "mv_daily",
+            md,
+            query,
+            incremental=Incremental(
+                key=key, sources={events: bucket}, full_refresh_above=threshold
+            ),
+        )
+    return md, view, events
+
+
+def migrate(engine: sa.Engine, md: sa.MetaData) -> Any:
+    """Autogenerate against ``md``, run the rendered upgrade, check a second run is empty."""
+    with engine.begin() as conn:
+        generated = autogenerate(conn, md)
+        run_code(conn, generated.upgrade)
+    with engine.begin() as conn:
+        again = autogenerate(conn, md)
+    assert again.empty, again.upgrade
+    return generated
+
+
+def write(engine: sa.Engine, events: sa.Table, *rows: tuple[int, dt.datetime]) -> None:
+    with engine.begin() as conn:
+        conn.execute(events.insert(), [{"user_id": u, "created_at": t} for u, t in rows])
+
+
+def assert_exact(engine: sa.Engine, view: MaterializedView) -> None:
+    stored = sa.select(view.table)
+    with engine.connect() as conn:
+        missing = conn.execute(view.definition.except_(stored)).all()
+        extra = conn.execute(stored.except_(view.definition)).all()
+        count = conn.scalar(sa.select(sa.func.count()).select_from(view.table))
+    assert (missing, extra) == ([], []), (missing, extra)
+    assert count > 0
+
+
+def relkind(engine: sa.Engine, name: str = "mv_daily") -> str | None:
+    with engine.connect() as conn:
+        return conn.scalar(
+            sa.text("SELECT relkind::text FROM pg_class WHERE oid = to_regclass(:n)"), {"n": name}
+        )
+
+
+def still_maintained(engine: sa.Engine, view: MaterializedView, events: sa.Table) -> None:
+    refresh_views(engine, view)  # whatever the test wrote before
+    assert_exact(engine, view)
+    write(engine, events, (9, NOW + dt.timedelta(days=2)))
+    [result] = refresh_views(engine, view)
+    assert result.status == "refreshed" and result.buckets == 1
+    assert_exact(engine, view)
+
+
+def test_create_refill_rebuild_and_drop(engine: sa.Engine) -> None:
+    md, view, events = models()
+    assert view is not None
+    first = migrate(engine, md)
+    assert "op.install_change_tracking()" in first.upgrade
+    assert "op.create_incremental_view(" in first.upgrade
+    assert first.upgrade.index("op.create_table('events'") < first.upgrade.index(
+        "op.create_incremental_view("
+    )
+    assert relkind(engine) == "r"
+    write(engine, events, (1, NOW), (2, NOW), (1, NOW - dt.timedelta(days=3)))
+    still_maintained(engine, view, events)
+
+    # A changed definition (a column renamed), key, or threshold: rebuilt and refilled.
+    for changed in (models(label="events"), models(threshold=0.5), models(key="user_id")):
+        md2, view2, events2 = changed
+        assert view2 is not None
+        generated = migrate(engine, md2)
+        assert "op.drop_incremental_view(" in generated.upgrade
+        assert "op.create_incremental_view(" in generated.upgrade
+        assert_exact(engine, view2)
+        still_maintained(engine, view2, events2)
+
+    # Dropped with its triggers, log and functions; the downgrade brings it back, filled.
+    bare = sa.MetaData()
+    events.to_metadata(bare)
+    generated = migrate(engine, bare)
+    assert "op.drop_incremental_view(" in generated.upgrade
+    assert relkind(engine) is None
+    with engine.connect() as conn:
+        assert installed_incremental(conn, "sqlalchemy_matview") == []
+        triggers = conn.scalar(
+            sa.text("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass")
+        )
+    assert triggers == 0
+    with engine.begin() as conn:
+        run_code(conn, generated.downgrade)
+    md3, view3, events3 = models(key="user_id")
+    assert view3 is not None
+    assert_exact(engine, view3)
+    still_maintained(engine, view3, events3)
+    with engine.begin() as conn:
+        assert autogenerate(conn, md3).empty
+
+
+def test_convert_plain_to_incremental_and_back(engine: sa.Engine) -> None:
+    md, _, events = models(plain=True)
+    migrate(engine, md)
+    write(engine, events, (1, NOW), (2, NOW - dt.timedelta(days=1)))
+    assert relkind(engine) == "m"
+
+    md2, view, events2 = models()
+    assert view is not None
+    generated = migrate(engine, md2)
+    assert "op.drop_materialized_view(" in generated.upgrade
+    assert generated.upgrade.index("op.drop_materialized_view(") < generated.upgrade.index(
+        "op.create_incremental_view("
+    )
+    assert relkind(engine) == "r"
+    assert_exact(engine, view)
+    still_maintained(engine, view, events2)
+
+    md3, _, _ = models(plain=True)
+    generated = migrate(engine, md3)
+    assert "op.drop_incremental_view(" in generated.upgrade
+    assert relkind(engine) == "m"
+    with engine.begin() as conn:
+        run_code(conn, generated.downgrade)  # back to incremental, refilled
+    assert relkind(engine) == "r"
+    assert_exact(engine, view)
+    still_maintained(engine, view, events2)
+
+
+@pytest.mark.parametrize("plain_first", [False, True])
+def test_offline_sql_runs_in_psql(databases: tuple[sa.URL, Any], plain_first: bool) -> None:
+    url, fresh = databases
+    engine = sa.create_engine(url)
+    offline = fresh()
+    offline_engine = sa.create_engine(offline)
+    try:
+        steps = [models(plain=True), models()] if plain_first else [models(), models(label="x")]
+        for md, _, events in steps:
+            with engine.begin() as conn:
+                generated = autogenerate(conn, md)
+                run_code(conn, generated.upgrade)
+            script = offline_sql(generated.upgrade)
+            psql(script, offline)
+            write(offline_engine, events, (1, NOW))
+        view = steps[-1][1]
+        assert view is not None
+        assert relkind(offline_engine) == "r"
+        [result] = refresh_views(offline_engine, view)
+        assert result.status == "refreshed"
+        assert_exact(offline_engine, view)
+        with offline_engine.begin() as conn:
+            assert autogenerate(conn, md).empty
+        psql(offline_sql(generated.downgrade), offline)
+    finally:
+        engine.dispose()
+        offline_engine.dispose()
