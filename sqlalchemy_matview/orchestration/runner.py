@@ -281,11 +281,14 @@ def _plan(
         if view is not None and opts.concurrently is True and view.incremental is None:
             _check_concurrent_declaration(view)
     schema = _bookkeeping_schema(metadata, [v for _, v in resolved if v is not None])
-    # Incremental views are tables, not in pg_matviews: their refresh function says they exist.
+    bookkeeping = tracking.bookkeeping_inventory(conn, schema)
+    # Incremental views are tables, not in pg_matviews: their refresh function says they exist,
+    # in a bookkeeping schema that only trusted roles own (else it may be a squatter's).
     incrementals = {
         q
         for q, view in resolved
-        if q not in infos
+        if bookkeeping.exists
+        and q not in infos
         and (view is None or view.incremental is not None)
         and incremental.is_incremental(conn, q[0], q[1], schema)
     }
@@ -298,7 +301,9 @@ def _plan(
             "check the name"
         )
     extra = _declared_edges([v for _, v in resolved if v is not None] + declared_views, current)
-    graph = DependencyGraph.from_catalog(catalog.dependencies(conn), extra)
+    # One view refreshed alone needs no order: spare the scan of pg_depend.
+    alone = not opts.cascade and len({q for q, _ in resolved}) == 1
+    graph = DependencyGraph.from_catalog([] if alone else catalog.dependencies(conn), extra)
     wanted: dict[QName, MaterializedView | None] = {}
     for qname, view in resolved:
         if wanted.get(qname) is None:
@@ -320,7 +325,7 @@ def _plan(
                 incremental=qname in incrementals,
             )
         )
-    tracking_on = tracking.bookkeeping_installed(conn, schema)
+    tracking_on = bookkeeping.current
     stale = tracking.stale_views(conn, schema) if (tracking_on and want_stale) else set()
     if want_stale and incrementals:
         stale |= incremental.dirty_views(conn, sorted(incrementals), schema)

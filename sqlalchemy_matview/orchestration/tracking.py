@@ -55,10 +55,12 @@ from .tracking_sql import (
 __all__ = [
     "CHANNEL",
     "PENDING_CAP",
+    "Inventory",
     "TrackingError",
     "TrackingProblem",
     "ViewState",
     "bookkeeping_installed",
+    "bookkeeping_inventory",
     "check_tracking",
     "ensure_bookkeeping",
     "install_tracking",
@@ -123,49 +125,55 @@ def _constant(text: str) -> PreparedDDL:
     return PreparedDDL(lambda _preparer: text)
 
 
-# The current role, a role it is a member of (explicitly: pg_has_role() is true for any
-# role when the caller is a superuser, the very case where trusting a squatter is worst),
-# or a superuser.
-_TRUSTED = (
-    "({owner} IN (WITH RECURSIVE m(r) AS ("
+# Whom the current role trusts: itself, a role it is a member of (explicitly: pg_has_role() is
+# true for any role when the caller is a superuser, the very case where trusting a squatter is
+# worst), or a superuser. _MEMBERS starts a query (the memberships, computed once); _TRUSTED
+# is the test of one owner in it.
+_MEMBERS = (
+    "WITH RECURSIVE m(r) AS ("
     " SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
     " UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN m ON a.member = m.r)"
-    " SELECT m.r FROM m)"
+)
+_TRUSTED = (
+    "({owner} IN (SELECT m.r FROM m)"
     " OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = {owner}))"
 )
 
-# Every object in the bookkeeping schema, and the schema itself, with its owner and
-# whether the current role may trust it.
+# Every object in the bookkeeping schema, and the schema itself, with its owner and whether
+# the current role may trust it. Every refresh plans with this query: it is kept cheap.
 _INVENTORY = sa.text(
     f"""
-    SELECT 'schema' AS kind, n.nspname::text AS name,
-           pg_catalog.pg_get_userbyid(n.nspowner)::text AS owner,
-           {_TRUSTED.format(owner="n.nspowner")} AS trusted,
-           pg_catalog.obj_description(n.oid, 'pg_namespace') AS marker
-      FROM pg_catalog.pg_namespace n WHERE n.nspname = :schema
-    UNION ALL
-    SELECT 'relation', n.nspname || '.' || c.relname,
-           pg_catalog.pg_get_userbyid(c.relowner)::text,
-           {_TRUSTED.format(owner="c.relowner")}, NULL
-      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = :schema
-    UNION ALL
-    SELECT 'function', n.nspname || '.' || p.proname,
-           pg_catalog.pg_get_userbyid(p.proowner)::text,
-           {_TRUSTED.format(owner="p.proowner")}, NULL
-      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-     WHERE n.nspname = :schema
+    {_MEMBERS},
+    owned(kind, name, owner, marker) AS (
+        SELECT 'schema', n.nspname::text, n.nspowner,
+               pg_catalog.obj_description(n.oid, 'pg_namespace')
+          FROM pg_catalog.pg_namespace n WHERE n.nspname = :schema
+        UNION ALL
+        SELECT 'relation', n.nspname || '.' || c.relname, c.relowner, NULL
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = :schema
+        UNION ALL
+        SELECT 'function', n.nspname || '.' || p.proname, p.proowner, NULL
+          FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = :schema)
+    SELECT o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)::text AS owner,
+           {_TRUSTED.format(owner="o.owner")} AS trusted, o.marker
+      FROM owned o
     """
 )
 
 
 @dataclass(frozen=True)
-class _Inventory:
+class Inventory:
+    """What :func:`bookkeeping_inventory` found in the bookkeeping schema."""
+
+    #: The schema exists and everything in it is owned by a role the current one trusts.
     exists: bool
-    current: bool  # every object present, at the current version
+    #: ... and every object of this version is present (the marker matches).
+    current: bool
 
 
-def _inventory(conn: Connection, schema: str, *, strict: bool) -> _Inventory:
+def _inventory(conn: Connection, schema: str, *, strict: bool) -> Inventory:
     rows = conn.execute(_INVENTORY, {"schema": schema}).all()
     for row in rows:
         if not row.trusted:
@@ -178,13 +186,22 @@ def _inventory(conn: Connection, schema: str, *, strict: bool) -> _Inventory:
             if strict:
                 raise TrackingInstallError(message)
             log.warning("change tracking ignored: %s", message)
-            return _Inventory(exists=False, current=False)
+            return Inventory(exists=False, current=False)
     marker = next((r.marker for r in rows if r.kind == "schema"), None)
     names = {r.name for r in rows}
     complete = {f"{schema}.{t}" for t in (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE)} | {
         f"{schema}.{f}" for f in FUNCTIONS
     }
-    return _Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)
+    return Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)
+
+
+def bookkeeping_inventory(conn: Connection, schema: str | None = None) -> Inventory:
+    """Whether the bookkeeping exists, is trustworthy, and is at this version (one query).
+
+    Objects owned by a role the current one does not trust make it count as absent (with a
+    warning): nothing of theirs is ever called.
+    """
+    return _inventory(conn, schema or tracking_schema(), strict=False)
 
 
 def bookkeeping_installed(conn: Connection, schema: str | None = None) -> bool:
@@ -193,7 +210,7 @@ def bookkeeping_installed(conn: Connection, schema: str | None = None) -> bool:
     Objects owned by a role the current one does not trust count as absent (with a
     warning): nothing of theirs is ever called.
     """
-    return _inventory(conn, schema or tracking_schema(), strict=False).current
+    return bookkeeping_inventory(conn, schema).current
 
 
 def ensure_bookkeeping(conn: Connection, schema: str | None = None) -> None:
@@ -248,7 +265,7 @@ def _move_legacy(conn: Connection, schema: str) -> None:
         return
     owner = conn.execute(
         sa.text(
-            "SELECT pg_catalog.pg_get_userbyid(c.relowner)::text AS owner,"
+            f"{_MEMBERS} SELECT pg_catalog.pg_get_userbyid(c.relowner)::text AS owner,"
             f" {_TRUSTED.format(owner='c.relowner')} AS trusted"
             " FROM pg_catalog.pg_class c"
             " WHERE c.oid = pg_catalog.to_regclass(:state)::pg_catalog.oid"

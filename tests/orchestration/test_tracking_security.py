@@ -537,3 +537,37 @@ def test_operator_hijacks_in_public_never_run(roles: Roles) -> None:
         md.create_all(app)
     finally:
         app.dispose()
+
+
+def test_a_squatted_incremental_refresh_function_never_runs(roles: Roles) -> None:
+    """An incremental view is found by its refresh function in the bookkeeping schema: one
+    that a squatter created there (with the exact signature) is never called."""
+    from sqlalchemy_matview import UnknownViewError, refresh_views
+    from sqlalchemy_matview.incremental import names_for
+    from sqlalchemy_matview.orchestration.incremental import REFRESH_ARGS
+
+    db = roles.admin.dialect.identifier_preparer.quote(str(roles.url.database))
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text(f"GRANT CREATE ON DATABASE {db} TO {roles.attacker}"))
+    function = names_for("public", "mv_daily").refresh
+    params = [f"p{i} {t.strip()}" for i, t in enumerate(REFRESH_ARGS.split(","))] + [
+        "OUT status text",
+        "OUT buckets bigint",
+        "OUT full_refresh boolean",
+    ]
+    with roles.psql(roles.attacker) as conn:
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(f"GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC")
+        conn.execute(
+            f"CREATE FUNCTION {SCHEMA}.{function}({', '.join(params)}) LANGUAGE plpgsql AS $$"
+            f" BEGIN {_trap_body(roles, 'incremental refresh')}"
+            " status := 'refreshed'; buckets := 0; full_refresh := false; END $$"
+        )
+        conn.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {SCHEMA} TO PUBLIC")
+    app = roles.engine(roles.app)
+    try:
+        with pytest.raises(UnknownViewError, match="mv_daily"):
+            refresh_views(app, "public.mv_daily")
+    finally:
+        app.dispose()
+    _assert_untouched(roles)
