@@ -18,6 +18,7 @@ __all__ = [
     "MaterializedViewInfo",
     "QualifiedName",
     "dependencies",
+    "installed_incremental",
     "materialized_views",
 ]
 
@@ -175,3 +176,35 @@ def current_schema(conn: Connection) -> str:
     """
     current = conn.execute(sa.text("SELECT pg_catalog.current_schema()")).scalar_one()
     return "pg_catalog" if current is None else str(current)
+
+
+_INSTALLED = sa.text(
+    """
+    SELECT n.nspname::text AS schema, c.relname::text AS name
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+       AND (CAST(:schemas AS pg_catalog.text[]) IS NULL
+            OR n.nspname OPERATOR(pg_catalog.=) ANY (CAST(:schemas AS pg_catalog.text[])))
+       AND EXISTS (
+           SELECT 1 FROM pg_catalog.pg_proc p
+            WHERE p.pronamespace OPERATOR(pg_catalog.=) (SELECT b.oid FROM pg_catalog.pg_namespace b
+                                                  WHERE b.nspname OPERATOR(pg_catalog.=) :bk)
+              AND p.proname OPERATOR(pg_catalog.=) ('inc_' OPERATOR(pg_catalog.||)
+                  pg_catalog.left(pg_catalog.md5(n.nspname OPERATOR(pg_catalog.||) '.'
+                  OPERATOR(pg_catalog.||) c.relname), 12) OPERATOR(pg_catalog.||) '_refresh'))
+     ORDER BY 1, 2
+    """
+)
+
+
+def installed_incremental(
+    conn: Connection, bookkeeping: str, schemas: Sequence[str] | None = None
+) -> list[QualifiedName]:
+    """``(schema, name)`` of every incremental view in ``schemas`` (default: all): every
+    table with a refresh function named after it in the ``bookkeeping`` schema
+    (``inc_`` and the first 12 hex digits of ``md5('schema.name')``, see
+    :func:`sqlalchemy_matview.incremental.names_for`). One query."""
+    given = None if schemas is None else list(schemas)
+    rows = conn.execute(_INSTALLED, {"schemas": given, "bk": bookkeeping})
+    return [(str(r.schema), str(r.name)) for r in rows]

@@ -307,6 +307,14 @@ class ViewStatus:
     max_staleness: float | None = None
     #: Whether the view is older than its objective (``None`` without one).
     breached: bool | None = None
+    #: An incremental view (a table whose dirty buckets a refresh recomputes).
+    incremental: bool = False
+    #: Its dirty buckets, counted up to a cap (``None`` for other views).
+    dirty_buckets: int | None = None
+    #: More dirty buckets than counted.
+    dirty_capped: bool = False
+    #: A source was truncated since its last refresh: the next one recomputes everything.
+    truncated: bool = False
 
     @property
     def qualified_name(self) -> str:
@@ -385,9 +393,10 @@ def collect_status(
             )
         _apply_state(row, states.get(key))
         rows.append(row)
-    present = {info.qualified_name for info in infos}
+    rows += _incremental_rows(conn, metadata, schemas, declared, states)
+    present_keys = {(r.schema, r.name) for r in rows}
     for key, view in declared.items():
-        if key in present or (schemas is not None and key[0] not in schemas):
+        if key in present_keys or (schemas is not None and key[0] not in schemas):
             continue
         row = ViewStatus(
             schema=key[0],
@@ -407,6 +416,69 @@ def collect_status(
                 by_name[report.view].max_staleness = report.max_staleness.total_seconds()
                 by_name[report.view].breached = report.breached
     rows.sort(key=lambda r: (r.schema, r.name))
+    return rows
+
+
+_TABLE_SIZES = sa.text(
+    """
+    SELECT c.reltuples::bigint AS row_estimate, pg_catalog.pg_total_relation_size(c.oid) AS size
+      FROM pg_catalog.pg_class c
+     WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(:name)
+    """
+)
+
+
+def _incremental_rows(
+    conn: Connection,
+    metadata: sa.MetaData | None,
+    schemas: Sequence[str] | None,
+    declared: dict[tuple[str, str], MaterializedView],
+    states: dict[tuple[str, str], Any],
+) -> list[ViewStatus]:
+    """Incremental views: tables (not in ``pg_matviews``) with a dirty-bucket log."""
+    from .orchestration.dirty import dirty_buckets
+
+    bk = tracking_schema(metadata)
+    with conn.begin_nested() as savepoint:
+        try:
+            found = catalog.installed_incremental(conn, bk, schemas)
+            dirty = dirty_buckets(conn, found, bk)
+        except sa.exc.DBAPIError:
+            savepoint.rollback()
+            return []
+    preparer = conn.dialect.identifier_preparer
+    rows = []
+    for key in found:
+        size = conn.execute(
+            _TABLE_SIZES, {"name": f"{preparer.quote_schema(key[0])}.{preparer.quote(key[1])}"}
+        ).one()
+        row = ViewStatus(
+            schema=key[0],
+            name=key[1],
+            populated=True,
+            row_estimate=int(size.row_estimate) if size.row_estimate >= 0 else None,
+            size_bytes=int(size.size),
+            incremental=True,
+        )
+        if metadata is not None:
+            view = declared.get(key)
+            row.declared = (
+                "undeclared" if view is None else ("managed" if view.managed else "unmanaged")
+            )
+            if view is not None and view.incremental is not None:
+                current = catalog.current_schema(conn)
+                row.depends_on = sorted(
+                    f"{t.schema or current}.{t.name}" for t in view.incremental.sources
+                )
+        _apply_state(row, states.get(key))
+        logged = dirty.get(key)
+        row.tracked = True
+        if logged is not None:
+            row.stale = logged.dirty
+            row.dirty_buckets = logged.count
+            row.dirty_capped = logged.capped
+            row.truncated = logged.truncated
+        rows.append(row)
     return rows
 
 
@@ -482,6 +554,16 @@ def _duration(seconds: float | None) -> str:
 _PENDING_CAP = 1000
 
 
+def _dirty_cell(row: ViewStatus) -> str:
+    if row.truncated:
+        return "[yellow]truncated: full recompute next[/]"
+    if not row.dirty_buckets:
+        return "[green]fresh[/]"
+    more = "+" if row.dirty_capped else ""
+    plural = "" if row.dirty_buckets == 1 and not more else "s"
+    return f"[yellow]{row.dirty_buckets:,}{more} dirty bucket{plural}[/]"
+
+
 def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
     """Print ``rows`` as the table ``matview status`` shows."""
     if not rows:
@@ -515,14 +597,18 @@ def render_status(rows: Sequence[ViewStatus], console: Console) -> None:
                 "yes" if row.populated else "[yellow]no[/]",
                 f"~{row.row_estimate:,}" if row.row_estimate is not None else "?",
                 _size(row.size_bytes),
-                (row.concurrent_index and f"yes ({row.concurrent_index})") or "no",
+                "incremental"
+                if row.incremental
+                else (row.concurrent_index and f"yes ({row.concurrent_index})") or "no",
                 ", ".join(row.depends_on) or "-",
             ]
         line = [row.qualified_name, *cells]
         if declared:
             line.append(row.declared or "-")
         if tracked:
-            if row.tracking_problems:
+            if row.incremental:
+                stale = _dirty_cell(row)
+            elif row.tracking_problems:
                 stale = "[red]tracking broken[/]"
             elif not row.tracked:
                 stale = "[dim]not tracked[/]"
@@ -606,6 +692,14 @@ def format_result(result: RefreshResult) -> str:
     text = f"{mark} {result.view}  {label}"
     if result.status == "refreshed":
         how = "concurrently" if result.concurrently else "plain"
+        buckets = getattr(result, "buckets", None)
+        if buckets is not None:
+            plural = "" if buckets == 1 else "s"
+            how = (
+                f"incremental, full recompute of {buckets:,} bucket{plural}"
+                if getattr(result, "full_refresh", False)
+                else f"incremental, {buckets:,} bucket{plural} recomputed"
+            )
         text += f" ({how}) in {_duration(result.duration)}"
     if result.error is not None:
         text += f": {_first_line(result.error)}"

@@ -181,11 +181,14 @@ class RefreshMetrics:
     def _name(self, name: str) -> str:
         return f"{self.namespace}_{name}"
 
-    def _states(self) -> list[tuple[str, Any, Any]] | None:
-        """``(view, ViewState, server time)`` triples, or ``None`` when reading failed."""
+    def _states(self) -> list[tuple[str, Any, Any, Any]] | None:
+        """``(view, ViewState or None, server time, DirtyBuckets or None)``, or ``None`` when
+        reading failed. The dirty buckets are those of incremental views."""
         if self.engine is None:
             return []
         from .bookkeeping import tracking_schema
+        from .catalog import installed_incremental
+        from .orchestration.dirty import dirty_buckets
         from .orchestration.tracking import view_states
 
         try:
@@ -199,15 +202,17 @@ class RefreshMetrics:
                     )
                 )
                 now = conn.scalar(sa.select(sa.func.now()))
-                states = view_states(conn, tracking_schema(self.metadata))
+                schema = tracking_schema(self.metadata)
+                states = view_states(conn, schema)
+                dirty = dirty_buckets(conn, installed_incremental(conn, schema), schema)
                 conn.rollback()
                 wanted = self._declared(conn.dialect.default_schema_name or "public")
         except sa.exc.SQLAlchemyError as exc:
             log.warning("metrics: could not read the views' state: %s", exc.__class__.__name__)
             return None
         return [
-            (f"{s.schema}.{s.name}", s, now)
-            for key, s in sorted(states.items())
+            (f"{key[0]}.{key[1]}", states.get(key), now, dirty.get(key))
+            for key in sorted(set(states) | set(dirty))
             if wanted is None or key in wanted
         ]
 
@@ -218,10 +223,13 @@ class RefreshMetrics:
 
         return {(v.schema or default, v.name) for v in materialized_views(self.metadata)}
 
-    def _gauges(self, states: list[tuple[str, Any, Any]] | None) -> Iterator[Metric]:
+    def _gauges(self, states: list[tuple[str, Any, Any, Any]] | None) -> Iterator[Metric]:
+        from .orchestration.dirty import staleness_bound
+
         staleness = GaugeMetricFamily(
             self._name("staleness_seconds"),
-            "Age of the oldest change not yet refreshed (0 when fresh), tracked views.",
+            "Age of the oldest change not yet refreshed (0 when fresh), tracked views; for "
+            "incremental views, at most this (the time since the last refresh started).",
             labels=["view"],
         )
         pending = GaugeMetricFamily(
@@ -234,16 +242,31 @@ class RefreshMetrics:
             "Unix time of the view's last refresh through this library.",
             labels=["view"],
         )
-        for view, state, now in states or ():
-            if state.tracked:
+        dirty_buckets = GaugeMetricFamily(
+            self._name("dirty_buckets"),
+            "Buckets logged and not yet recomputed (counted up to 1000), incremental views.",
+            labels=["view"],
+        )
+        for view, state, now, dirty in states or ():
+            if dirty is not None:
+                dirty_buckets.add_metric([view], float(dirty.count))
+                bound = staleness_bound(
+                    dirty,
+                    state.last_refreshed_at if state else None,
+                    state.last_duration if state else None,
+                    now,
+                )
+                if bound is not None:
+                    staleness.add_metric([view], bound.total_seconds())
+            elif state.tracked:
                 age = 0.0
                 if state.stale and state.stale_since is not None:
                     age = max(0.0, (now - state.stale_since).total_seconds())
                 staleness.add_metric([view], age)
                 pending.add_metric([view], float(state.pending_changes))
-            if state.last_refreshed_at is not None:
+            if state is not None and state.last_refreshed_at is not None:
                 last.add_metric([view], state.last_refreshed_at.timestamp())
-        yield from (staleness, pending, last)
+        yield from (staleness, pending, last, dirty_buckets)
         if self.engine is not None:
             error = GaugeMetricFamily(
                 self._name("scrape_error"),

@@ -87,7 +87,7 @@ def install(
     default_schema = autogen_context.connection.dialect.default_schema_name or "public"
     metadata = autogen_context.metadata
     own = tracking_schema(metadata if isinstance(metadata, sa.MetaData) else None)
-    from ..compare.incremental import installed_incremental
+    from ..catalog import installed_incremental
 
     incremental = frozenset(installed_incremental(autogen_context.connection, own))
     include_object, include_name = _filters(default_schema, own, incremental)

@@ -10,8 +10,9 @@ from sqlalchemy.engine import Connection
 
 from .. import catalog
 from ..bookkeeping import tracking_schema
+from ..catalog import installed_incremental
 from .declared import Declared, declared_views
-from .incremental import compare_incremental, installed_incremental
+from .incremental import compare_incremental
 from .indexes import declared_shape
 from .normalise import Probe, normalise, normalize_definition
 from .plan import (

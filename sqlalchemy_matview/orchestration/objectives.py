@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from .. import catalog
 from ..bookkeeping import tracking_schema
 from ..schema import MaterializedView, materialized_views
+from .dirty import dirty_buckets, staleness_bound
 from .tracking import view_states
 
 __all__ = [
@@ -56,6 +57,10 @@ class Freshness:
     staleness: datetime.timedelta | None
     #: The declared objective (``MaterializedView(max_staleness=...)``), or ``None``.
     max_staleness: datetime.timedelta | None
+    #: An incremental view's dirty buckets (up to :data:`~.dirty.DIRTY_CAP`); ``None`` for
+    #: other views. Its ``staleness`` is then a bound: the time since its last refresh
+    #: started when anything is dirty (see :func:`~.dirty.staleness_bound`).
+    dirty_buckets: int | None = None
 
     @property
     def breached(self) -> bool:
@@ -80,10 +85,35 @@ def _report(conn: Connection, metadata: sa.MetaData) -> list[Freshness]:
         for info in catalog.materialized_views(conn, schemas, definitions=False)
     }
     states = view_states(conn, tracking_schema(metadata))
+    incremental = dirty_buckets(
+        conn,
+        [(v.schema or current, v.name) for v in views if v.incremental is not None],
+        tracking_schema(metadata),
+    )
     out: list[Freshness] = []
     for view in views:
         key = (view.schema or current, view.name)
         state = states.get(key)
+        dirty = incremental.get(key)
+        if dirty is not None:
+            out.append(
+                Freshness(
+                    view=f"{key[0]}.{key[1]}",
+                    tracked=True,
+                    populated=True,
+                    last_refreshed_at=state.last_refreshed_at if state else None,
+                    stale_since=None,
+                    staleness=staleness_bound(
+                        dirty,
+                        state.last_refreshed_at if state else None,
+                        state.last_duration if state else None,
+                        now,
+                    ),
+                    max_staleness=view.max_staleness,
+                    dirty_buckets=dirty.count,
+                )
+            )
+            continue
         tracked = bool(state and state.tracked)
         last = state.last_refreshed_at if state else None
         stale_since = state.stale_since if state and state.stale else None

@@ -17,7 +17,7 @@ from matview_alembic_helpers import autogenerate, offline_sql, run_code
 from matview_project import psql
 
 from sqlalchemy_matview import Incremental, MaterializedView, refresh_views
-from sqlalchemy_matview.compare.incremental import installed_incremental
+from sqlalchemy_matview.catalog import installed_incremental
 
 NOW = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
 

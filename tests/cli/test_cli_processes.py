@@ -42,6 +42,8 @@ def test_demo_runs_end_to_end_against_a_server(pg_server: object, pg_url: sa.URL
     assert "faster." in out
     assert "stale since" in out
     assert "public.mv_dashboard  refreshed (concurrently)" in out
+    assert "1 dirty bucket" in out
+    assert "public.mv_dashboard_inc  refreshed (incremental, 1 bucket recomputed)" in out
     assert "Materialized views" in out  # matview status closes the story
     assert "Traceback" not in proc.stderr
     # The scratch database is gone.
