@@ -119,7 +119,6 @@ def test_status_freshness_and_metrics_show_dirty_buckets(
         4,
         True,
     )
-    code, out = _status("--url", url_text)
 
     # A TRUNCATE: everything will be recomputed; the refresh clears it all.
     with engine.begin() as conn:
@@ -144,6 +143,7 @@ def test_missing_incremental_view_is_listed_as_missing(
     models = importlib.import_module(name)
     models.events.create(engine)
     code, out = _status("--url", url_text, "--metadata", f"{name}:metadata", "--json")
+    assert code == 0, out
     rows = {row["view"]: row for row in json.loads(out)}
     assert rows["public.mv_daily"]["exists"] is False
     [f_daily, _] = freshness(engine, models.metadata)
