@@ -48,6 +48,7 @@ from .tracking_sql import (
     ADVISORY_TIMEOUT_MARK,
     FUNCTIONS,
     MARKER,
+    SECRET_SEQUENCE,
     SETUP_LOCK_KEY,
     setup_statements,
 )
@@ -189,7 +190,8 @@ def _inventory(conn: Connection, schema: str, *, strict: bool) -> Inventory:
             return Inventory(exists=False, current=False)
     marker = next((r.marker for r in rows if r.kind == "schema"), None)
     names = {r.name for r in rows}
-    complete = {f"{schema}.{t}" for t in (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE)} | {
+    tables = (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE, SECRET_SEQUENCE)
+    complete = {f"{schema}.{t}" for t in tables} | {
         f"{schema}.{f}" for f in FUNCTIONS
     }
     return Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)

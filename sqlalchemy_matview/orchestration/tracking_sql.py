@@ -7,28 +7,35 @@ Design (see ``docs/change-tracking.md``):
 
 ``views``
     one row per view the library knows: whether it is tracked, the tables it is tracked on
-    (``regclass[]``: dumped as names, so a restore resolves them again), a random per-view
-    *barrier key*, and the history of its last refresh.
+    (``regclass[]``: dumped as names, so a restore resolves them again), a random
+    ``barrier_key`` (the barrier of bookkeeping 9 and before, which refreshes still take for
+    writers running that version's function during an upgrade), and its last refresh.
 ``changes``
     the change log, keyed ``(view_id, txid)``: no sequence, nothing updated in place, so
     writers never wait on each other. A writer adds a row only where it finds none.
 
 Writers: the triggers pass ``(view id, payload)`` pairs as arguments, so the trigger
-function trusts no OID; it reads the view's barrier key from ``views`` (readable only by
-the owner: trigger arguments are readable by every role). It takes the barrier *shared* without
-waiting. Got it: no refresh of that view is between "taken its snapshot" and "committed",
-and any refresh that starts waits for this transaction, so an existing mark covers this
-change too and the writer adds nothing; only when there is none does it add a mark and
-notify (the fresh-to-stale transition), so a busy table neither queues its writers on the
-server-wide NOTIFY lock nor writes a row per transaction while the view is stale.
-Did not get it: a refresh is running and may not see this change, so the writer notifies
-(once per transaction) to wake a worker again after that refresh.
+function trusts no OID. Each view has a *barrier key* and a *late key*, derived from its id and
+a random secret kept in the sequence ``barrier_secret`` (readable only by the owner, so by
+the SECURITY DEFINER trigger function and by refreshers; trigger arguments are readable by
+every role). A writer takes the barrier *shared* without waiting. Got it: no refresh of that
+view is between "taken its snapshot" and "committed", and any refresh that starts waits for
+this transaction, so an existing mark covers this change too and the writer adds nothing;
+only when there is none does it add a mark and notify (the fresh-to-stale transition), so a
+busy table neither queues its writers on the server-wide NOTIFY lock nor writes a row per
+transaction while the view is stale. Did not get it: a refresh is running (or waiting to)
+and may not see this change, so the writer adds a mark of its own, and takes the late key
+shared without waiting; holding it, it does not notify, because that refresh waits for it
+at its end and notifies then (once, for all of them). Only a writer that cannot take the
+late key either (the refresh is in its final phase) notifies itself.
 
 The refresh takes the barrier *exclusive* (bounded by ``lock_timeout``, 60 s when unset)
-before taking its snapshot, deletes the marks that snapshot covers, and reports
-``refreshed_pending`` when marks committed during the refresh remain. A refresh that could
-not get the barrier (a writer held it past the timeout) still refreshes, reports
-``refreshed_pending`` and notifies, so that another refresh follows.
+before taking its snapshot, deletes the marks that snapshot covers, then takes the late key
+exclusive (at most 1 s), and reports ``refreshed_pending`` and notifies when marks remain. A
+refresh that could not get the barrier (a writer held it past the timeout) or the late key
+(a writer that wrote during the refresh is still open) still refreshes, adds a mark of its
+own, reports ``refreshed_pending`` and notifies, so that another refresh follows and is not
+skipped as fresh.
 
 Every function has a pinned ``search_path`` (``pg_catalog, pg_temp``) and names every
 function ``pg_catalog.``-qualified; only ``mark_stale`` is ``SECURITY DEFINER``. EXECUTE is
@@ -56,6 +63,7 @@ __all__ = [
     "ADVISORY_TIMEOUT_MARK",
     "FUNCTIONS",
     "MARKER",
+    "SECRET_SEQUENCE",
     "SETUP_LOCK_KEY",
     "function_signatures",
     "setup_statements",
@@ -63,6 +71,8 @@ __all__ = [
 
 #: Starts the message of a refresh that timed out waiting for another refresher's lock.
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
+#: Sequence in the bookkeeping schema holding the secret the barrier keys derive from.
+SECRET_SEQUENCE = "barrier_secret"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
 MARKER = "sqlalchemy_matview bookkeeping 10"
@@ -96,6 +106,8 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
     views = f"{schema}.{VIEWS_TABLE}"
     changes = f"{schema}.{CHANGES_TABLE}"
     history = f"{schema}.{HISTORY_TABLE}"
+    secret = f"{schema}.{SECRET_SEQUENCE}"
+    secret_lit = "'" + secret.replace("'", "''") + "'"
     names = {
         "s": schema,
         "s_lit": "'" + raw_schema.replace("'", "''") + "'",
@@ -105,6 +117,8 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         "keep_setting": HISTORY_KEEP_SETTING,
         "keep_default": DEFAULT_HISTORY_KEEP,
         "channel": CHANNEL,
+        "secret": secret,
+        "secret_lit": secret_lit,
         "mark": ADVISORY_TIMEOUT_MARK,
         "setup_key": SETUP_LOCK_KEY,
         "t_stmt": TRIGGER_STATEMENT,
@@ -144,6 +158,13 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         " error text,"
         " row_estimate bigint)",
         f"CREATE INDEX IF NOT EXISTS history_view ON {history} (view_schema, view_name, id)",
+        # The barrier keys' secret (see _MARK_STALE): random once, kept by dump and restore.
+        f"CREATE SEQUENCE IF NOT EXISTS {secret} AS bigint"
+        " MINVALUE -9223372036854775808 MAXVALUE 9223372036854775807",
+        f"REVOKE ALL ON SEQUENCE {secret} FROM PUBLIC",
+        f"SELECT pg_catalog.setval({secret_lit}, ('x' OPERATOR(pg_catalog.||) pg_catalog.substr("
+        "pg_catalog.md5(pg_catalog.gen_random_uuid()::pg_catalog.text), 1, 16))"
+        f"::pg_catalog.bit(64)::pg_catalog.int8) FROM {secret} WHERE NOT is_called",
         _RECORD.format(**names),
         _MARK_STALE.format(**names),
         _REFRESH.format(**names),
@@ -166,45 +187,66 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
     return statements
 
 
-# Pairs (view id, payload) in TG_ARGV. The barrier key is read from the views table,
-# which only the owner (and this SECURITY DEFINER function) can read: pg_trigger's
-# arguments are readable by every role, and a role that knew the key could hold it.
+# Pairs (view id, payload) in TG_ARGV. The hot path (a writing statement on a table whose
+# view is already stale) is one shared advisory lock and one index probe; everything else
+# is the rare path. It was measured with valgrind on a single-user backend: every SPI query
+# costs about as much as the row's INSERT itself, so there is only the one.
+#
+# Barrier keys: hashint4extended(view id, secret), the secret a random bigint kept in a
+# sequence of the bookkeeping schema that only its owner (so this SECURITY DEFINER function)
+# may read; pg_sequence_last_value() reads it without running a query. Trigger arguments
+# are readable by every role, and a role that knew a key could hold it; the secret is never
+# in them. The late key (below) is derived from minus the view id.
 #
 # Holding the barrier shared, a READ COMMITTED writer that sees a committed mark of the
 # view adds nothing: any refresh that will consume that mark waits for this transaction
 # (the barrier) before taking its snapshot, so it sees this change too. The stale steady
 # state then writes no row and no WAL. Under REPEATABLE READ / SERIALIZABLE the
 # statement's snapshot may still show marks a refresh has deleted since: always add a mark
-# and notify. Row-level firings (partitions, replication apply) do the work once per
-# transaction and set of views: a transaction-local setting named after the views records
-# it, and the trigger's WHEN clause reads it, so further rows do not even call the function.
-# They are BEFORE triggers because the WHEN clause of an AFTER trigger is evaluated when
-# the event is queued, before any of them ran. (A row that a later BEFORE trigger skips
-# still marks the view: one needless refresh at worst.)
-# A session can forge that setting and skip marking for row-level firings (documented);
-# statement-level firings never trust it.
+# and notify.
+#
+# Barrier busy (a refresh holds it, or waits for it): this change may be missed by that
+# refresh. The writer adds a mark of its own, and takes the view's late key shared without
+# waiting. Got it, and the barrier is still busy: the refresh has not reached its end yet
+# (at its end it takes the late key exclusive, which it cannot while this transaction holds
+# it shared, and which this writer could not have taken shared while the refresh held or
+# waited for it), so that refresh waits for this transaction, sees the mark, and notifies
+# once for all such writers: this one does not notify. Got it and the barrier is free now
+# (the refresh ended in between), or did not get the late key (the refresh is in its final
+# phase): notify. A late writer that sees no mark at all notifies too: a refresh consumes
+# marks, it does not start from none, so the barrier may be held by some other role (one
+# that read the key in pg_locks), with no refresh to notify at its end.
+#
+# Row-level firings (partitions, replication apply) do the work once per transaction and
+# set of views: a transaction-local setting named after the views records it, and the
+# trigger's WHEN clause reads it, so further rows do not even call the function. They are
+# BEFORE triggers because the WHEN clause of an AFTER trigger is evaluated when the event
+# is queued, before any of them ran. (A row that a later BEFORE trigger skips still marks
+# the view: one needless refresh at worst.) A session can forge that setting and skip
+# marking for row-level firings (documented); statement-level firings never trust it.
+#
+# A mark is only added for a view the bookkeeping still tracks (a trigger left behind marks
+# nothing); that check is on the rare path, where a row is added anyway.
 _MARK_STALE = """
 CREATE OR REPLACE FUNCTION {s}.mark_stale() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     i integer := 0;
     vid integer;
-    barrier bigint;
-    me bigint := pg_catalog.pg_current_xact_id()::text::bigint;
-    j integer := 0;
+    late boolean := false;
     seen text;
-    fresh_snapshots boolean :=
-        pg_catalog.current_setting('transaction_isolation') = 'read committed';
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
         -- Named after the views (the trigger's WHEN clause reads the same setting, and
         -- spares the call for every further row of the transaction).
         seen := 'sqlalchemy_matview.v';
-        WHILE j + 1 < TG_NARGS LOOP
-            seen := seen || CASE WHEN j > 0 THEN '_' ELSE '' END || TG_ARGV[j];
-            j := j + 2;
+        WHILE i + 1 < TG_NARGS LOOP
+            seen := seen || CASE WHEN i > 0 THEN '_' ELSE '' END || TG_ARGV[i];
+            i := i + 2;
         END LOOP;
-        IF pg_catalog.current_setting(seen, true) = me::text THEN
+        i := 0;
+        IF pg_catalog.current_setting(seen, true)
+           = pg_catalog.pg_current_xact_id()::text THEN
             IF TG_OP = 'DELETE' THEN
                 RETURN OLD;
             END IF;
@@ -212,35 +254,53 @@ BEGIN
         END IF;
     END IF;
     WHILE i + 1 < TG_NARGS LOOP
-        vid := TG_ARGV[i]::integer;
-        SELECT v.barrier_key INTO barrier FROM {views} v WHERE v.id = vid;
-        IF barrier IS NULL THEN
-            -- Not tracked any more (a trigger left behind): nothing to mark.
-            NULL;
-        ELSIF pg_catalog.pg_try_advisory_xact_lock_shared(barrier) THEN
-            IF NOT (fresh_snapshots
-                    AND EXISTS (SELECT 1 FROM {changes} c WHERE c.view_id = vid)) THEN
-                INSERT INTO {changes} (view_id, txid) VALUES (vid, me)
+        vid := TG_ARGV[i];
+        IF pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
+               vid, pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass))) THEN
+            PERFORM FROM {changes} c WHERE c.view_id = vid LIMIT 1;
+            IF NOT FOUND
+               OR pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+                INSERT INTO {changes} (view_id, txid)
+                    SELECT vid, pg_catalog.pg_current_xact_id()::text::bigint
+                     WHERE EXISTS (SELECT FROM {views} v WHERE v.id = vid AND v.tracked)
                     ON CONFLICT DO NOTHING;
-                -- Read committed: no mark at all, this is the fresh-to-stale transition.
-                PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
+                IF FOUND THEN
+                    PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
+                END IF;
             END IF;
         ELSE
-            -- A refresh of the view is running (or waiting to) and may not see this change.
-            INSERT INTO {changes} (view_id, txid) VALUES (vid, me) ON CONFLICT DO NOTHING;
-            PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
+            -- Late: the late key taken, and the barrier still busy (not just freed by the
+            -- refresh ending in between, which takes the notifying path).
+            late := pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
+                        -vid, pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass)))
+                    AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(
+                        pg_catalog.hashint4extended(vid, pg_catalog.pg_sequence_last_value(
+                            {secret_lit}::pg_catalog.regclass)));
+            IF late THEN
+                -- No mark at all: not the refresh's doing (it consumes marks), so maybe no
+                -- refresh is running and another role holds the barrier: notify anyway.
+                PERFORM FROM {changes} c WHERE c.view_id = vid LIMIT 1;
+                late := FOUND;
+            END IF;
+            INSERT INTO {changes} (view_id, txid)
+                SELECT vid, pg_catalog.pg_current_xact_id()::text::bigint
+                 WHERE EXISTS (SELECT FROM {views} v WHERE v.id = vid AND v.tracked)
+                ON CONFLICT DO NOTHING;
+            IF FOUND AND NOT late THEN
+                PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
+            END IF;
         END IF;
         i := i + 2;
     END LOOP;
     IF TG_LEVEL = 'ROW' THEN
-        PERFORM pg_catalog.set_config(seen, me::text, true);
+        PERFORM pg_catalog.set_config(seen, pg_catalog.pg_current_xact_id()::text, true);
+        -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
+        IF TG_OP = 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+        RETURN NEW;
     END IF;
-    -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
-    -- Statement-level ones get NULL here, which is what they return.
-    IF TG_OP = 'DELETE' THEN
-        RETURN OLD;
-    END IF;
-    RETURN NEW;
+    RETURN NULL;
 END $body$
 """
 
@@ -332,6 +392,8 @@ DECLARE
     barrier bigint;
     saved_timeout text;
     degraded boolean := false;
+    carried boolean := false;
+    secret bigint;
     pending boolean;
     view_snapshot pg_catalog.pg_snapshot;
     started timestamptz;
@@ -382,7 +444,11 @@ BEGIN
         IF saved_timeout = '0' THEN
             PERFORM pg_catalog.set_config('lock_timeout', '60s', true);
         END IF;
+        secret := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
         BEGIN
+            PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashint4extended(vid, secret));
+            -- The key of bookkeeping 9 and before, which writers still running the
+            -- function of that version hold (an upgrade while they write).
             PERFORM pg_catalog.pg_advisory_xact_lock(barrier);
         EXCEPTION WHEN lock_not_available THEN
             degraded := true;
@@ -415,10 +481,32 @@ BEGIN
             OR c.txid = pg_catalog.pg_current_xact_id()::text::bigint
             OR c.txid >= pg_catalog.pg_snapshot_xmax(
                              pg_catalog.pg_current_snapshot())::text::bigint);
-    -- Left: changes committed while the refresh ran (their writers notified).
+    IF barrier IS NOT NULL THEN
+        -- The writers that found the barrier taken and did not notify hold the late key
+        -- shared (see mark_stale): wait for them, briefly (the view is locked meanwhile),
+        -- so that the check below sees their marks.
+        IF saved_timeout = '0' OR pg_catalog.current_setting('lock_timeout')::interval
+                                  > '1s'::interval THEN
+            PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
+        END IF;
+        BEGIN
+            PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashint4extended(-vid, secret));
+        EXCEPTION WHEN lock_not_available THEN
+            carried := true;
+        END;
+        PERFORM pg_catalog.set_config('lock_timeout', saved_timeout, true);
+    END IF;
+    IF degraded OR carried THEN
+        -- Writers this refresh may have missed are still running, and may have added no
+        -- mark (a mark it just consumed covered them): a mark of its own keeps the view
+        -- stale, so the refresh its notification causes is not skipped as fresh.
+        INSERT INTO {changes} (view_id, txid)
+            VALUES (vid, pg_catalog.pg_current_xact_id()::text::bigint) ON CONFLICT DO NOTHING;
+    END IF;
+    -- Left: changes committed while the refresh ran. Their writers did not notify (those
+    -- that could not take the late key did): this does, once.
     pending := EXISTS (SELECT 1 FROM {changes} c WHERE c.view_id = vid);
-    IF degraded THEN
-        pending := true;
+    IF pending THEN
         PERFORM pg_catalog.pg_notify('{channel}', target_schema || '.' || target_name);
     END IF;
     PERFORM {s}.record(target_schema, target_name, started, spent, 'refreshed',

@@ -97,45 +97,169 @@ def _waiting_on(engine: Engine, key: int) -> bool:
         )
 
 
-def test_change_committed_during_a_refresh_stays_pending_and_wakes_again(engine, listener):
+def _stale_gated_view(
+    engine: Engine, listener: psycopg.Connection
+) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
+    """The gated view, made stale by one committed row (id 1), whose notification is read."""
     md, src, view = _gated_view(engine)
     with engine.begin() as conn:
         conn.execute(src.insert(), [{"id": 1}])
     assert _payloads(listener) == ["public.mv_gated"]
-    gate = engine.connect()
-    results: list[object] = []
-    try:
-        gate.execute(sa.select(sa.func.pg_advisory_lock(GATE)))
-        refresher = threading.Thread(target=lambda: results.extend(refresh_stale(engine, md)))
-        refresher.start()
-        # The refresh has taken its snapshot and the barrier, and waits inside REFRESH.
+    return md, src, view
+
+
+class _HeldRefresh:
+    """``refresh_stale`` in a thread, held inside its REFRESH (after it took the barrier and
+    its snapshot) until :meth:`release`."""
+
+    def __init__(self, engine: Engine, md: sa.MetaData) -> None:
+        self.results: list[object] = []
+        self.gate = engine.connect()
+        self.gate.execute(sa.select(sa.func.pg_advisory_lock(GATE)))
+        self.thread = threading.Thread(
+            target=lambda: self.results.extend(refresh_stale(engine, md))
+        )
+        self.thread.start()
         assert wait_for(lambda: _waiting_on(engine, GATE))
-        with engine.begin() as conn:  # never waits on the refresh
-            conn.execute(src.insert(), [{"id": 2}])
-        # The writer could not take the barrier: it notified, before the refresh is over.
-        assert _payloads(listener, timeout=5) == ["public.mv_gated"]
-        gate.execute(sa.select(sa.func.pg_advisory_unlock(GATE)))
-        refresher.join(60)
+
+    def release(self) -> object:
+        self.gate.execute(sa.select(sa.func.pg_advisory_unlock(GATE)))
+        self.thread.join(60)
+        self.gate.close()
+        [result] = self.results
+        return result
+
+
+def _write_concurrently(engine: Engine, src: sa.Table, ids: list[int], sessions: int) -> None:
+    """Each id committed in a transaction of its own, from ``sessions`` sessions at once."""
+
+    def run(part: list[int]) -> None:
+        with engine.connect() as conn:
+            for i in part:
+                conn.execute(src.insert(), [{"id": i}])
+                conn.commit()
+
+    threads = [threading.Thread(target=run, args=(ids[k::sessions],)) for k in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
+def test_writers_during_a_refresh_notify_once_and_no_change_is_lost(engine, listener):
+    """T8: the writers committing while a refresh runs do not notify (no queue on the NOTIFY
+    lock); the refresh notifies once at its end, and another refresh covers them all."""
+    md, src, view = _stale_gated_view(engine, listener)
+    held = _HeldRefresh(engine, md)
+    try:
+        _write_concurrently(engine, src, list(range(2, 42)), sessions=8)  # never wait
+        assert _payloads(listener, timeout=1) == []  # 40 transactions, no notification
     finally:
-        gate.close()
-    [result] = results
+        result = held.release()
     assert result.status == "refreshed" and result.pending  # type: ignore[attr-defined]
-    state = _state(engine, "mv_gated")
-    assert state.stale and state.pending_changes == 1  # the change the refresh missed
+    assert _payloads(listener, timeout=5) == ["public.mv_gated"]  # the refresh's, once
+    assert _state(engine, "mv_gated").stale
     [again] = refresh_stale(engine, md)
     assert again.status == "refreshed" and not again.pending
     assert not _state(engine, "mv_gated").stale
     with engine.connect() as conn:
+        assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == list(
+            range(1, 42)
+        )
+
+
+def test_a_late_writer_still_open_when_the_refresh_ends_keeps_the_view_stale(engine, listener):
+    """A writer that wrote during the refresh and commits after it (past the refresh's 1 s
+    wait for such writers): the refresh leaves a mark of its own and notifies, and the next
+    refresh, not skipped as fresh, covers the change."""
+    md, src, view = _stale_gated_view(engine, listener)
+    held = _HeldRefresh(engine, md)
+    writer = engine.connect()
+    try:
+        writer.execute(src.insert(), [{"id": 2}])  # in flight, holds the late key
+    finally:
+        result = held.release()
+    assert result.status == "refreshed" and result.pending  # type: ignore[attr-defined]
+    assert _payloads(listener, timeout=5) == ["public.mv_gated"]
+    writer.commit()
+    writer.close()
+    assert _payloads(listener) == []  # the late writer itself did not notify
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed" and not again.pending
+    with engine.connect() as conn:
         assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == [1, 2]
+    assert not _state(engine, "mv_gated").stale
+
+
+def test_a_late_writer_committing_during_the_final_wait_is_seen(engine, listener):
+    """The refresh waits (up to 1 s) for the writers holding the late key, so that one
+    committing meanwhile is in its pending check."""
+    md, src, view = _stale_gated_view(engine, listener)
+    held = _HeldRefresh(engine, md)
+    writer = engine.connect()
+    writer.execute(src.insert(), [{"id": 2}])
+    committer = threading.Timer(0.3, writer.commit)
+    committer.start()
+    result = held.release()  # waits for the writer's commit
+    committer.join()
+    writer.close()
+    assert result.status == "refreshed" and result.pending  # type: ignore[attr-defined]
+    assert _payloads(listener, timeout=5) == ["public.mv_gated"]
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == [1, 2]
+
+
+def _tracked_src(engine: Engine) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
+    """Table ``src`` (id) read by the tracked view ``mv_w``, created."""
+    md = sa.MetaData()
+    src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
+    mv = MaterializedView("mv_w", md, sa.select(src.c.id), unique_key="id", track_changes=True)
+    md.create_all(engine)
+    return md, src, mv
+
+
+def test_a_barrier_held_by_another_session_still_wakes_a_refresh(engine, listener):
+    """Someone holds the barrier exclusive (a role that read the key in pg_locks): writers
+    never wait, the fresh-to-stale transition still notifies, and refreshes still happen,
+    after their timeout, until nothing is missed."""
+    md, src, mv = _tracked_src(engine)
+    holder = engine.connect()
+    try:
+        key = holder.scalar(
+            sa.text(
+                "SELECT pg_catalog.hashint4extended(v.id, pg_catalog.pg_sequence_last_value("
+                "'sqlalchemy_matview.barrier_secret')) FROM sqlalchemy_matview.views v"
+                " WHERE v.view_name = 'mv_w'"
+            )
+        )
+        holder.execute(sa.select(sa.func.pg_advisory_lock(key)))
+        holder.commit()
+        with engine.begin() as conn:
+            conn.execute(src.insert(), [{"id": 1}])
+        assert _payloads(listener) == ["public.mv_w"]  # the view was fresh: notified
+        with engine.begin() as conn:
+            conn.execute(src.insert(), [{"id": 2}])
+        assert _payloads(listener) == []  # already stale
+        [result] = refresh_views(engine, "mv_w", lock_timeout=0.3)
+        assert result.status == "refreshed" and result.pending
+        assert _payloads(listener) == ["public.mv_w"]
+        holder.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+        holder.commit()
+    finally:
+        holder.close()
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed" and not again.pending
+    assert not _state(engine, "mv_w").stale
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(mv.table.c.id).order_by("id")).scalars().all() == [1, 2]
 
 
 def test_refresh_waits_for_writers_in_flight_within_lock_timeout(engine, listener):
     """A writer holding the barrier delays the refresh (not the other way round); past the
     timeout the refresh goes ahead, reports pending and notifies."""
-    md = sa.MetaData()
-    src = sa.Table("src", md, sa.Column("id", sa.Integer, primary_key=True))
-    MaterializedView("mv_w", md, sa.select(src.c.id), unique_key="id", track_changes=True)
-    md.create_all(engine)
+    md, src, _ = _tracked_src(engine)
     writer = engine.connect()
     try:
         writer.execute(src.insert(), [{"id": 1}])  # in flight: holds the barrier shared
@@ -514,3 +638,60 @@ def test_row_level_firings_call_the_function_once_per_transaction(engine):
         )
     assert calls == 1
     assert _state(engine, "mv_t").stale
+
+
+def test_bookkeeping_of_an_older_version_is_upgraded_by_create_all(engine, shop: Shop):
+    """Version 9 had no secret sequence and read the barrier key from ``views``: create_all
+    installs the new functions and a random secret, and a refresh still waits for a writer
+    holding the old key (one running the old function while the upgrade commits)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SEQUENCE sqlalchemy_matview.barrier_secret"))
+        conn.execute(
+            sa.text("COMMENT ON SCHEMA sqlalchemy_matview IS 'sqlalchemy_matview bookkeeping 9'")
+        )
+        assert not tracking.bookkeeping_installed(conn)
+    shop.metadata.create_all(engine)
+    with engine.connect() as conn:
+        assert tracking.bookkeeping_installed(conn)
+        secret = conn.scalar(
+            sa.text("SELECT last_value FROM sqlalchemy_matview.barrier_secret WHERE is_called")
+        )
+        old_key = conn.scalar(
+            sa.text(
+                "SELECT barrier_key FROM sqlalchemy_matview.views WHERE view_name = 'mv_totals'"
+            )
+        )
+    assert secret is not None and secret not in (0, 1)
+    with engine.begin() as conn:
+        conn.execute(shop.orders.insert(), [{"customer": 1, "amount": 5}])
+    assert _state(engine, "mv_totals").stale
+    old_writer = engine.connect()
+    try:
+        old_writer.execute(sa.select(sa.func.pg_advisory_xact_lock_shared(old_key)))
+        [result] = refresh_views(engine, "mv_totals", lock_timeout=0.3)
+        assert result.status == "refreshed" and result.pending  # it waited, then went ahead
+    finally:
+        old_writer.rollback()
+        old_writer.close()
+
+
+def test_a_refresh_past_the_barrier_timeout_leaves_the_view_stale(engine, listener):
+    """The view is stale; a writer in flight found the mark and added none (it holds the
+    barrier shared). A refresh that times out on the barrier consumes that mark: it must
+    leave one of its own, or the refresh its notification causes skips the view as fresh."""
+    md, src, mv = _tracked_src(engine)
+    with engine.begin() as conn:
+        conn.execute(src.insert(), [{"id": 1}])
+    writer = engine.connect()
+    try:
+        writer.execute(src.insert(), [{"id": 2}])  # finds the mark: adds none
+        [result] = refresh_views(engine, "mv_w", lock_timeout=0.3)
+        assert result.status == "refreshed" and result.pending
+        writer.commit()
+    finally:
+        writer.close()
+    assert "public.mv_w" in _payloads(listener)
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(mv.table.c.id).order_by("id")).scalars().all() == [1, 2]
