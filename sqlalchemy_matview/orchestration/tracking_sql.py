@@ -31,7 +31,8 @@ late key either (the refresh is in its final phase) notifies itself.
 
 The refresh takes the barrier *exclusive* (bounded by ``lock_timeout``, 60 s when unset)
 before taking its snapshot, deletes the marks that snapshot covers, then takes the late key
-exclusive (at most 1 s), and reports ``refreshed_pending`` and notifies when marks remain. A
+exclusive (waiting at most 1 s, less than ``deadlock_timeout``, and not at all when another
+session waits for it), and reports ``refreshed_pending`` and notifies when marks remain. A
 refresh that could not get the barrier (a writer held it past the timeout) or the late key
 (a writer that wrote during the refresh is still open) still refreshes, adds a mark of its
 own, reports ``refreshed_pending`` and notifies, so that another refresh follows and is not
@@ -481,20 +482,35 @@ BEGIN
             OR c.txid = pg_catalog.pg_current_xact_id()::text::bigint
             OR c.txid >= pg_catalog.pg_snapshot_xmax(
                              pg_catalog.pg_current_snapshot())::text::bigint);
-    IF barrier IS NOT NULL THEN
-        -- The writers that found the barrier taken and did not notify hold the late key
-        -- shared (see mark_stale): wait for them, briefly (the view is locked meanwhile),
-        -- so that the check below sees their marks.
-        IF saved_timeout = '0' OR pg_catalog.current_setting('lock_timeout')::interval
-                                  > '1s'::interval THEN
-            PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
-        END IF;
-        BEGIN
-            PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashint4extended(-vid, secret));
-        EXCEPTION WHEN lock_not_available THEN
+    IF barrier IS NOT NULL
+       AND NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashint4extended(-vid, secret))
+    THEN
+        -- Writers that found the barrier taken, did not notify, and are still running hold
+        -- the late key shared (see mark_stale): wait for them, so that the check below sees
+        -- their marks; briefly, as the view is locked meanwhile. Not at all when a session
+        -- waits for this transaction (a late writer reading the view, say): the deadlock
+        -- detector could end that session. And for less than deadlock_timeout, so that a
+        -- session starting to wait meanwhile finds no deadlock when it checks.
+        IF EXISTS (SELECT FROM pg_catalog.pg_locks l
+                    WHERE NOT l.granted
+                      AND pg_catalog.pg_backend_pid()
+                          = ANY (pg_catalog.pg_blocking_pids(l.pid))) THEN
             carried := true;
-        END;
-        PERFORM pg_catalog.set_config('lock_timeout', saved_timeout, true);
+        ELSE
+            PERFORM pg_catalog.set_config('lock_timeout', GREATEST(1, LEAST(
+                1000,
+                CASE WHEN saved_timeout = '0' THEN 1000
+                     ELSE pg_catalog.date_part('epoch', saved_timeout::interval) * 1000 END,
+                pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')
+                                              ::interval) * 500))::integer::text, true);
+            BEGIN
+                PERFORM pg_catalog.pg_advisory_xact_lock(
+                    pg_catalog.hashint4extended(-vid, secret));
+            EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+                carried := true;
+            END;
+            PERFORM pg_catalog.set_config('lock_timeout', saved_timeout, true);
+        END IF;
     END IF;
     IF degraded OR carried THEN
         -- Writers this refresh may have missed are still running, and may have added no

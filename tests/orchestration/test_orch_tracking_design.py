@@ -211,6 +211,45 @@ def test_a_late_writer_committing_during_the_final_wait_is_seen(engine, listener
         assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == [1, 2]
 
 
+def test_a_late_writer_reading_the_view_is_not_deadlocked(engine, listener):
+    """A writer that wrote during a (non-concurrent) refresh and then reads the view waits
+    for the refresh; the refresh must not wait for it in turn (its late key)."""
+    md, src, view = _stale_gated_view(engine, listener)
+    held = _HeldRefresh(engine, md)
+    writer = engine.connect()
+    read: list[object] = []
+    try:
+        writer.execute(src.insert(), [{"id": 2}])  # late: holds the late key
+        reader = threading.Thread(
+            target=lambda: read.append(writer.execute(sa.select(view.table.c.id)).all())
+        )
+        reader.start()  # waits for the refresh's lock on the view
+        assert wait_for(lambda: _blocked(engine))
+        result = held.release()
+        reader.join(60)
+        writer.commit()
+    finally:
+        writer.close()
+    assert read, "the writer's read failed"
+    assert result.status == "refreshed" and result.pending  # type: ignore[attr-defined]
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == [1, 2]
+
+
+def _blocked(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.scalar(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
+                    " AND locktype = 'relation')"
+                )
+            )
+        )
+
+
 def _tracked_src(engine: Engine) -> tuple[sa.MetaData, sa.Table, MaterializedView]:
     """Table ``src`` (id) read by the tracked view ``mv_w``, created."""
     md = sa.MetaData()
