@@ -8,7 +8,7 @@ Design (see ``docs/change-tracking.md``):
 ``views``
     one row per view the library knows: whether it is tracked, the tables it is tracked on
     (``regclass[]``: dumped as names, so a restore resolves them again), a random
-    ``barrier_key`` (the barrier of bookkeeping 9 and before, which refreshes still take for
+    ``barrier_key`` (the barrier of bookkeeping 10 and before, which refreshes still take for
     writers running that version's function during an upgrade), and its last refresh.
 ``changes``
     the change log, keyed ``(view_id, txid)``: no sequence, nothing updated in place, so
@@ -76,7 +76,7 @@ ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 SECRET_SEQUENCE = "barrier_secret"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 10"
+MARKER = "sqlalchemy_matview bookkeeping 11"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -448,7 +448,7 @@ BEGIN
         secret := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
         BEGIN
             PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashint4extended(vid, secret));
-            -- The key of bookkeeping 9 and before, which writers still running the
+            -- The key of bookkeeping 10 and before, which writers still running the
             -- function of that version hold (an upgrade while they write).
             PERFORM pg_catalog.pg_advisory_xact_lock(barrier);
         EXCEPTION WHEN lock_not_available THEN

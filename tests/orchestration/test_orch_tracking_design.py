@@ -680,13 +680,13 @@ def test_row_level_firings_call_the_function_once_per_transaction(engine):
 
 
 def test_bookkeeping_of_an_older_version_is_upgraded_by_create_all(engine, shop: Shop):
-    """Version 9 had no secret sequence and read the barrier key from ``views``: create_all
-    installs the new functions and a random secret, and a refresh still waits for a writer
-    holding the old key (one running the old function while the upgrade commits)."""
+    """Versions up to 10 had no secret sequence and read the barrier key from ``views``:
+    create_all installs the new functions and a random secret, and a refresh still waits for
+    a writer holding the old key (one running the old function while the upgrade commits)."""
     with engine.begin() as conn:
         conn.execute(sa.text("DROP SEQUENCE sqlalchemy_matview.barrier_secret"))
         conn.execute(
-            sa.text("COMMENT ON SCHEMA sqlalchemy_matview IS 'sqlalchemy_matview bookkeeping 9'")
+            sa.text("COMMENT ON SCHEMA sqlalchemy_matview IS 'sqlalchemy_matview bookkeeping 10'")
         )
         assert not tracking.bookkeeping_installed(conn)
     shop.metadata.create_all(engine)
