@@ -437,10 +437,14 @@ def _incremental_rows(
 ) -> list[ViewStatus]:
     """Incremental views: tables (not in ``pg_matviews``) with a dirty-bucket log."""
     from .orchestration.dirty import dirty_buckets
+    from .orchestration.tracking import bookkeeping_inventory
 
     bk = tracking_schema(metadata)
     with conn.begin_nested() as savepoint:
         try:
+            # Only a bookkeeping schema of trusted roles says which tables are incremental.
+            if not bookkeeping_inventory(conn, bk).exists:
+                return []
             found = catalog.installed_incremental(conn, bk, schemas)
             dirty = dirty_buckets(conn, found, bk)
         except sa.exc.DBAPIError:

@@ -189,7 +189,7 @@ class RefreshMetrics:
         from .bookkeeping import tracking_schema
         from .catalog import installed_incremental
         from .orchestration.dirty import dirty_buckets
-        from .orchestration.tracking import view_states
+        from .orchestration.tracking import bookkeeping_inventory, view_states
 
         try:
             with self.engine.connect() as conn:
@@ -204,7 +204,11 @@ class RefreshMetrics:
                 now = conn.scalar(sa.select(sa.func.now()))
                 schema = tracking_schema(self.metadata)
                 states = view_states(conn, schema)
-                dirty = dirty_buckets(conn, installed_incremental(conn, schema), schema)
+                dirty = (
+                    dirty_buckets(conn, installed_incremental(conn, schema), schema)
+                    if bookkeeping_inventory(conn, schema).exists
+                    else {}
+                )
                 conn.rollback()
                 wanted = self._declared(conn.dialect.default_schema_name or "public")
         except sa.exc.SQLAlchemyError as exc:

@@ -334,6 +334,7 @@ def compare_materialized_views(
     changes = compare.compare_views(
         conn,
         metadatas,
+        trusted_bookkeeping=_trusted_bookkeeping(conn, metadatas),
         schemas=schemas,
         include=include,
         altered_tables=tables,
@@ -356,6 +357,16 @@ def compare_materialized_views(
     upgrade_ops.ops[:0] = before
     upgrade_ops.ops.extend(after)
     return result
+
+
+def _trusted_bookkeeping(conn: Any, metadatas: list[sa.MetaData]) -> bool:
+    """Whether the bookkeeping schema (where incremental views' objects live) is owned by
+    roles the current one trusts: only then are its objects read into migrations."""
+    from ..bookkeeping import tracking_schema
+    from ..orchestration import tracking
+
+    own = tracking_schema(metadatas[0]) if metadatas else tracking_schema()
+    return tracking.bookkeeping_inventory(conn, own).exists
 
 
 def _bookkeeping_ops(

@@ -88,8 +88,11 @@ def install(
     metadata = autogen_context.metadata
     own = tracking_schema(metadata if isinstance(metadata, sa.MetaData) else None)
     from ..catalog import installed_incremental
+    from .comparator import _trusted_bookkeeping
 
-    incremental = frozenset(installed_incremental(autogen_context.connection, own))
+    conn = autogen_context.connection
+    trusted = _trusted_bookkeeping(conn, [metadata] if isinstance(metadata, sa.MetaData) else [])
+    incremental = frozenset(installed_incremental(conn, own) if trusted else ())
     include_object, include_name = _filters(default_schema, own, incremental)
     # In front, so that the project's own filters never see a view as a table.
     autogen_context._object_filters.insert(0, include_object)

@@ -116,6 +116,7 @@ def compare_views(
     include: IncludeFilter | None = None,
     altered_tables: Iterable[tuple[str | None, str]] = (),
     retyped_columns: Iterable[tuple[str | None, str, str]] = (),
+    trusted_bookkeeping: bool = True,
 ) -> list[Change]:
     """What must change in the database for it to match the views declared in ``metadata``.
 
@@ -132,6 +133,10 @@ def compare_views(
         reads one of them is detached instead of replaced (see the module docstring):
         :class:`DetachView` records come before those table changes, the :class:`CreateView`
         and :class:`AttachView` records after them.
+    :param trusted_bookkeeping: whether the bookkeeping schema is owned by roles the caller
+        trusts (``orchestration.tracking.bookkeeping_inventory(...).exists``); when not,
+        incremental views in the database are not read from it (their objects would go into
+        the migration as SQL).
     :param retyped_columns: ``(schema, table, column)`` of the columns whose type the same
         migration changes. A declared view that reads one (as ``pg_depend`` records it) is
         detached and created again even if its definition did not change.
@@ -171,7 +176,9 @@ def compare_views(
     # Incremental views are tables: compared by .incremental, not against pg_matviews.
     declared = [d for d in included if d.incremental is None]
     bookkeeping = tracking_schema(metadatas[0]) if metadatas else tracking_schema()
-    installed_inc = installed_incremental(conn, bookkeeping, schema_names)
+    installed_inc = (
+        installed_incremental(conn, bookkeeping, schema_names) if trusted_bookkeeping else []
+    )
     existing = {
         (norm(info.schema), info.name): info
         for info in catalog.materialized_views(conn, schema_names)
