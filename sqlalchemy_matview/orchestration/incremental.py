@@ -372,7 +372,7 @@ def _install_source(
         whole = f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.whole)}"
         cols = ", ".join(c.preparer.quote(k) for k in key)
 
-        def log_from(sources: list[str], distinct: bool) -> str:
+        def log_from(sources: list[str], distinct: bool, skip_logged: bool) -> str:
             selects = []
             for alias in sources:
                 exprs = [_sql(c, e) for e in statement_exprs[alias]]
@@ -381,47 +381,62 @@ def _install_source(
                 selects.append(f"SELECT {', '.join(exprs)} FROM {rel} WHERE {where}")
             body = " UNION ".join(selects) if distinct else " UNION ALL ".join(selects)
             keyword = "DISTINCT " if distinct and len(selects) == 1 else ""
+            aliases = ", ".join(f"b{i}" for i in range(len(key)))
+            logged = ""
+            if skip_logged:
+                same = " AND ".join(f"l.{c.preparer.quote(k)} = b.b{i}" for i, k in enumerate(key))
+                logged = f" WHERE NOT EXISTS (SELECT 1 FROM {log_table} AS l WHERE {same})"
             return (
-                f"INSERT INTO {log_table} ({cols}) SELECT {keyword}b.* FROM ({body}) AS b "
-                "ON CONFLICT DO NOTHING;"
+                f"INSERT INTO {log_table} ({cols}) SELECT {keyword}b.* FROM ({body}) "
+                f"AS b({aliases}){logged} ON CONFLICT DO NOTHING;"
             )
 
-        xid = c.preparer.quote(XID_COLUMN)
+        def log_all(skip_logged: bool) -> str:
+            return f"""IF TG_LEVEL = 'ROW' THEN
+            IF TG_OP = 'INSERT' THEN
+                {log_from(["new_rows"], False, skip_logged)}
+            ELSIF TG_OP = 'DELETE' THEN
+                {log_from(["old_rows"], False, skip_logged)}
+            ELSE
+                {log_from(["old_rows", "new_rows"], False, skip_logged)}
+            END IF;
+        ELSIF TG_OP = 'INSERT' THEN
+            {log_from(["new_rows"], True, skip_logged)}
+        ELSIF TG_OP = 'DELETE' THEN
+            {log_from(["old_rows"], True, skip_logged)}
+        ELSE
+            {log_from(["old_rows", "new_rows"], True, skip_logged)}
+        END IF;"""
+
         channel = c.sql_compiler.render_literal_value(CHANNEL, sa.String())
         notify = f"PERFORM pg_catalog.pg_notify({channel}, "
         notify += f"{c.sql_compiler.render_literal_value(payload, sa.String())});"
         body = f"""
+DECLARE
+    _logged bigint;
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {whole} DEFAULT VALUES ON CONFLICT DO NOTHING;
         {notify}
         RETURN NULL;
-    ELSIF TG_LEVEL = 'ROW' THEN
-        IF TG_OP = 'INSERT' THEN
-            {log_from(["new_rows"], False)}
-        ELSIF TG_OP = 'DELETE' THEN
-            {log_from(["old_rows"], False)}
-        ELSE
-            {log_from(["old_rows", "new_rows"], False)}
-        END IF;
-    ELSIF TG_OP = 'INSERT' THEN
-        {log_from(["new_rows"], True)}
-    ELSIF TG_OP = 'DELETE' THEN
-        {log_from(["old_rows"], True)}
-    ELSE
-        {log_from(["old_rows", "new_rows"], True)}
     END IF;
-    -- Wake the workers on the clean-to-dirty transition only (NOTIFY queues committing
-    -- writers on one lock). Holding the barrier shared until commit, a writer that finds
-    -- another transaction's log row leaves the notifying to it: a refresh takes the barrier
-    -- exclusively before its snapshot, so it waits for this transaction and covers it too.
-    -- No barrier (a refresh is starting or running): notify. (Correctness never depends on
-    -- this: the log itself is consumed by snapshot.)
-    IF NOT pg_catalog.pg_try_advisory_xact_lock_shared({barrier}) THEN
-        {notify}
-    ELSIF pg_catalog.current_setting('transaction_isolation') <> 'read committed'
-          OR NOT EXISTS (SELECT 1 FROM {log_table} l
-                          WHERE l.{xid} <> pg_catalog.pg_current_xact_id()) THEN
+    -- Under READ COMMITTED, holding the barrier shared until commit: a refresh takes it
+    -- exclusively before its snapshot, so a refresh that will consume a log row this
+    -- statement sees waits for this transaction and sees its changes too. A bucket already
+    -- logged then needs no row of ours (the steady state of a hot bucket writes nothing).
+    -- Without the barrier (a refresh is starting or running), or with snapshots that may
+    -- not show a refresh's deletions, every bucket is logged.
+    IF pg_catalog.current_setting('transaction_isolation') = 'read committed'
+       AND pg_catalog.pg_try_advisory_xact_lock_shared({barrier}) THEN
+        {log_all(True)}
+    ELSE
+        {log_all(False)}
+    END IF;
+    -- Wake the workers when a bucket was newly logged: a writer that logged nothing is
+    -- covered by the refresh that the bucket's writer woke. (NOTIFY queues committing
+    -- writers on one lock: the steady state sends none. Correctness never rests on it.)
+    GET DIAGNOSTICS _logged = ROW_COUNT;
+    IF _logged > 0 THEN
         {notify}
     END IF;
     RETURN NULL;
@@ -669,6 +684,16 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'lock_mode ' || pg_catalog.quote_nullable(lock_mode)
                       || ': pass skip, wait or none';
+    END IF;
+    -- Writers leave a bucket already logged to the refresh that consumes that row, which
+    -- waits for them (the barrier) before its snapshot: an older snapshot would miss them.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_transaction_state',
+            MESSAGE = 'incremental view ' || {lit(f"{view_schema}.{view.name}")}
+                      || ' must be refreshed in a READ COMMITTED transaction, not '
+                      || pg_catalog.current_setting('transaction_isolation'),
+            HINT = 'refresh it with refresh_views(engine, view), or from a READ COMMITTED '
+                   'transaction';
     END IF;
     IF only_if_dirty AND NOT EXISTS (SELECT 1 FROM {log_table})
        AND NOT EXISTS (SELECT 1 FROM {whole}) THEN

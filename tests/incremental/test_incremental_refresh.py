@@ -501,3 +501,13 @@ def test_a_worker_refreshes_incremental_views(engine):
     assert any(r.view == "public.mv_daily" and r.buckets == 1 for r in done), done
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
+
+
+def test_refreshing_under_repeatable_read_is_refused(engine):
+    d = build_dashboard()
+    seed(engine, d)
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        (result,) = refresh_views(conn, d.mv_daily)
+        assert result.status == "failed"
+        assert "READ COMMITTED" in str(result.error)
