@@ -270,9 +270,18 @@ def _plan(
     current = catalog.current_schema(conn)
     # Without definitions the catalog query takes no locks, so planning never waits behind
     # a plain refresh that is running elsewhere.
-    infos = {
-        info.qualified_name: info for info in catalog.materialized_views(conn, definitions=False)
-    }
+    # Declared incremental views alone are tables, not in pg_matviews: spare its scan.
+    only_incremental = not opts.cascade and all(
+        getattr(materialized_view_of(ref), "incremental", None) is not None for ref in refs
+    )
+    infos = (
+        {}
+        if only_incremental and refs
+        else {
+            info.qualified_name: info
+            for info in catalog.materialized_views(conn, definitions=False)
+        }
+    )
     declared_views = materialized_views(metadata) if metadata is not None else []
     resolved: list[tuple[QName, MaterializedView | None]] = [
         _resolve(ref, current, infos) for ref in refs
