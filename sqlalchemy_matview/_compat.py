@@ -31,17 +31,23 @@ def install_ddl(view: MaterializedView) -> None:
         CommentOnMaterializedView,
         CreateIncrementalTable,
         CreateMaterializedView,
+        DropIncrementalStorage,
         DropMaterializedView,
     )
 
     table = view.table
     if view.incremental is not None:
-        # A real table: SQLAlchemy's own DROP TABLE; only its creation differs.
+        # A real table: SQLAlchemy's own DROP TABLE; only its creation differs. A realtime
+        # one is a view over a table of another name: the view goes in before_drop.
+        # The comment is set once everything exists (orchestration.incremental).
         if HAS_TABLE_DDL_HOOKS:
             table.set_creator_ddl(cast(Any, CreateIncrementalTable(view)))
+            if view.incremental.realtime:
+                table.set_dropper_ddl(cast(Any, DropIncrementalStorage(view)))
         else:
             _wrap_table_compilers()
-    elif HAS_TABLE_DDL_HOOKS:
+        return
+    if HAS_TABLE_DDL_HOOKS:
         table.set_creator_ddl(cast(Any, CreateMaterializedView(view)))
         table.set_dropper_ddl(cast(Any, DropMaterializedView(view)))
     else:
@@ -61,7 +67,12 @@ def _wrap_table_compilers() -> None:
     if _table_compilers_wrapped:
         return
     _table_compilers_wrapped = True
-    from .ddl import CreateIncrementalTable, CreateMaterializedView, DropMaterializedView
+    from .ddl import (
+        CreateIncrementalTable,
+        CreateMaterializedView,
+        DropIncrementalStorage,
+        DropMaterializedView,
+    )
 
     @compiles(CreateTable)
     def _create_table(element: CreateTable, compiler: DDLCompiler, **kw: Any) -> str:
@@ -79,6 +90,11 @@ def _wrap_table_compilers() -> None:
     @compiles(DropTable)
     def _drop_table(element: DropTable, compiler: DDLCompiler, **kw: Any) -> str:
         view = _view_of(element.element)
+        if view is not None and view.incremental is not None and view.incremental.realtime:
+            storage = DropIncrementalStorage(
+                view, if_exists=bool(getattr(element, "if_exists", False))
+            )
+            return compiler.process(storage, **kw)
         if view is None or view.incremental is not None:
             return str(compiler.visit_drop_table(element, **kw))  # type: ignore[no-untyped-call]
         drop = DropMaterializedView(view, if_exists=bool(getattr(element, "if_exists", False)))

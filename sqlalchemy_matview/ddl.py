@@ -145,10 +145,29 @@ class CreateIncrementalTable(_ViewDDL):
     __visit_name__ = "create_incremental_table"
 
     def __init__(self, view: MaterializedView, *, if_not_exists: bool = False) -> None:
-        self.table = view.table
+        from .incremental import stored_name
+
+        realtime = view.incremental is not None and view.incremental.realtime
+        # A realtime view's rows are stored next to it; the view itself comes after.
+        self.table = (
+            sa.table(stored_name(view.name), schema=view.schema) if realtime else view.table
+        )
         self.definition: ClauseElement = view.definition
         self.column_names = tuple(c.name for c in view.table.c)
         self.if_not_exists = if_not_exists
+
+
+class DropIncrementalStorage(_ViewDDL):
+    """``DROP TABLE`` of the table holding a realtime incremental view's rows (``drop_all``
+    runs it after removing the view, its triggers and its log)."""
+
+    __visit_name__ = "drop_incremental_storage"
+
+    def __init__(self, view: MaterializedView, *, if_exists: bool = False) -> None:
+        from .incremental import stored_name
+
+        self.table = sa.table(stored_name(view.name), schema=view.schema)
+        self.if_exists = if_exists
 
 
 class DropMaterializedView(_ViewDDL):
@@ -220,6 +239,7 @@ def _refuse_other_dialects(element: _ViewDDL, compiler: DDLCompiler, **kw: Any) 
 for _construct in (
     CreateMaterializedView,
     CreateIncrementalTable,
+    DropIncrementalStorage,
     DropMaterializedView,
     RefreshMaterializedView,
     CommentOnMaterializedView,
@@ -265,6 +285,11 @@ def _visit_create_incremental(
     )
 
 
+@compiles(DropIncrementalStorage, "postgresql")
+def _visit_drop_storage(element: DropIncrementalStorage, compiler: DDLCompiler, **kw: Any) -> str:
+    return "DROP TABLE " + ("IF EXISTS " if element.if_exists else "") + _name(element, compiler)
+
+
 @compiles(DropMaterializedView, "postgresql")
 def _visit_drop(element: DropMaterializedView, compiler: DDLCompiler, **kw: Any) -> str:
     text = "DROP MATERIALIZED VIEW "
@@ -294,7 +319,8 @@ def _visit_comment(element: CommentOnMaterializedView, compiler: DDLCompiler, **
     else:
         literal = compiler.sql_compiler.render_literal_value(element.comment, sa.String())
     # An incremental view is stored as a table.
-    kind = "TABLE" if element.view is not None and element.view.incremental else "MATERIALIZED VIEW"
+    inc = element.view.incremental if element.view is not None else None
+    kind = "MATERIALIZED VIEW" if inc is None else "VIEW" if inc.realtime else "TABLE"
     return f"COMMENT ON {kind} {_name(element, compiler)} IS {literal}"
 
 

@@ -59,7 +59,7 @@ from .errors import DefinitionError
 if TYPE_CHECKING:
     from .schema import MaterializedView
 
-__all__ = ["Incremental", "IncrementalNames", "incremental_hooks", "names_for"]
+__all__ = ["Incremental", "IncrementalNames", "incremental_hooks", "names_for", "stored_name"]
 
 #: Functions whose result changes without any write (time, randomness, sequences, session
 #: state): a definition or bucket using them is not a function of its bucket's rows.
@@ -146,6 +146,12 @@ class Incremental:
     :param full_refresh_above: when the dirty buckets hold more than this fraction of the
         source rows (planner estimates), a refresh recomputes everything instead (still
         without blocking readers). In ``(0, 1]``; ``1`` never falls back.
+    :param realtime: ``True``: the name is a plain view showing the stored rows of clean
+        buckets plus a live computation of the dirty ones, so reads are always current
+        (a reader's own uncommitted writes included); the rows are stored in the table
+        :func:`stored_name` gives, next to it. A read then costs the recompute of every
+        bucket dirty at that moment (one for a busy "today"; everything after a TRUNCATE
+        until the next refresh). Such a view takes no indexes of its own.
 
     Example::
 
@@ -163,11 +169,13 @@ class Incremental:
         sources: Mapping[sa.Table, ColumnElement[Any] | Sequence[ColumnElement[Any]]],
         *,
         full_refresh_above: float = 0.25,
+        realtime: bool = False,
     ) -> None:
         self.key: tuple[str, ...] = (key,) if isinstance(key, str) else tuple(key)
         self._raw_key = key
         self._raw_sources = sources
         self.full_refresh_above = full_refresh_above
+        self.realtime = realtime
         #: ``source table -> bucket expressions`` (one per key column), checked.
         self.sources: dict[sa.Table, tuple[ColumnElement[Any], ...]] = {}
         self.view: MaterializedView | None = None
@@ -177,7 +185,8 @@ class Incremental:
         sources = ", ".join(t.fullname for t in self.sources or self._raw_sources)
         return (
             f"Incremental(key={key!r}, sources=[{sources}], "
-            f"full_refresh_above={self.full_refresh_above!r})"
+            f"full_refresh_above={self.full_refresh_above!r}"
+            + (", realtime=True)" if self.realtime else ")")
         )
 
     # -- checks, made by MaterializedView.__init__ ----------------------------------------
@@ -218,6 +227,11 @@ def _check_options(inc: Incremental, label: str, view: MaterializedView) -> None
         raise DefinitionError(
             f"{label}: full_refresh_above={value!r} must be a fraction in (0, 1] (e.g. 0.25: "
             "recompute everything when a quarter of the rows are in dirty buckets; 1: never)"
+        )
+    if not isinstance(inc.realtime, bool):
+        raise DefinitionError(
+            f"{label}: realtime={inc.realtime!r} must be True or False (True: the view also "
+            "computes its dirty buckets live when read)"
         )
     if not view.managed:
         raise DefinitionError(
@@ -503,6 +517,21 @@ class IncrementalNames:
 
     def trigger(self, suffix: str) -> str:
         return f"sqlalchemy_matview_{self.prefix}_{suffix}"
+
+
+def stored_name(view_name: str) -> str:
+    """The table holding the rows of the realtime incremental view ``view_name`` (in its
+    schema): ``<view name>__stored``, or a prefix and a hash when that is too long.
+
+    >>> stored_name("mv_daily")
+    'mv_daily__stored'
+    """
+    name = f"{view_name}__stored"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(view_name.encode()).hexdigest()[:8]
+    prefix = view_name.encode()[: 63 - 10 - len(digest)].decode(errors="ignore")
+    return f"{prefix}_{digest}__stored"
 
 
 def names_for(schema: str, name: str) -> IncrementalNames:

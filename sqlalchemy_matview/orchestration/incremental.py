@@ -54,8 +54,9 @@ from sqlalchemy.sql.util import ClauseAdapter
 
 from ..bookkeeping import CHANNEL, VIEWS_TABLE, tracking_schema
 from ..catalog import current_schema
+from ..ddl import CommentOnMaterializedView
 from ..errors import DefinitionError, MaterializedViewError
-from ..incremental import IncrementalNames, names_for, register_incremental_hooks
+from ..incremental import IncrementalNames, names_for, register_incremental_hooks, stored_name
 from ..query import query_sql
 from ..schema import MaterializedView, unique_key_index_name
 from .locking import lock_key
@@ -185,6 +186,12 @@ def _before_create(view: MaterializedView, conn: Connection) -> None:
     """Check each bucket expression on the server before anything is created: it must be
     IMMUTABLE and must resolve under the triggers' pinned ``search_path``."""
     assert view.incremental is not None
+    if view.incremental.realtime and view.table.indexes:
+        raise DefinitionError(
+            f"incremental view {view._display}: a realtime view is a plain view, which takes "
+            f"no index ({', '.join(sorted(str(i.name) for i in view.table.indexes))}); its "
+            "stored rows are indexed by the key. Drop the index or realtime=True"
+        )
     for table in view.incremental.sources:
         relation = _resolve(conn, view, table)
         exprs = _bucket_over(view, table, "new_rows")
@@ -273,7 +280,9 @@ def _after_create(view: MaterializedView, conn: Connection) -> None:
     ensure_bookkeeping(conn, bk)
     names = _names(conn, view)
     view_schema = _view_schema(conn, view)
-    target = sa.table(view.name, schema=view_schema)
+    # A realtime view's rows live next to it, under another name.
+    stored = stored_name(view.name) if inc.realtime else view.name
+    target = sa.table(stored, schema=view_schema)
     key = list(inc.key)
     columns = [c.name for c in view.table.c]
     for k in key:
@@ -347,7 +356,55 @@ def _after_create(view: MaterializedView, conn: Connection) -> None:
                 "those rows out (.where(<bucket> IS NOT NULL)) or coalesce the bucket"
             ) from exc
         raise
+    if inc.realtime:
+        conn.execute(_realtime_view(view, names, bk, target, key, columns))
+    if view.comment is not None:
+        conn.execute(CommentOnMaterializedView(view))
     log.info("incremental view %s.%s created and filled", view_schema, view.name)
+
+
+def _realtime_view(
+    view: MaterializedView,
+    names: IncrementalNames,
+    bk: str,
+    stored: sa.TableClause,
+    key: list[str],
+    columns: list[str],
+) -> _DDL:
+    """The view a realtime incremental view is: stored rows of clean buckets, and the dirty
+    buckets computed live, all in the reader's snapshot (so always exact)."""
+
+    def build(c: DDLCompiler) -> str:
+        q = c.preparer.quote
+        log_table = f"{c.preparer.quote_schema(bk)}.{q(names.log)}"
+        whole = f"{c.preparer.quote_schema(bk)}.{q(names.whole)}"
+        definition = _sql(c, view.definition)
+        same = " AND ".join(f"l.{q(k)} = s.{q(k)}" for k in key)
+        # Each key column's dirty values as an array: a parameter the planner pushes into
+        # the definition, down to an index on the bucket (a join to the log would not be).
+        dirty = " AND ".join(
+            f"d.{q(k)} = ANY (ARRAY(SELECT l.{q(k)} FROM {log_table} AS l))" for k in key
+        )
+        if len(key) > 1:
+            tuple_ = ", ".join(f"d.{q(k)}" for k in key)
+            logged = ", ".join(f"l.{q(k)}" for k in key)
+            dirty += f" AND ({tuple_}) IN (SELECT {logged} FROM {log_table} AS l)"
+        not_null = " AND ".join(f"d.{q(k)} IS NOT NULL" for k in key)
+        d_cols = ", ".join(f"d.{q(n)}" for n in columns)
+        s_cols = ", ".join(f"s.{q(n)}" for n in columns)
+        return (
+            f"CREATE VIEW {c.preparer.format_table(view.table)} ("
+            + ", ".join(q(n) for n in columns)
+            + f") AS SELECT {s_cols} FROM {c.preparer.format_table(stored)} AS s"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {whole})"
+            f" AND NOT EXISTS (SELECT 1 FROM {log_table} AS l WHERE {same})"
+            f" UNION ALL SELECT {d_cols} FROM ({definition}) AS d"
+            f" WHERE EXISTS (SELECT 1 FROM {whole}) AND {not_null}"
+            f" UNION ALL SELECT {d_cols} FROM ({definition}) AS d"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {whole}) AND {dirty}"
+        )
+
+    return _DDL(build)
 
 
 def _install_source(
@@ -789,6 +846,9 @@ def _before_drop(view: MaterializedView, conn: Connection) -> None:
     exists = conn.execute(
         sa.text("SELECT pg_catalog.to_regnamespace(:s) IS NOT NULL"), {"s": bk}
     ).scalar()
+    if view.incremental.realtime:
+        # The view reads the log: it goes first (DROP TABLE of its rows follows).
+        conn.execute(_DDL(lambda c: f"DROP VIEW IF EXISTS {c.preparer.format_table(view.table)}"))
     if not exists:
         return
     # The triggers depend on their functions: CASCADE drops them (and only them).

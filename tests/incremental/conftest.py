@@ -24,7 +24,9 @@ def utc_day(events: sa.Table) -> sa.ColumnElement[Any]:
     return sa.cast(sa.func.timezone("UTC", events.c.created_at), sa.Date)
 
 
-def build_dashboard(*, partitioned: bool = False, threshold: float = 0.25) -> Dashboard:
+def build_dashboard(
+    *, partitioned: bool = False, threshold: float = 0.25, realtime: bool = False
+) -> Dashboard:
     """events -> mv_daily (per UTC day: count, distinct users, purchases) and mv_users
     (per user: count, sum)."""
     md = sa.MetaData()
@@ -51,7 +53,9 @@ def build_dashboard(*, partitioned: bool = False, threshold: float = 0.25) -> Da
                 sa.func.sum(events.c.amount).filter(events.c.kind == "purchase"), 0
             ).label("revenue"),
         ).group_by(day),
-        incremental=Incremental(key="day", sources={events: day}, full_refresh_above=threshold),
+        incremental=Incremental(
+            key="day", sources={events: day}, full_refresh_above=threshold, realtime=realtime
+        ),
     )
     mv_users = MaterializedView(
         "mv_users",
@@ -62,7 +66,10 @@ def build_dashboard(*, partitioned: bool = False, threshold: float = 0.25) -> Da
             sa.func.sum(events.c.amount).label("total"),
         ).group_by(events.c.user_id),
         incremental=Incremental(
-            key="user_id", sources={events: events.c.user_id}, full_refresh_above=threshold
+            key="user_id",
+            sources={events: events.c.user_id},
+            full_refresh_above=threshold,
+            realtime=realtime,
         ),
     )
     return Dashboard(md, events, mv_daily, mv_users)

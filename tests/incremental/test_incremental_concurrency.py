@@ -120,3 +120,26 @@ def test_a_killed_refresher_loses_nothing(engine, pg_server):
     assert result.buckets == 3
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
+
+
+@pytest.mark.slow
+def test_a_server_restart_during_a_refresh_loses_nothing(engine, pg_server):
+    d = build_dashboard()
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            d.events.insert(),
+            [{"created_at": at(day, 9), "user_id": day, "kind": "view"} for day in (4, 5)],
+        )
+    refresher = engine.connect()
+    assert refresh_incremental(refresher, d.mv_daily).buckets == 2  # not committed
+    pg_server.restart()
+    refresher.invalidate()
+    refresher.close()
+    engine.dispose()
+    with engine.connect() as conn:
+        assert incremental_state(conn, d.mv_daily).dirty_buckets == 2
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert result.buckets == 2
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0

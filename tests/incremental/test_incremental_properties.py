@@ -3,7 +3,8 @@
 A hypothesis state machine interleaves inserts, updates that move rows between days and
 users, deletes, truncates, rolled-back writes and refreshes on a real server; after every
 refresh both views (the README's dashboard per UTC day, and per-user totals) must equal their
-definitions computed from scratch (``EXCEPT ALL`` both ways: zero rows).
+definitions computed from scratch (``EXCEPT ALL`` both ways: zero rows). Realtime views
+(``realtime=True``) must equal them after every write as well, inside the writing transaction.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def machine_for(engine: Engine) -> type[RuleBasedStateMachine]:
     class IncrementalMachine(RuleBasedStateMachine):
         d: Dashboard
 
-        @initialize(threshold=st.sampled_from([0.3, 1.0]))
-        def create(self, threshold: float) -> None:
+        @initialize(threshold=st.sampled_from([0.3, 1.0]), realtime=st.booleans())
+        def create(self, threshold: float, realtime: bool) -> None:
             with engine.begin() as conn:
-                conn.execute(sa.text("DROP TABLE IF EXISTS mv_daily, mv_users, events CASCADE"))
+                # A clean database for every example.
                 conn.execute(sa.text("DROP SCHEMA IF EXISTS sqlalchemy_matview CASCADE"))
-            self.d = build_dashboard(threshold=threshold)
+                conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+                conn.execute(sa.text("CREATE SCHEMA public"))
+            self.realtime = realtime
+            self.d = build_dashboard(threshold=threshold, realtime=realtime)
             self.d.metadata.create_all(engine)
 
         def write(
@@ -53,6 +57,11 @@ def machine_for(engine: Engine) -> type[RuleBasedStateMachine]:
                 # Writers in other time zones must log the same UTC days.
                 conn.execute(sa.text("SELECT set_config('TimeZone', :z, true)"), {"z": zone})
                 conn.execute(statement)
+                if self.realtime:
+                    # A realtime view is exact at every moment, the writer's own changes
+                    # included, refreshed or not.
+                    for view in (self.d.mv_daily, self.d.mv_users):
+                        assert difference(conn, view) == 0, view.name
                 if commit:
                     conn.commit()
                 else:
