@@ -192,3 +192,53 @@ def test_offline_sql_runs_in_psql(databases: tuple[sa.URL, Any], plain_first: bo
     finally:
         engine.dispose()
         offline_engine.dispose()
+
+
+def test_schemas_needing_quotes(engine: sa.Engine) -> None:
+    """A view in a schema of its own and a tracking schema whose names need quoting."""
+    from sqlalchemy_matview import set_tracking_schema
+
+    with engine.begin() as conn:
+        conn.execute(sa.text('CREATE SCHEMA "Reports"'))
+
+    def declared(label: str) -> tuple[sa.MetaData, MaterializedView]:
+        md = sa.MetaData()
+        set_tracking_schema(md, "mv admin")
+        events = sa.Table(
+            "events",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        )
+        day = sa.cast(sa.func.timezone("UTC", events.c.created_at), sa.Date)
+        view = MaterializedView(
+            "Daily View",
+            md,
+            sa.select(day.label("day"), sa.func.count().label(label)).group_by(day),
+            schema="Reports",
+            incremental=Incremental(key="day", sources={events: day}),
+        )
+        return md, view
+
+    md, view = declared("n")
+    with engine.begin() as conn:
+        generated = autogenerate(conn, md, include_schemas=True)
+        run_code(conn, generated.upgrade)
+    assert "op.install_change_tracking(schema='mv admin')" in generated.upgrade
+    with engine.begin() as conn:
+        assert autogenerate(conn, md, include_schemas=True).empty
+        conn.execute(sa.text("INSERT INTO events VALUES (1, now()), (2, now())"))
+    [result] = refresh_views(engine, view)
+    assert result.status == "refreshed"
+    assert_exact(engine, view)
+    assert relkind(engine, '"Reports"."Daily View"') == "r"
+
+    md2, view2 = declared("events")
+    with engine.begin() as conn:
+        generated = autogenerate(conn, md2, include_schemas=True)
+        run_code(conn, generated.upgrade)
+        assert autogenerate(conn, md2, include_schemas=True).empty
+    assert_exact(engine, view2)
+    with engine.begin() as conn:
+        run_code(conn, generated.downgrade)
+    assert_exact(engine, view)
