@@ -30,9 +30,10 @@ While the tracked side runs, a sampler reads the wait events of pgbench's backen
 ``pg_stat_activity`` every 20 ms; the report shows the most frequent ones (``CPU`` = not
 waiting). With ``--worker`` a :class:`~sqlalchemy_matview.RefreshWorker` (debounce 0.1 s)
 refreshes the view during every run (both sides, so both pay for its load), so the view
-keeps going fresh -> stale; without it nothing refreshes and the view stays stale after the
-first write, the change log growing by one row per writing transaction (the worst case for
-the log, the best for anything that only acts on a fresh -> stale transition).
+keeps going fresh -> stale, and the writers that commit while it refreshes take the
+trigger's late path; without it nothing refreshes and the view stays stale after the first
+write: the change log holds that one mark, and each writer finds it and adds nothing (the
+trigger's hot path).
 
 Prints the median TPS of each side, the ratio tracked/untracked (median of the per-round
 ratios, with their range), the load average around each set, and the PostgreSQL version.

@@ -25,14 +25,13 @@ only when there is none does it add a mark and notify (the fresh-to-stale transi
 busy table neither queues its writers on the server-wide NOTIFY lock nor writes a row per
 transaction while the view is stale. Did not get it: a refresh is running (or waiting to)
 and may not see this change, so the writer adds a mark of its own, and takes the late key
-shared without waiting; holding it, it does not notify, because that refresh waits for it
-at its end and notifies then (once, for all of them). Only a writer that cannot take the
-late key either (the refresh is in its final phase) notifies itself.
+shared without waiting; holding it, it does not notify, because that refresh tries the late
+key at its end and, finding it taken or marks left, notifies (once, for all of them). Only a
+writer that cannot take the late key either (the refresh is in its last moments) notifies.
 
 The refresh takes the barrier *exclusive* (bounded by ``lock_timeout``, 60 s when unset)
-before taking its snapshot, deletes the marks that snapshot covers, then takes the late key
-exclusive (waiting at most 1 s, less than ``deadlock_timeout``, and not at all when another
-session waits for it), and reports ``refreshed_pending`` and notifies when marks remain. A
+before taking its snapshot, deletes the marks that snapshot covers, then tries the late key
+exclusive (without waiting), and reports ``refreshed_pending`` and notifies when marks remain. A
 refresh that could not get the barrier (a writer held it past the timeout) or the late key
 (a writer that wrote during the refresh is still open) still refreshes, adds a mark of its
 own, reports ``refreshed_pending`` and notifies, so that another refresh follows and is not
@@ -208,15 +207,16 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 #
 # Barrier busy (a refresh holds it, or waits for it): this change may be missed by that
 # refresh. The writer adds a mark of its own, and takes the view's late key shared without
-# waiting. Got it, and the barrier is still busy: the refresh has not reached its end yet
-# (at its end it takes the late key exclusive, which it cannot while this transaction holds
-# it shared, and which this writer could not have taken shared while the refresh held or
-# waited for it), so that refresh waits for this transaction, sees the mark, and notifies
-# once for all such writers: this one does not notify. Got it and the barrier is free now
-# (the refresh ended in between), or did not get the late key (the refresh is in its final
-# phase): notify. A late writer that sees no mark at all notifies too: a refresh consumes
-# marks, it does not start from none, so the barrier may be held by some other role (one
-# that read the key in pg_locks), with no refresh to notify at its end.
+# waiting. Got it, and the barrier is still busy: that refresh has not reached its end yet
+# (at its end it tries the late key exclusive, which it holds from then until it commits,
+# so this writer could not have taken it shared after that), so it will find the late key
+# taken by this transaction, count the view as still stale, leave a mark of its own (this
+# writer's may not be committed yet) and notify, once for all such writers: this one does
+# not notify. Got it and the barrier is free now (the refresh ended in between), or did not
+# get the late key (the refresh is in its last moments): notify. A late writer that sees no
+# mark at all notifies too: a refresh of a stale view leaves its marks visible until it
+# commits, so this may be a barrier held by some other role (one that read the key in
+# pg_locks), with no refresh to notify at its end.
 #
 # Row-level firings (partitions, replication apply) do the work once per transaction and
 # set of views: a transaction-local setting named after the views records it, and the
@@ -482,35 +482,15 @@ BEGIN
             OR c.txid = pg_catalog.pg_current_xact_id()::text::bigint
             OR c.txid >= pg_catalog.pg_snapshot_xmax(
                              pg_catalog.pg_current_snapshot())::text::bigint);
+    -- Writers that found the barrier taken and did not notify hold the late key shared
+    -- until they commit (see mark_stale). None left: the check below sees all their marks.
+    -- Some still running: never wait for them (the view is locked meanwhile, and one may be
+    -- waiting to read it: a deadlock), count them as pending instead. Holding the late key
+    -- exclusive from here on is brief, and the writers that cannot take it notify.
     IF barrier IS NOT NULL
        AND NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashint4extended(-vid, secret))
     THEN
-        -- Writers that found the barrier taken, did not notify, and are still running hold
-        -- the late key shared (see mark_stale): wait for them, so that the check below sees
-        -- their marks; briefly, as the view is locked meanwhile. Not at all when a session
-        -- waits for this transaction (a late writer reading the view, say): the deadlock
-        -- detector could end that session. And for less than deadlock_timeout, so that a
-        -- session starting to wait meanwhile finds no deadlock when it checks.
-        IF EXISTS (SELECT FROM pg_catalog.pg_locks l
-                    WHERE NOT l.granted
-                      AND pg_catalog.pg_backend_pid()
-                          = ANY (pg_catalog.pg_blocking_pids(l.pid))) THEN
-            carried := true;
-        ELSE
-            PERFORM pg_catalog.set_config('lock_timeout', GREATEST(1, LEAST(
-                1000,
-                CASE WHEN saved_timeout = '0' THEN 1000
-                     ELSE pg_catalog.date_part('epoch', saved_timeout::interval) * 1000 END,
-                pg_catalog.date_part('epoch', pg_catalog.current_setting('deadlock_timeout')
-                                              ::interval) * 500))::integer::text, true);
-            BEGIN
-                PERFORM pg_catalog.pg_advisory_xact_lock(
-                    pg_catalog.hashint4extended(-vid, secret));
-            EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
-                carried := true;
-            END;
-            PERFORM pg_catalog.set_config('lock_timeout', saved_timeout, true);
-        END IF;
+        carried := true;
     END IF;
     IF degraded OR carried THEN
         -- Writers this refresh may have missed are still running, and may have added no
