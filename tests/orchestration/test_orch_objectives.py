@@ -165,5 +165,6 @@ def test_a_worker_on_views_without_tracking_or_objective_is_refused(engine: sa.E
     from sqlalchemy_matview import WorkerOptionError
 
     shop = build_shop(track=False)
-    with pytest.raises(WorkerOptionError, match="track_changes=True, incremental= or max_staleness="):
+    refused = "track_changes=True, incremental= or max_staleness="
+    with pytest.raises(WorkerOptionError, match=refused):
         RefreshWorker(engine, shop.metadata)
