@@ -439,8 +439,11 @@ def test_the_recompute_reads_the_dirty_days_through_the_bucket_index(engine):
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
         driver.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+        try:
+            conn.execute(sa.text("LOAD 'auto_explain'"))
+        except sa.exc.OperationalError as exc:
+            pytest.skip(f"auto_explain is not shipped with this PostgreSQL build: {exc.orig}")
         for statement in (
-            "LOAD 'auto_explain'",
             "SET auto_explain.log_min_duration = 0",
             "SET auto_explain.log_nested_statements = on",
             "SET client_min_messages = log",
