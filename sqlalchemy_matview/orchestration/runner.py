@@ -498,11 +498,7 @@ def _refresh_one(
         log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
         return _recorded(conn, owned, plan, result("skipped_locked", concurrently, exc.error))
     except Exception as exc:
-        if tracking.is_lock_wait_timeout(exc):
-            log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
-            return _recorded(conn, owned, plan, result("skipped_locked", concurrently, exc))
-        log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
-        return _recorded(conn, owned, plan, result("failed", concurrently, exc))
+        return _raised(conn, owned, plan, item, result("failed", concurrently, exc))
     outcome = _OUTCOMES[status]
     done = result(outcome, concurrently)
     if status == "refreshed_pending":
@@ -517,6 +513,20 @@ def _refresh_one(
             done.duration,
         )
     return done
+
+
+def _raised(
+    conn: Connection, owned: bool, plan: _Plan, item: _Item, failed: RefreshResult
+) -> RefreshResult:
+    """The result of a refresh that raised ``failed.error``: a timed-out wait for another
+    refresher's lock is a skip, anything else a failure; recorded in the history."""
+    exc = failed.error
+    assert exc is not None
+    if tracking.is_lock_wait_timeout(exc):
+        log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
+        return _recorded(conn, owned, plan, replace(failed, status="skipped_locked"))
+    log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
+    return _recorded(conn, owned, plan, failed)
 
 
 def _refresh_incremental(
@@ -550,11 +560,7 @@ def _refresh_incremental(
             )
             _restore_timeouts(conn, saved)
     except Exception as exc:
-        if tracking.is_lock_wait_timeout(exc):
-            log.info("refresh of %s skipped: its lock is held elsewhere (%s)", item.label, exc)
-            return _recorded(conn, owned, plan, result("skipped_locked", False, exc))
-        log.error("refresh of %s failed: %s", item.label, exc, exc_info=exc)
-        return _recorded(conn, owned, plan, result("failed", False, exc))
+        return _raised(conn, owned, plan, item, result("failed", False, exc))
     outcome = _OUTCOMES[done.status]
     res = replace(
         result(outcome),

@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "sqlalchemy_matview",
     "sqlalchemy_matview.schema",
+    "sqlalchemy_matview.incremental",
     "sqlalchemy_matview.ddl",
     "sqlalchemy_matview.query",
     "sqlalchemy_matview.sqltext",

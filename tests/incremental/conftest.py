@@ -96,3 +96,25 @@ def difference(conn: Connection, view: MaterializedView) -> int:
 
 def insert_events(conn: Connection, events: sa.Table, rows: list[dict[str, Any]]) -> None:
     conn.execute(events.insert(), rows)
+
+
+def seed_minutes(engine: Engine, d: Dashboard, minutes: int = 60000) -> None:
+    """``events`` with a row a minute from 2026-01-01, ANALYZEd, then the views created and a
+    row written on 2026-03-02 (one dirty day)."""
+    with engine.begin() as conn:
+        d.events.create(conn)
+        conn.execute(
+            sa.text(
+                "INSERT INTO events (created_at, user_id, kind, amount)"
+                " SELECT timestamptz '2026-01-01 00:00+00' + g * interval '1 minute',"
+                " g % 500, 'view', 1 FROM generate_series(1, :n) g"
+            ),
+            {"n": minutes},
+        )
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE events"))
+        conn.execute(
+            d.events.insert(),
+            [{"created_at": "2026-03-02 12:00+00", "user_id": 1, "kind": "view"}],
+        )

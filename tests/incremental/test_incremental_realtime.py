@@ -11,7 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Session
 
 from sqlalchemy_matview import DefinitionError, Incremental, MaterializedView, refresh_views
 
-from .conftest import build_dashboard, difference, utc_day
+from .conftest import build_dashboard, difference, seed_minutes, utc_day
 
 
 def at(day: int, hour: int = 12) -> dt.datetime:
@@ -142,19 +142,7 @@ def test_realtime_must_be_a_bool():
 def test_a_read_computes_the_dirty_days_through_the_bucket_index(engine):
     d = build_dashboard(realtime=True)
     sa.Index("ix_events_utc_day", utc_day(d.events))
-    with engine.begin() as conn:
-        d.events.create(conn)
-        conn.execute(
-            sa.text(
-                "INSERT INTO events (created_at, user_id, kind, amount)"
-                " SELECT timestamptz '2026-01-01 00:00+00' + g * interval '1 minute',"
-                " g % 500, 'view', 1 FROM generate_series(1, 60000) g"
-            )
-        )
-    d.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ANALYZE events"))
-        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "view"}])
+    seed_minutes(engine, d)
     with engine.connect() as conn:
         plan = "\n".join(conn.execute(sa.text("EXPLAIN SELECT * FROM mv_daily")).scalars())
         assert "ix_events_utc_day" in plan, plan

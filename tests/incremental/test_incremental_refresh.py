@@ -22,7 +22,7 @@ from sqlalchemy_matview import (
 )
 from sqlalchemy_matview.orchestration.incremental import incremental_state
 
-from .conftest import build_dashboard, difference
+from .conftest import build_dashboard, difference, seed_minutes
 
 UTC = dt.timezone.utc
 
@@ -422,19 +422,7 @@ def test_the_recompute_reads_the_dirty_days_through_the_bucket_index(engine):
     log sent to the client): the dirty days are found through an index on the bucket."""
     d = build_dashboard()
     sa.Index("ix_events_utc_day", sa.cast(sa.func.timezone("UTC", d.events.c.created_at), sa.Date))
-    with engine.begin() as conn:
-        d.events.create(conn)
-        conn.execute(
-            sa.text(
-                "INSERT INTO events (created_at, user_id, kind, amount)"
-                " SELECT timestamptz '2026-01-01 00:00+00' + g * interval '1 minute',"
-                " g % 500, 'view', 1 FROM generate_series(1, 60000) g"
-            )
-        )
-    d.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ANALYZE events"))
-        conn.execute(d.events.insert(), [{"created_at": at(2), "user_id": 1, "kind": "view"}])
+    seed_minutes(engine, d)
     plans: list[str] = []
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
