@@ -502,3 +502,89 @@ def test_refreshing_under_repeatable_read_is_refused(engine):
         (result,) = refresh_views(conn, d.mv_daily)
         assert result.status == "failed"
         assert "READ COMMITTED" in str(result.error)
+
+
+def test_two_sources_joined_in_another_schema(engine):
+    """Per-country totals in schema 'reports' over events joined to users: a user moving
+    country dirties both countries; an event dirties its user's country."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA reports"))
+    md = sa.MetaData()
+    users = sa.Table(
+        "users",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("country", sa.String(2), nullable=False),
+        schema="reports",
+    )
+    orders = sa.Table(
+        "orders",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.Integer, nullable=False),
+        sa.Column("amount", sa.Integer, nullable=False),
+        schema="reports",
+    )
+    mv = MaterializedView(
+        "mv_user_totals",
+        md,
+        sa.select(
+            users.c.id.label("user_id"),
+            users.c.country,
+            sa.func.count(orders.c.id).label("orders"),
+            sa.func.coalesce(sa.func.sum(orders.c.amount), 0).label("total"),
+        )
+        .select_from(users.outerjoin(orders, orders.c.user_id == users.c.id))
+        .group_by(users.c.id, users.c.country),
+        schema="reports",
+        incremental=Incremental(
+            key="user_id", sources={users: users.c.id, orders: orders.c.user_id}
+        ),
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            users.insert(), [{"id": i, "country": "FR" if i % 2 else "DE"} for i in range(1, 6)]
+        )
+        conn.execute(
+            orders.insert(), [{"id": i, "user_id": 1 + i % 5, "amount": i} for i in range(20)]
+        )
+    (result,) = refresh_views(engine, mv)
+    assert result.buckets == 5
+    with engine.begin() as conn:
+        conn.execute(users.update().where(users.c.id == 2).values(country="IT"))
+        conn.execute(orders.delete().where(orders.c.user_id == 3))
+        conn.execute(orders.update().where(orders.c.user_id == 4).values(user_id=5))
+        conn.execute(users.insert(), [{"id": 9, "country": "ES"}])
+    (result,) = refresh_views(engine, mv)
+    assert result.buckets == 5  # users 2, 3, 4, 5 and 9
+    with engine.connect() as conn:
+        assert difference(conn, mv) == 0
+        assert conn.execute(sa.text("SELECT to_regclass('reports.mv_user_totals')")).scalar()
+    md.drop_all(engine)
+
+
+def test_a_tracked_view_reading_an_incremental_one(engine):
+    """A tracked materialized view over an incremental view: its refresh marks the reader
+    stale (tracking's triggers on the table), and refresh_stale orders them."""
+    d = build_dashboard()
+    top = MaterializedView(
+        "mv_top_users",
+        d.metadata,
+        sa.select(d.mv_users.c.user_id, d.mv_users.c.events).where(d.mv_users.c.events > 2),
+        unique_key="user_id",
+        track_changes=True,
+    )
+    seed(engine, d)
+    refresh_stale(engine, d.metadata)
+    with engine.begin() as conn:
+        conn.execute(
+            d.events.insert(),
+            [{"created_at": at(3), "user_id": 42, "kind": "view"} for _ in range(3)],
+        )
+    results = {r.view: r.status for r in refresh_stale(engine, d.metadata)}
+    assert results["public.mv_users"] == "refreshed"
+    assert results["public.mv_top_users"] == "refreshed"
+    with engine.connect() as conn:
+        ids = set(conn.execute(sa.select(top.c.user_id)).scalars())
+    assert 42 in ids
