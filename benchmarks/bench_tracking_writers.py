@@ -249,7 +249,12 @@ def main() -> None:
                 path.write_text(SCRIPTS[script].format(table=table))
                 paths[(script, side)] = path
 
-        worker = RefreshWorker(engine, md, debounce=0.1) if args.worker else None
+        refreshes: list[str] = []
+        worker = (
+            RefreshWorker(engine, md, debounce=0.1, on_result=lambda r: refreshes.append(r.status))
+            if args.worker
+            else None
+        )
         if worker is not None:
             worker.start()
         try:
@@ -287,12 +292,16 @@ def main() -> None:
         plain = statistics.median(cell.tps["untracked"])
         ratios = [t / p for t, p in zip(cell.tps["tracked"], cell.tps["untracked"], strict=True)]
         top = ", ".join(f"{w} {c / max(cell.samples, 1):.0%}" for w, c in cell.waits.most_common(4))
+        # The NOTIFY queue's lock, which writers queue on when they notify: always shown.
+        top += f"; Lock:object {cell.waits['Lock:object'] / max(cell.samples, 1):.1%}"
         label = "sync_commit=off" if mode == "async" else "default"
         print(
             f"{label:15} {script:6} {n:>3} {tracked:12.0f} {plain:14.0f}"
             f"  {statistics.median(ratios):5.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
             f"  {min(cell.load):.1f}-{max(cell.load):.1f}  {top}"
         )
+    if args.worker:
+        print(f"the worker refreshed {refreshes.count('refreshed')} times in all")
 
 
 if __name__ == "__main__":
