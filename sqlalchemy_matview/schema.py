@@ -244,7 +244,10 @@ class MaterializedView:
             _compat.install_ddl(self)
             if self.incremental is not None:
                 # The table, its triggers and its log are created and dropped by the
-                # orchestration layer, loaded when first needed (incremental_hooks).
+                # orchestration layer, loaded when first needed (incremental_hooks); every
+                # create_all repairs the triggers of those that exist already.
+                if not sa.event.contains(metadata, "after_create", _incremental_repair):
+                    sa.event.listen(metadata, "after_create", _incremental_repair)
                 sa.event.listen(self.table, "before_create", _incremental_before_create)
                 sa.event.listen(self.table, "after_create", _incremental_after_create)
                 sa.event.listen(self.table, "before_drop", _incremental_before_drop)
@@ -567,6 +570,12 @@ def _tracking_before_drop(target: sa.Table, connection: Any, **kw: Any) -> None:
     view = target.info.get(INFO_KEY)
     if isinstance(view, MaterializedView):
         bookkeeping.tracking_hooks()[1](view, connection, **kw)
+
+
+def _incremental_repair(target: sa.MetaData, connection: Any, **kw: Any) -> None:
+    views = [v for v in materialized_views(target, managed=True) if v.incremental is not None]
+    if views:
+        incremental_hooks()["repair"](views, connection)
 
 
 def _incremental_before_create(target: sa.Table, connection: Any, **kw: Any) -> None:

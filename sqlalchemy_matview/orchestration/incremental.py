@@ -230,6 +230,14 @@ def _statistics(bk: str, name: str, relation: _Relation, expr: ClauseElement) ->
     )
 
 
+def _drop_trigger(name: str, member: _Relation) -> _DDL:
+    return _DDL(
+        lambda c: (
+            f"DROP TRIGGER {c.preparer.quote(name)} ON {c.preparer.format_table(member.table())}"
+        )
+    )
+
+
 def _drop_statistics(bk: str, name: str) -> _DDL:
     return _DDL(
         lambda c: (
@@ -522,23 +530,113 @@ END
     for position, expr in enumerate(_bucket_over(view, table, relation.name)):
         if not isinstance(declared[position], sa.Column):
             conn.execute(_statistics(bk, names.statistics(index, position), relation, expr))
+    for member, name, event, level, enable in _wanted_triggers(conn, names, index, relation):
+        _create_trigger(conn, name, member, event, level, enable, bk, function)
+
+
+def _wanted_triggers(
+    conn: Connection, names: IncrementalNames, index: int, relation: _Relation
+) -> list[tuple[_Relation, str, str, str, str]]:
+    """``(relation, trigger name, event clause, level, enable)`` of every trigger source
+    ``index`` needs now, on it and on every partition or inheritance child it has."""
     members = [relation]
     members += [
         _Relation(int(r.oid), str(r.relkind), r.nspname, r.relname)
         for r in conn.execute(_DESCENDANTS, {"root": relation.oid})
     ]
-    for member in members:
-        for suffix, event, level, enable in _triggers_for(relation, member):
-            _create_trigger(
-                conn,
-                names.trigger(f"{index}_{suffix}"),
-                member,
-                event,
-                level,
-                enable,
-                bk,
-                function,
-            )
+    return [
+        (member, names.trigger(f"{index}_{suffix}"), event, level, enable)
+        for member in members
+        for suffix, event, level, enable in _triggers_for(relation, member)
+    ]
+
+
+_ENABLED = {"ORIGIN": "O", "ALWAYS": "A", "REPLICA": "R"}
+
+_TRIGGER = sa.text(
+    """
+    SELECT t.tgenabled::text AS enabled,
+           t.tgfoid = pg_catalog.to_regprocedure(:function) AS ours
+      FROM pg_catalog.pg_trigger t
+     WHERE t.tgrelid = CAST(:rel AS pg_catalog.oid) AND t.tgname = :name
+    """
+)
+
+
+def incremental_problems(conn: Connection, view: MaterializedView) -> list[str]:
+    """What is wrong with an existing incremental view's logging, in words an operator can
+    act on (empty when all is well): a missing refresh function or log, a trigger missing,
+    disabled or altered (a source re-created, a partition or child table added with no
+    TRUNCATE trigger, ``ALTER TABLE ... DISABLE TRIGGER``): writes there are not logged.
+
+    ``create_all`` repairs them (:func:`repair_incremental`); ``check_tracking`` and
+    ``matview check`` report them.
+    """
+    assert view.incremental is not None
+    bk = tracking_schema(view.metadata)
+    names = _names(conn, view)
+    preparer = conn.dialect.identifier_preparer
+    problems: list[str] = []
+    if not is_incremental(conn, _view_schema(conn, view), view.name, bk):
+        return ["its refresh function is missing; drop and create the view again"]
+    for index, table in enumerate(view.incremental.sources):
+        try:
+            relation = _resolve(conn, view, table)
+        except DefinitionError as exc:
+            problems.append(str(exc))
+            continue
+        function = f"{preparer.quote_schema(bk)}.{preparer.quote(names.trigger_function(index))}()"
+        for member, name, _event, _level, enable in _wanted_triggers(conn, names, index, relation):
+            row = conn.execute(
+                _TRIGGER, {"rel": member.oid, "name": name, "function": function}
+            ).first()
+            if row is None or not row.ours or row.enabled != _ENABLED[enable]:
+                problems.append(
+                    f"trigger {name} on {member.schema}.{member.name} is missing, disabled or "
+                    "altered: writes there are not logged; run metadata.create_all() to "
+                    "repair it (the next refresh then recomputes everything)"
+                )
+    return problems
+
+
+def repair_incremental(conn: Connection, view: MaterializedView) -> bool:
+    """Create the triggers an existing incremental view is missing (and enable altered ones
+    again); True when something was repaired. Writes made meanwhile were not logged, so the
+    view is marked as truncated: its next refresh recomputes everything. ``create_all`` runs
+    it for every incremental view that exists already.
+    """
+    assert view.incremental is not None
+    if not incremental_problems(conn, view):
+        return False
+    bk = tracking_schema(view.metadata)
+    names = _names(conn, view)
+    if not is_incremental(conn, _view_schema(conn, view), view.name, bk):
+        return False  # nothing to repair from: the view must be created again
+    preparer = conn.dialect.identifier_preparer
+    for index, table in enumerate(view.incremental.sources):
+        relation = _resolve(conn, view, table)
+        function_name = names.trigger_function(index)
+        function = f"{preparer.quote_schema(bk)}.{preparer.quote(function_name)}()"
+        for member, name, event, level, enable in _wanted_triggers(conn, names, index, relation):
+            row = conn.execute(
+                _TRIGGER, {"rel": member.oid, "name": name, "function": function}
+            ).first()
+            if row is not None and row.ours and row.enabled == _ENABLED[enable]:
+                continue
+            if row is not None:
+                conn.execute(_drop_trigger(name, member))
+            _create_trigger(conn, name, member, event, level, enable, bk, function_name)
+    conn.execute(
+        _Query(
+            f"INSERT INTO {preparer.quote_schema(bk)}.{preparer.quote(names.whole)} "
+            "DEFAULT VALUES ON CONFLICT DO NOTHING"
+        )
+    )
+    log.warning(
+        "incremental view %s: triggers repaired; its next refresh recomputes everything",
+        view.fullname,
+    )
+    return True
 
 
 def _triggers_for(root: _Relation, member: _Relation) -> list[tuple[str, str, str, str]]:
@@ -868,8 +966,20 @@ def _before_drop(view: MaterializedView, conn: Connection) -> None:
     )
 
 
+def _repair_existing(views: list[MaterializedView], conn: Connection) -> None:
+    """``create_all``: repair the triggers of incremental views that exist already."""
+    for view in views:
+        stored = stored_name(view.name) if view.incremental and view.incremental.realtime else None
+        name = _formatted(conn, sa.table(stored or view.name, schema=view.schema))
+        if conn.execute(sa.select(sa.func.pg_catalog.to_regclass(name))).scalar() is not None:
+            repair_incremental(conn, view)
+
+
 register_incremental_hooks(
-    before_create=_before_create, after_create=_after_create, before_drop=_before_drop
+    before_create=_before_create,
+    after_create=_after_create,
+    before_drop=_before_drop,
+    repair=_repair_existing,
 )
 
 

@@ -191,9 +191,7 @@ def _inventory(conn: Connection, schema: str, *, strict: bool) -> Inventory:
     marker = next((r.marker for r in rows if r.kind == "schema"), None)
     names = {r.name for r in rows}
     tables = (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE, SECRET_SEQUENCE)
-    complete = {f"{schema}.{t}" for t in tables} | {
-        f"{schema}.{f}" for f in FUNCTIONS
-    }
+    complete = {f"{schema}.{t}" for t in tables} | {f"{schema}.{f}" for f in FUNCTIONS}
     return Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)
 
 
@@ -539,6 +537,27 @@ class TrackingProblem:
 
 
 def _check(conn: Connection, metadata: sa.MetaData) -> list[TrackingProblem]:
+    return _check_tracked(conn, metadata) + _check_incremental(conn, metadata)
+
+
+def _check_incremental(conn: Connection, metadata: sa.MetaData) -> list[TrackingProblem]:
+    """The logging of incremental views that exist (a missing one is create_all's)."""
+    from . import incremental
+
+    problems: list[TrackingProblem] = []
+    current = _current_schema(conn)
+    for view in materialized_views(metadata, managed=True):
+        if view.incremental is None:
+            continue
+        view_schema = view.schema or current
+        if not incremental.is_incremental(conn, view_schema, view.name, tracking_schema(metadata)):
+            continue
+        for problem in incremental.incremental_problems(conn, view):
+            problems.append(TrackingProblem(f"{view_schema}.{view.name}", problem))
+    return problems
+
+
+def _check_tracked(conn: Connection, metadata: sa.MetaData) -> list[TrackingProblem]:
     schema = tracking_schema(metadata)
     views = [v for v in materialized_views(metadata, managed=True) if v.track_changes]
     if not views:
@@ -617,7 +636,9 @@ def check_tracking(
     """The declared ``track_changes=True`` views of ``metadata`` whose tracking is missing
     or broken, one :class:`TrackingProblem` each (empty when all is well).
 
-    Catches what a restore, a rename or a re-created table can leave behind: bookkeeping
+    Incremental views that exist are checked too: a trigger on a source missing, disabled
+    or altered (their writes are not logged). Catches what a restore, a rename or a
+    re-created table can leave behind: bookkeeping
     missing, a view not tracked, triggers missing, disabled or carrying other views'
     arguments, a source table dropped or re-created, an inheritance child or a partition
     added without its triggers. ``create_all`` (and ``op.enable_change_tracking``) repair

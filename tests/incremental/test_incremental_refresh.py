@@ -20,6 +20,7 @@ from sqlalchemy_matview import (
     refresh_stale,
     refresh_views,
 )
+from sqlalchemy_matview.incremental import names_for
 from sqlalchemy_matview.orchestration.incremental import incremental_state
 
 from .conftest import build_dashboard, difference, seed_minutes
@@ -588,3 +589,45 @@ def test_a_tracked_view_reading_an_incremental_one(engine):
     with engine.connect() as conn:
         ids = set(conn.execute(sa.select(top.c.user_id)).scalars())
     assert 42 in ids
+
+
+def test_broken_logging_is_reported_and_repaired_by_create_all(engine):
+    from sqlalchemy_matview import check_tracking
+
+    d = build_dashboard(partitioned=True)
+    with engine.begin() as conn:
+        d.events.create(conn)
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events_march PARTITION OF events"
+                " FOR VALUES FROM ('2026-03-01') TO ('2026-04-01')"
+            )
+        )
+    d.metadata.create_all(engine)
+    assert check_tracking(engine, d.metadata) == []
+    with engine.begin() as conn:
+        # A partition added later has the cloned row trigger but no TRUNCATE trigger.
+        conn.execute(
+            sa.text(
+                "CREATE TABLE events_april PARTITION OF events"
+                " FOR VALUES FROM ('2026-04-01') TO ('2026-05-01')"
+            )
+        )
+        conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER ALL"))
+        conn.execute(d.events.insert(), [{"created_at": at(3), "user_id": 1, "kind": "view"}])
+        conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER ALL"))
+        trunc = names_for("public", "mv_daily").trigger("0_trunc")
+        conn.execute(sa.text(f"ALTER TABLE events_march DISABLE TRIGGER {trunc}"))
+    problems = {(p.view, p.problem.split(" is ")[0]) for p in check_tracking(engine, d.metadata)}
+    assert (
+        "public.mv_daily",
+        f"trigger {trunc.replace('ba5c37bf108b', 'ba5c37bf108b')} on public.events_march",
+    ) in problems
+    assert any("public.events_april" in p for _, p in problems)
+    # create_all repairs, and marks the views for a full recompute (writes were missed).
+    d.metadata.create_all(engine)
+    assert check_tracking(engine, d.metadata) == []
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert result.full_refresh
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
