@@ -97,8 +97,10 @@ def refresh_command(
     """
     view_schema, name = _qname(view, schema)
     declared = materialized_view_of(view)
-    if declared is not None:
-        refresh(declared, concurrently=concurrently)  # checks the unique key, before any SQL
+    # Checks the unique key, before any SQL (an incremental view needs none: its job runs the
+    # view's own refresh function).
+    if declared is not None and declared.incremental is None:
+        refresh(declared, concurrently=concurrently)
     call = tracking.refresh_job_call(
         view_schema,
         name,
