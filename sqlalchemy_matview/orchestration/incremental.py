@@ -891,6 +891,18 @@ BEGIN
         SELECT pg_catalog.count(*) INTO buckets FROM {tbl};
     ELSIF buckets > 0 THEN{apply("WHERE " + restrict_d, restrict_v + " AND")}
     END IF;
+    -- Without the barrier, a writer still holding it may have left a bucket to a log row
+    -- consumed here, by a snapshot that does not see its change: log what was consumed again
+    -- (the next refresh recomputes it once that writer is done).
+    IF _degraded THEN
+        IF _whole THEN
+            INSERT INTO {whole} DEFAULT VALUES ON CONFLICT DO NOTHING;
+        END IF;
+        INSERT INTO {log_table} ({", ".join(q(k) for k in key)})
+        SELECT {", ".join(f"u{i}.v" for i in range(len(key)))}
+          FROM {", ".join(f"pg_catalog.unnest({a}) AS u{i}(v)" for i, a in enumerate(arrays))}
+        ON CONFLICT DO NOTHING;
+    END IF;
     -- Left: changes committed while this ran (their writers notified).
     IF _degraded OR EXISTS (SELECT 1 FROM {log_table}) OR EXISTS (SELECT 1 FROM {whole}) THEN
         status := 'refreshed_pending';

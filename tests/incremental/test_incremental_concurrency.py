@@ -143,3 +143,27 @@ def test_a_server_restart_during_a_refresh_loses_nothing(engine, pg_server):
     assert result.buckets == 2
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
+
+
+def test_a_refresh_that_cannot_wait_for_a_writer_keeps_its_buckets_dirty(engine):
+    """A writer holding the barrier leaves an already-logged bucket to the refresh that
+    consumes that log row; a refresh that gave up waiting for it (lock_timeout) must log
+    what it consumed again, or the writer's change would be lost."""
+    d = build_dashboard()
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(d.events.insert(), [{"created_at": at(2, 5), "user_id": 1, "kind": "view"}])
+    writer = engine.connect()
+    # Day 2 is logged already: this write adds no log row and holds the barrier.
+    writer.execute(d.events.insert(), [{"created_at": at(2, 6), "user_id": 2, "kind": "view"}])
+    try:
+        (result,) = refresh_views(engine, d.mv_daily, lock_timeout=0.2)
+        assert result.status == "refreshed" and result.pending
+    finally:
+        writer.commit()
+        writer.close()
+    with engine.connect() as conn:
+        assert incremental_state(conn, d.mv_daily).dirty_buckets == 1
+    refresh_views(engine, d.mv_daily)
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_daily) == 0
