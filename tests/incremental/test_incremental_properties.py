@@ -3,7 +3,8 @@
 A hypothesis state machine interleaves inserts, updates that move rows between days and
 users, deletes, truncates, rolled-back writes and refreshes on a real server; after every
 refresh both views (the README's dashboard per UTC day, and per-user totals) must equal their
-definitions computed from scratch (``EXCEPT ALL`` both ways: zero rows). Realtime views
+definitions computed from scratch (``EXCEPT ALL`` both ways: zero rows), over a plain or a
+partitioned source (rows moving between partitions). Realtime views
 (``realtime=True``) must equal them after every write as well, inside the writing transaction.
 """
 
@@ -39,15 +40,32 @@ def machine_for(engine: Engine) -> type[RuleBasedStateMachine]:
     class IncrementalMachine(RuleBasedStateMachine):
         d: Dashboard
 
-        @initialize(threshold=st.sampled_from([0.3, 1.0]), realtime=st.booleans())
-        def create(self, threshold: float, realtime: bool) -> None:
+        @initialize(
+            threshold=st.sampled_from([0.3, 1.0]),
+            realtime=st.booleans(),
+            partitioned=st.booleans(),
+        )
+        def create(self, threshold: float, realtime: bool, partitioned: bool) -> None:
             with engine.begin() as conn:
                 # A clean database for every example.
                 conn.execute(sa.text("DROP SCHEMA IF EXISTS sqlalchemy_matview CASCADE"))
                 conn.execute(sa.text("DROP SCHEMA public CASCADE"))
                 conn.execute(sa.text("CREATE SCHEMA public"))
             self.realtime = realtime
-            self.d = build_dashboard(threshold=threshold, realtime=realtime)
+            self.d = build_dashboard(
+                threshold=threshold, realtime=realtime, partitioned=partitioned
+            )
+            if partitioned:
+                # Row-level logging (cloned to every partition) instead of statement-level.
+                with engine.begin() as conn:
+                    self.d.events.create(conn)
+                    conn.execute(
+                        sa.text(
+                            "CREATE TABLE events_early PARTITION OF events"
+                            " FOR VALUES FROM (MINVALUE) TO ('2026-03-04')"
+                        )
+                    )
+                    conn.execute(sa.text("CREATE TABLE events_late PARTITION OF events DEFAULT"))
             self.d.metadata.create_all(engine)
 
         def write(
