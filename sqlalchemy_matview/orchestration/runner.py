@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -36,15 +36,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from .. import catalog
 from ..bookkeeping import tracking_schema
 from ..ddl import RefreshMaterializedView, qualifying_unique_index
 from ..errors import ConcurrentRefreshError, MaterializedViewError, UnknownViewError
 from ..schema import MaterializedView, materialized_view_of, materialized_views
-from . import history, incremental, tracking
+from . import history, incremental, plan_reads, tracking
 from .locking import check_namespace, lock_key
 from .ordering import DependencyGraph, QName
-from .pooling import refuse_standby
+from .pooling import standby_error
 from .results import RefreshResult, RefreshStatus
 
 __all__ = [
@@ -182,6 +181,12 @@ def _connection(bind: Bind | OwnedConnection) -> Iterator[tuple[Connection, bool
 @contextmanager
 def _transaction(conn: Connection, owned: bool) -> Iterator[None]:
     if owned:
+        if conn.in_transaction():
+            # The plan's reads began it (see _run): the first view refreshed commits them
+            # with its own work, one BEGIN/COMMIT round trip fewer.
+            with conn.get_transaction():  # type: ignore[union-attr]
+                yield
+            return
         with conn.begin():
             yield
     else:
@@ -230,23 +235,35 @@ def _declared_edges(views: Sequence[MaterializedView], current: str) -> list[tup
     return edges
 
 
-def _resolve(
-    ref: ViewRef, current: str, infos: dict[QName, catalog.MaterializedViewInfo]
-) -> tuple[QName, MaterializedView | None]:
-    declared = materialized_view_of(ref)
+def _candidates(ref: ViewRef, declared: MaterializedView | None) -> list[plan_reads.Candidate]:
+    """The names ``ref`` may resolve to, ``None`` standing for the current schema (a
+    ``"a.b"`` string is a view named so in the current schema, else ``b`` in ``a``)."""
     if declared is not None:
-        return _qualify(declared, current), declared
+        return [(declared.schema, declared.name, declared.incremental is not None)]
     if isinstance(ref, tuple) and len(ref) == 2 and isinstance(ref[1], str):
-        return (ref[0] or current, ref[1]), None
+        return [(ref[0] or None, ref[1], True)]
     if isinstance(ref, str) and ref:
-        if (current, ref) in infos or "." not in ref:
-            return (current, ref), None
+        if "." not in ref:
+            return [(None, ref, True)]
         schema, _, name = ref.partition(".")
-        return (schema, name), None
+        return [(None, ref, True), (schema, name, True)]
     raise TypeError(
         "views are MaterializedView objects, their Tables, ORM classes mapped to them, "
         f"names or (schema, name) tuples; got {ref!r}"
     )
+
+
+def _resolve(
+    ref: ViewRef, declared: MaterializedView | None, current: str, known: Container[QName]
+) -> QName:
+    """The ``(schema, name)`` of ``ref``; ``known``: the names found in the database."""
+    if declared is not None:
+        return _qualify(declared, current)
+    if isinstance(ref, str) and "." in ref and (current, ref) not in known:
+        schema, _, name = ref.partition(".")
+        return (schema, name)
+    given, name, _ = _candidates(ref, None)[0]
+    return (given or current, name)
 
 
 def _check_concurrent_declaration(view: MaterializedView) -> None:
@@ -266,31 +283,32 @@ def _plan(
     *,
     strict: bool,
     want_stale: bool,
+    what: str,
 ) -> _Plan:
-    current = catalog.current_schema(conn)
-    # Without definitions the catalog query takes no locks, so planning never waits behind
-    # a plain refresh that is running elsewhere.
-    # Declared incremental views alone are tables, not in pg_matviews: spare its scan.
-    only_incremental = not opts.cascade and all(
-        getattr(materialized_view_of(ref), "incremental", None) is not None for ref in refs
-    )
-    infos = (
-        {}
-        if only_incremental and refs
-        else {
-            info.qualified_name: info
-            for info in catalog.materialized_views(conn, definitions=False)
-        }
-    )
-    declared_views = materialized_views(metadata) if metadata is not None else []
-    resolved: list[tuple[QName, MaterializedView | None]] = [
-        _resolve(ref, current, infos) for ref in refs
-    ]
-    for _, view in resolved:
+    declared = [materialized_view_of(ref) for ref in refs]
+    per_ref = [_candidates(ref, view) for ref, view in zip(refs, declared, strict=True)]
+    candidates = [c for cs in per_ref for c in cs]
+    for view in declared:
         if view is not None and opts.concurrently is True and view.incremental is None:
             _check_concurrent_declaration(view)
-    schema = _bookkeeping_schema(metadata, [v for _, v in resolved if v is not None])
-    bookkeeping = tracking.bookkeeping_inventory(conn, schema)
+    declared_views = materialized_views(metadata) if metadata is not None else []
+    schema = _bookkeeping_schema(metadata, [v for v in declared if v is not None])
+    # One view refreshed alone needs no order: spare the scan of pg_depend.
+    alone = not opts.cascade and len({tuple(cs) for cs in per_ref}) == 1
+    # One statement for every fact the plan needs (see plan_reads). Without definitions the
+    # catalog read takes no locks, so planning never waits behind a plain refresh elsewhere.
+    reads = plan_reads.read_plan(
+        conn, candidates, schema, all_matviews=opts.cascade, dependencies=not alone
+    )
+    if reads.in_recovery:
+        raise standby_error(what)
+    current = reads.current_schema
+    infos = reads.matviews
+    resolved: list[tuple[QName, MaterializedView | None]] = [
+        (_resolve(ref, view, current, infos), view)
+        for ref, view in zip(refs, declared, strict=True)
+    ]
+    bookkeeping = reads.inventory
     # Incremental views are tables, not in pg_matviews: their refresh function says they exist,
     # in a bookkeeping schema that only trusted roles own (else it may be a squatter's).
     incrementals = {
@@ -299,7 +317,7 @@ def _plan(
         if bookkeeping.exists
         and q not in infos
         and (view is None or view.incremental is not None)
-        and incremental.is_incremental(conn, q[0], q[1], schema)
+        and q in reads.refresh_functions
     }
     missing = [q for q, _ in resolved if q not in infos and q not in incrementals]
     if strict and missing:
@@ -310,9 +328,7 @@ def _plan(
             "check the name"
         )
     extra = _declared_edges([v for _, v in resolved if v is not None] + declared_views, current)
-    # One view refreshed alone needs no order: spare the scan of pg_depend.
-    alone = not opts.cascade and len({q for q, _ in resolved}) == 1
-    graph = DependencyGraph.from_catalog([] if alone else catalog.dependencies(conn), extra)
+    graph = DependencyGraph.from_catalog(reads.dependencies, extra)
     wanted: dict[QName, MaterializedView | None] = {}
     for qname, view in resolved:
         if wanted.get(qname) is None:
@@ -329,8 +345,8 @@ def _plan(
                 qname=qname,
                 declared=wanted[qname],
                 exists=info is not None or qname in incrementals,
-                populated=info.populated if info is not None else qname in incrementals,
-                concurrent_index=bool(info and info.concurrent_index),
+                populated=info[0] if info is not None else qname in incrementals,
+                concurrent_index=bool(info and info[1]),
                 incremental=qname in incrementals,
             )
         )
@@ -354,26 +370,32 @@ def _bookkeeping_schema(metadata: sa.MetaData | None, declared: Sequence[Materia
 
 # -- one view ----------------------------------------------------------------------------
 
-_SET = sa.text("SELECT set_config(:name, :value, true)")
-_GET = sa.text("SELECT current_setting(:name)")
 
-
-def _set_timeouts(conn: Connection, opts: RunOptions) -> dict[str, str]:
+def _set_timeouts(conn: Connection, opts: RunOptions, owned: bool) -> dict[str, str]:
+    """Apply the run's timeouts to this transaction (one statement); the values they
+    replace, when the caller's transaction must get them back (see _restore_timeouts)."""
+    given = [
+        (name, value)
+        for name, value in (
+            ("lock_timeout", opts.lock_timeout),
+            ("statement_timeout", opts.statement_timeout),
+        )
+        if value is not None
+    ]
+    if not given:
+        return {}
     saved: dict[str, str] = {}
-    for name, value in (
-        ("lock_timeout", opts.lock_timeout),
-        ("statement_timeout", opts.statement_timeout),
-    ):
-        if value is not None:
-            saved[name] = str(conn.execute(_GET, {"name": name}).scalar_one())
-            conn.execute(_SET, {"name": name, "value": value})
+    if not owned:  # a transaction of our own ends them itself
+        row = conn.execute(sa.select(*(sa.func.current_setting(n) for n, _ in given))).one()
+        saved = {n: str(old) for (n, _), old in zip(given, row, strict=True)}
+    conn.execute(sa.select(*(sa.func.set_config(n, v, True) for n, v in given)))
     return saved
 
 
 def _restore_timeouts(conn: Connection, saved: dict[str, str]) -> None:
     # SET LOCAL outlives a released savepoint, so a caller's transaction gets its values back.
-    for name, value in saved.items():
-        conn.execute(_SET, {"name": name, "value": value})
+    if saved:
+        conn.execute(sa.select(*(sa.func.set_config(n, v, True) for n, v in saved.items())))
 
 
 def _use_concurrently(item: _Item, opts: RunOptions) -> bool | ConcurrentRefreshError:
@@ -475,7 +497,7 @@ def _refresh_one(
     schema, name = item.qname
     try:
         with _transaction(conn, owned):
-            saved = _set_timeouts(conn, opts)
+            saved = _set_timeouts(conn, opts, owned)
             if plan.tracking_on:
                 # Lock, staleness check, refresh and bookkeeping in one statement: the same
                 # function pg_cron jobs run.
@@ -548,7 +570,7 @@ def _refresh_incremental(
     )
     try:
         with _transaction(conn, owned):
-            saved = _set_timeouts(conn, opts)
+            saved = _set_timeouts(conn, opts, owned)
             done = incremental.refresh_incremental(
                 conn,
                 item.qname,
@@ -645,14 +667,15 @@ def _run(
 ) -> list[RefreshResult]:
     with _connection(bind) as (conn, owned):
         what = "refresh_stale" if stale_only else "refresh_views / refresh_all"
-        if owned:
-            with conn.begin():
-                refuse_standby(conn, what)
-                plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
-        else:
-            refuse_standby(conn, what)
-            plan = _plan(conn, refs, metadata, opts, strict=strict, want_stale=stale_only)
-        return _execute(conn, owned, plan, opts, stale_only=stale_only, should_stop=should_stop)
+        try:
+            # Owned: the plan is read in the transaction the first refreshed view commits.
+            plan = _plan(
+                conn, refs, metadata, opts, strict=strict, want_stale=stale_only, what=what
+            )
+            return _execute(conn, owned, plan, opts, stale_only=stale_only, should_stop=should_stop)
+        finally:
+            if owned and conn.in_transaction():
+                conn.rollback()  # only reads are left: every view commits its own work
 
 
 def run_views(

@@ -142,8 +142,8 @@ _TRUSTED = (
 
 # Every object in the bookkeeping schema, and the schema itself, with its owner and whether
 # the current role may trust it. Every refresh plans with this query: it is kept cheap.
-_INVENTORY = sa.text(
-    f"""
+# INVENTORY_CTES / INVENTORY_ROWS are also composed into the refresh plan's single query.
+INVENTORY_CTES = f"""
     {_MEMBERS},
     owned(kind, name, owner, marker) AS (
         SELECT 'schema', n.nspname::text, n.nspowner,
@@ -157,11 +157,13 @@ _INVENTORY = sa.text(
         SELECT 'function', n.nspname || '.' || p.proname, p.proowner, NULL
           FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = :schema)
+    """
+INVENTORY_ROWS = f"""
     SELECT o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)::text AS owner,
            {_TRUSTED.format(owner="o.owner")} AS trusted, o.marker
       FROM owned o
     """
-)
+_INVENTORY = sa.text(INVENTORY_CTES + INVENTORY_ROWS)
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,15 @@ class Inventory:
 
 
 def _inventory(conn: Connection, schema: str, *, strict: bool) -> Inventory:
-    rows = conn.execute(_INVENTORY, {"schema": schema}).all()
+    return judge_inventory(
+        conn.execute(_INVENTORY, {"schema": schema}).all(), schema, strict=strict
+    )
+
+
+def judge_inventory(rows: Sequence[Any], schema: str, *, strict: bool = False) -> Inventory:
+    """The :class:`Inventory` of ``rows`` read by ``INVENTORY_ROWS`` (``kind``, ``name``,
+    ``owner``, ``trusted``, ``marker``): untrusted objects make it absent (a warning, or
+    with ``strict`` a :class:`~sqlalchemy_matview.errors.TrackingInstallError`)."""
     for row in rows:
         if not row.trusted:
             message = (
