@@ -207,3 +207,38 @@ def test_timeouts_cost_one_statement_and_end_with_their_transaction(
         assert conn.execute(sa.text("SHOW statement_timeout")).scalar_one() == "11s"
         assert conn.execute(sa.text("SHOW lock_timeout")).scalar_one() == "0"
     assert len(s.statements) == 7, s.statements
+
+
+def test_names_resolve_as_before(engine: Engine) -> None:
+    """A dotted string is a view named so in the current schema when there is one, else
+    schema.name; with an empty search_path unqualified names are looked up in pg_catalog."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA a"))
+        conn.execute(sa.text('CREATE MATERIALIZED VIEW "a.b" AS SELECT 1 AS x'))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW a.b AS SELECT 2 AS x"))
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW a.c AS SELECT 3 AS x"))
+    results = refresh_views(engine, "a.b", "a.c", ("a", "b"))
+    assert sorted(r.view for r in results) == ["a.b", "a.c", "public.a.b"]
+    with engine.connect() as conn:
+        conn.execute(sa.text("SET search_path = ''"))
+        with pytest.raises(UnknownViewError, match=r"'pg_catalog\.a\.b'.*'pg_catalog'"):
+            refresh_views(conn, ("", "a.b"))
+
+
+def test_planning_waits_for_no_lock_on_the_views(engine: Engine, shop: Shop) -> None:
+    """The plan reads the catalog only: a materialized view held ACCESS EXCLUSIVE elsewhere
+    (a plain REFRESH running) delays neither the plan (a cascade reads every view's entry)
+    nor the refresh of the others."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW mv_other AS SELECT 1 AS x"))
+    with engine.connect() as holder, engine.connect() as conn:
+        holder.execute(sa.text("REFRESH MATERIALIZED VIEW mv_other"))  # held till rollback
+        conn.execute(sa.text("SET lock_timeout = '2s'"))
+        results = refresh_views(conn, shop.mv_totals, cascade=True)
+        assert [(r.view, r.status) for r in results] == [
+            ("public.mv_totals", "refreshed"),
+            ("public.mv_top", "refreshed"),
+        ]
+        assert {r.status for r in refresh_stale(conn, shop.metadata)} == {"skipped_fresh"}
+        holder.rollback()
+        conn.rollback()
