@@ -22,13 +22,29 @@ def at(day: int, minute: int) -> dt.datetime:
 
 
 @pytest.mark.slow
-def test_writers_and_refreshers_in_parallel(engine):
-    d = build_dashboard(threshold=0.5)
+@pytest.mark.parametrize("realtime", [False, True], ids=["stored", "realtime"])
+def test_writers_and_refreshers_in_parallel(engine, realtime):
+    """Writers (inserts, moves between days and users, deletes, rollbacks) and refreshers
+    for a few seconds; then one refresh and the views equal their definitions. A realtime
+    view must equal its definition in every reader's snapshot all along."""
+    d = build_dashboard(threshold=0.5, realtime=realtime)
     d.metadata.create_all(engine)
     events = d.events
     stop = threading.Event()
     errors: list[BaseException] = []
-    counts = {"writes": 0, "refreshes": 0}
+    counts = {"writes": 0, "refreshes": 0, "reads": 0}
+
+    def reader() -> None:
+        try:
+            with engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                while not stop.is_set():
+                    with conn.begin():
+                        for view in (d.mv_daily, d.mv_users):
+                            assert difference(conn, view) == 0, view.name
+                    counts["reads"] += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
 
     def writer(seed: int) -> None:
         rnd = random.Random(seed)
@@ -80,6 +96,8 @@ def test_writers_and_refreshers_in_parallel(engine):
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
     threads += [threading.Thread(target=refresher) for _ in range(2)]
+    if realtime:
+        threads.append(threading.Thread(target=reader))
     for t in threads:
         t.start()
     time.sleep(4)
@@ -88,6 +106,7 @@ def test_writers_and_refreshers_in_parallel(engine):
         t.join(60)
     assert not errors, errors
     assert counts["writes"] > 50 and counts["refreshes"] > 5, counts
+    assert counts["reads"] > 5 or not realtime, counts
     refresh_views(engine, d.mv_daily, d.mv_users)
     with engine.connect() as conn:
         assert difference(conn, d.mv_daily) == 0
