@@ -64,10 +64,15 @@ from .tracking import ensure_bookkeeping
 from .tracking_sql import ADVISORY_TIMEOUT_MARK
 
 __all__ = [
+    "IncrementalError",
     "IncrementalState",
     "IncrementalStatus",
+    "dirty_views",
+    "incremental_problems",
     "incremental_state",
+    "is_incremental",
     "refresh_incremental",
+    "repair_incremental",
 ]
 
 log = logging.getLogger("sqlalchemy_matview")
@@ -802,6 +807,7 @@ def _create_refresh_function(
              WHERE {where_v} NOT EXISTS (SELECT 1 FROM fresh AS f WHERE {same_key})
             RETURNING 1
         )
+        -- (Data-modifying CTEs run whatever the query reads; this one says how much.)
         SELECT (SELECT pg_catalog.count(*) FROM upserted)
                + (SELECT pg_catalog.count(*) FROM removed) INTO _changed;"""
 
