@@ -75,7 +75,7 @@ ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 SECRET_SEQUENCE = "barrier_secret"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 11"
+MARKER = "sqlalchemy_matview bookkeeping 12"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -455,6 +455,12 @@ BEGIN
             degraded := true;
         END;
         PERFORM pg_catalog.set_config('lock_timeout', saved_timeout, true);
+        -- Under REPEATABLE READ / SERIALIZABLE the snapshot was taken before the barrier:
+        -- a writer that committed meanwhile, relying on a mark this refresh consumes, is
+        -- not in it. As good as not having the barrier.
+        IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+            degraded := true;
+        END IF;
     END IF;
     -- Taken before the REFRESH, whose own snapshot is later and so sees at least as much:
     -- every change visible here is in the refreshed data.

@@ -714,3 +714,42 @@ def test_a_refresh_past_the_barrier_timeout_leaves_the_view_stale(engine, listen
     assert again.status == "refreshed"
     with engine.connect() as conn:
         assert conn.execute(sa.select(mv.table.c.id).order_by("id")).scalars().all() == [1, 2]
+
+
+def test_a_repeatable_read_refresh_leaves_the_view_stale(engine, listener):
+    """A refresh in a REPEATABLE READ transaction took its snapshot before the barrier: a
+    writer that committed while it waited for the barrier, and added no mark (it found one),
+    is not in the refresh; the view must stay stale."""
+    md, src, mv = _tracked_src(engine)
+    with engine.begin() as conn:
+        conn.execute(src.insert(), [{"id": 1}])
+    writer = engine.connect()
+    writer.execute(src.insert(), [{"id": 2}])  # finds the mark, holds the barrier shared
+    results: list[object] = []
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as rr:
+        rr.execute(sa.text("SELECT 1"))  # the transaction's snapshot, taken now
+        refresher = threading.Thread(target=lambda: results.extend(refresh_views(rr, "mv_w")))
+        refresher.start()
+        assert wait_for(lambda: _blocked_on_advisory(engine))
+        writer.commit()
+        writer.close()
+        refresher.join(60)
+        rr.commit()
+    [result] = results
+    assert result.status == "refreshed" and result.pending  # type: ignore[attr-defined]
+    [again] = refresh_stale(engine, md)
+    assert again.status == "refreshed"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(mv.table.c.id).order_by("id")).scalars().all() == [1, 2]
+
+
+def _blocked_on_advisory(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.scalar(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
+                    " AND locktype = 'advisory')"
+                )
+            )
+        )
