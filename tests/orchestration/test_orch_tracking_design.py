@@ -218,14 +218,15 @@ def test_a_late_writer_reading_the_view_is_not_deadlocked(engine, listener):
         assert conn.execute(sa.select(view.table.c.id).order_by("id")).scalars().all() == [1, 2]
 
 
-def _blocked(engine: Engine) -> bool:
+def _blocked(engine: Engine, locktype: str = "relation") -> bool:
+    """Some session waits for a lock of ``locktype``."""
     with engine.connect() as conn:
         return bool(
             conn.scalar(
                 sa.text(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
-                    " AND locktype = 'relation')"
-                )
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND locktype = :t)"
+                ),
+                {"t": locktype},
             )
         )
 
@@ -730,7 +731,7 @@ def test_a_repeatable_read_refresh_leaves_the_view_stale(engine, listener):
         rr.execute(sa.text("SELECT 1"))  # the transaction's snapshot, taken now
         refresher = threading.Thread(target=lambda: results.extend(refresh_views(rr, "mv_w")))
         refresher.start()
-        assert wait_for(lambda: _blocked_on_advisory(engine))
+        assert wait_for(lambda: _blocked(engine, "advisory"))
         writer.commit()
         writer.close()
         refresher.join(60)
@@ -741,15 +742,3 @@ def test_a_repeatable_read_refresh_leaves_the_view_stale(engine, listener):
     assert again.status == "refreshed"
     with engine.connect() as conn:
         assert conn.execute(sa.select(mv.table.c.id).order_by("id")).scalars().all() == [1, 2]
-
-
-def _blocked_on_advisory(engine: Engine) -> bool:
-    with engine.connect() as conn:
-        return bool(
-            conn.scalar(
-                sa.text(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
-                    " AND locktype = 'advisory')"
-                )
-            )
-        )
