@@ -54,16 +54,6 @@ class MaterializedViewInfo:
         return (self.schema, self.name)
 
 
-#: The name of a unique index of the relation aliased ``c`` that allows ``REFRESH ...
-#: CONCURRENTLY`` (plain columns, no WHERE), as a scalar subquery (shared with the refresh plan).
-CONCURRENT_INDEX_SQL = """(SELECT ic.relname
-              FROM pg_catalog.pg_index i
-              JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
-             WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indimmediate
-               AND i.indpred IS NULL AND i.indexprs IS NULL
-             ORDER BY i.indnatts, ic.relname
-             LIMIT 1)"""
-
 # Only catalog rows and statistics are read, except for pg_get_viewdef (asked for separately):
 # functions such as pg_total_relation_size lock each view, and would wait behind a plain
 # REFRESH holding ACCESS EXCLUSIVE on it.
@@ -72,7 +62,13 @@ _MATVIEWS = """
            {definition} AS definition,
            c.relispopulated AS populated,
            pg_catalog.obj_description(c.oid, 'pg_class') AS comment,
-           {concurrent_index} AS concurrent_index,
+           (SELECT ic.relname
+              FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+             WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indimmediate
+               AND i.indpred IS NULL AND i.indexprs IS NULL
+             ORDER BY i.indnatts, ic.relname
+             LIMIT 1) AS concurrent_index,
            EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                     WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid
                       AND d.objid = c.oid
@@ -94,13 +90,9 @@ _MATVIEWS = """
      ORDER BY n.nspname, c.relname
     """
 _MATVIEWS_WITH_DEFINITIONS = sa.text(
-    _MATVIEWS.format(
-        definition="pg_catalog.pg_get_viewdef(c.oid)", concurrent_index=CONCURRENT_INDEX_SQL
-    )
+    _MATVIEWS.format(definition="pg_catalog.pg_get_viewdef(c.oid)")
 )
-_MATVIEWS_WITHOUT_DEFINITIONS = sa.text(
-    _MATVIEWS.format(definition="NULL::text", concurrent_index=CONCURRENT_INDEX_SQL)
-)
+_MATVIEWS_WITHOUT_DEFINITIONS = sa.text(_MATVIEWS.format(definition="NULL::text"))
 
 
 def _schema_params(schemas: Sequence[str] | None) -> dict[str, object]:

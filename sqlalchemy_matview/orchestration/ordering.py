@@ -8,6 +8,7 @@ Declarations add edges the catalog cannot know yet.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -111,22 +112,30 @@ class DependencyGraph:
         """
         members = list(dict.fromkeys(views))
         position = {v: i for i, v in enumerate(members)}
-        before: dict[QName, set[QName]] = {
-            v: {u for u in self.upstream(v) if u in position and u != v} for v in members
-        }
+        waiting: dict[QName, int] = {}
+        unblocks: dict[QName, list[QName]] = {v: [] for v in members}
+        for v in members:
+            before = {u for u in self.upstream(v) if u in position and u != v}
+            waiting[v] = len(before)
+            for u in before:
+                unblocks[u].append(v)
+        # Kahn's algorithm, the ready view given first taken first: O(n log n + edges), for
+        # runs of hundreds of views.
+        ready = [position[v] for v in members if not waiting[v]]
+        heapq.heapify(ready)
         done: list[QName] = []
-        placed: set[QName] = set()
-        remaining = list(members)
-        while remaining:
-            ready = [v for v in remaining if before[v] <= placed]
-            if not ready:
-                cycle = ", ".join(f"{s}.{n}" for s, n in remaining)
-                raise DependencyCycleError(
-                    f"materialized views depend on each other in a cycle: {cycle}; "
-                    "remove one of the depends_on= declarations that close the loop"
-                )
-            nxt = min(ready, key=position.__getitem__)
+        while ready:
+            nxt = members[heapq.heappop(ready)]
             done.append(nxt)
-            placed.add(nxt)
-            remaining.remove(nxt)
+            for v in unblocks[nxt]:
+                waiting[v] -= 1
+                if not waiting[v]:
+                    heapq.heappush(ready, position[v])
+        if len(done) < len(members):
+            placed = set(done)
+            cycle = ", ".join(f"{s}.{n}" for s, n in members if (s, n) not in placed)
+            raise DependencyCycleError(
+                f"materialized views depend on each other in a cycle: {cycle}; "
+                "remove one of the depends_on= declarations that close the loop"
+            )
         return done

@@ -14,6 +14,7 @@ afterwards, and only when :func:`~.tracking.judge_inventory` trusts them).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,15 +38,37 @@ _REFRESH_FUNCTION = (
     " || '(' || :refresh_args || ')')"
 )
 
-# Tagged rows, columns a..f (text) and flag (boolean):
-#   env:      a = current_schema() ('pg_catalog' when there is none), flag = in recovery
-#   owned:    a = kind, b = name, c = owner, d = marker, flag = trusted  (the inventory)
-#   matview:  a = schema, b = name, c = unique index allowing CONCURRENTLY, flag = populated
-#   function: a = schema, b = name of a candidate whose incremental refresh function exists
-#   depends:  a, b = dependent; c, d = referenced; e, f = their relkinds
-_PLAN = sa.text(
-    tracking.INVENTORY_CTES
-    + f""",
+# Only the candidates' names (an index scan of pg_class; same names in other schemas come
+# along and are ignored), unless a cascade needs every materialized view.
+_MATVIEWS_OF_CANDIDATES = """
+       AND c.relname = ANY (CAST(:cand_names AS pg_catalog.text[]))"""
+
+# A unique index REFRESH ... CONCURRENTLY accepts (plain columns, no WHERE), as in
+# catalog.materialized_views; "IN (subquery)" is one hashed scan of pg_index for all views.
+_CONCURRENT_INDEX = """c.oid IN (
+           SELECT i.indrelid FROM pg_catalog.pg_index i
+            WHERE i.indisunique AND i.indisvalid AND i.indimmediate
+              AND i.indpred IS NULL AND i.indexprs IS NULL)"""
+
+
+@functools.cache
+def _plan_query(all_matviews: bool, dependencies: bool) -> sa.TextClause:
+    """The statement, without the parts the run does not need: a fixed text per variant
+    (not a flag in the query), so that a driver that prepares statements (psycopg after 5
+    runs) gets a generic plan and stops planning it at every call.
+
+    Tagged rows, columns a..f (text) and flag (boolean):
+
+    - env: a = current_schema() ('pg_catalog' when there is none), flag = in recovery;
+    - owned: a = kind, b = name, c = owner, d = marker, flag = trusted (the inventory);
+    - matview: a = schema, b = name, c = 'unique' when a unique index allows CONCURRENTLY,
+      flag = populated;
+    - function: a = schema, b = name of a candidate whose incremental refresh function exists;
+    - depends: a, b = the dependent; c, d = the referenced; e, f = their relkinds.
+    """
+    sql = (
+        tracking.INVENTORY_CTES
+        + f""",
     env(current) AS (
         SELECT COALESCE(pg_catalog.current_schema()::text, 'pg_catalog')),
     cand(schema, name, maybe_incremental) AS (
@@ -62,27 +85,27 @@ _PLAN = sa.text(
     UNION ALL
     SELECT 'owned', i.kind, i.name, i.owner, i.marker, NULL, NULL, i.trusted FROM inventory i
     UNION ALL
-    SELECT 'matview', n.nspname::text, c.relname::text, {catalog.CONCURRENT_INDEX_SQL}::text,
-           NULL, NULL, NULL, c.relispopulated
+    SELECT 'matview', n.nspname::text, c.relname::text,
+           CASE WHEN {_CONCURRENT_INDEX} THEN 'unique' END, NULL, NULL, NULL, c.relispopulated
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relkind = 'm'
        AND n.nspname <> ALL (:system_schemas)
-       AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-       AND (CAST(:all_matviews AS boolean)
-            OR (c.relname = ANY (CAST(:cand_names AS pg_catalog.text[]))
-                AND (n.nspname::text, c.relname::text) IN (SELECT k.schema, k.name FROM cand k)))
+       AND n.nspname NOT LIKE 'pg\\_temp\\_%'{"" if all_matviews else _MATVIEWS_OF_CANDIDATES}
     UNION ALL
     SELECT 'function', k.schema, k.name, NULL, NULL, NULL, NULL, NULL
       FROM cand k
      WHERE k.maybe_incremental AND {_REFRESH_FUNCTION} IS NOT NULL
+    """
+    )
+    if dependencies:
+        sql += f"""
     UNION ALL
     SELECT 'depends', d.dependent_schema, d.dependent_name, d.referenced_schema,
            d.referenced_name, d.dependent_kind, d.referenced_kind, NULL
       FROM ({catalog.DEPENDENCIES_SQL}) d
-     WHERE CAST(:dependencies AS boolean)
     """
-)
+    return sa.text(sql)
 
 
 @dataclass(frozen=True)
@@ -126,7 +149,7 @@ def read_plan(
     ``dependencies``.
     """
     rows = conn.execute(
-        _PLAN,
+        _plan_query(all_matviews, dependencies),
         {
             "schema": bookkeeping,
             "cand_schemas": [c[0] for c in candidates],
@@ -134,8 +157,6 @@ def read_plan(
             "cand_incremental": [c[2] for c in candidates],
             "refresh_args": incremental.REFRESH_ARGS,
             "system_schemas": list(catalog.SYSTEM_SCHEMAS),
-            "all_matviews": all_matviews,
-            "dependencies": dependencies,
         },
     ).all()
     current, in_recovery = "pg_catalog", False
@@ -143,17 +164,17 @@ def read_plan(
     matviews: dict[tuple[str, str], tuple[bool, bool]] = {}
     functions: set[tuple[str, str]] = set()
     deps: list[catalog.Dependency] = []
-    for r in rows:
-        if r.tag == "env":
-            current, in_recovery = str(r.a), bool(r.flag)
-        elif r.tag == "owned":
-            owned.append(_Owned(r.a, r.b, r.c, bool(r.flag), r.d))
-        elif r.tag == "matview":
-            matviews[(r.a, r.b)] = (bool(r.flag), r.c is not None)
-        elif r.tag == "function":
-            functions.add((r.a, r.b))
+    for tag, a, b, c, d, e, f, flag in rows:  # unpacked: hundreds of rows for many views
+        if tag == "env":
+            current, in_recovery = str(a), bool(flag)
+        elif tag == "owned":
+            owned.append(_Owned(a, b, c, bool(flag), d))
+        elif tag == "matview":
+            matviews[(a, b)] = (bool(flag), c is not None)
+        elif tag == "function":
+            functions.add((a, b))
         else:
-            deps.append(catalog.Dependency((r.a, r.b), r.e, (r.c, r.d), r.f))
+            deps.append(catalog.Dependency((a, b), e, (c, d), f))
     return PlanReads(
         current_schema=current,
         in_recovery=in_recovery,

@@ -242,3 +242,33 @@ def test_planning_waits_for_no_lock_on_the_views(engine: Engine, shop: Shop) -> 
         assert {r.status for r in refresh_stale(conn, shop.metadata)} == {"skipped_fresh"}
         holder.rollback()
         conn.rollback()
+
+
+def test_dependency_order_is_linear_keeps_ties_and_names_a_cycle() -> None:
+    """The run orders hundreds of views: Kahn's algorithm, the given order among ready ones."""
+    import time
+
+    from sqlalchemy_matview import DependencyCycleError
+    from sqlalchemy_matview.orchestration.ordering import DependencyGraph
+
+    g = DependencyGraph()
+    g.add(("s", "c"), ("s", "v"))  # c reads the plain view v, which reads a
+    g.add(("s", "v"), ("s", "a"))
+    g.kinds[("s", "v")] = "v"
+    g.add(("s", "b"), ("s", "a"))
+    assert g.order([("s", "c"), ("s", "x"), ("s", "b"), ("s", "a")]) == [
+        ("s", "x"),
+        ("s", "a"),
+        ("s", "c"),
+        ("s", "b"),
+    ]
+    chain = DependencyGraph()
+    names = [("s", f"v{i:04d}") for i in range(2000)]
+    for upper, lower in zip(names[1:], names[:-1], strict=True):
+        chain.add(upper, lower)
+    started = time.perf_counter()
+    assert chain.order(list(reversed(names))[:300]) == names[-300:]
+    assert time.perf_counter() - started < 2.0
+    g.add(("s", "a"), ("s", "b"))
+    with pytest.raises(DependencyCycleError, match=r"s\.a, s\.b, s\.c"):
+        g.order([("s", "a"), ("s", "b"), ("s", "c"), ("s", "x")])
