@@ -184,7 +184,7 @@ _INSTALLED = sa.text(
     SELECT n.nspname::text AS schema, c.relname::text AS name
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+     WHERE c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v']::pg_catalog."char"[])
        AND (CAST(:schemas AS pg_catalog.text[]) IS NULL
             OR n.nspname OPERATOR(pg_catalog.=) ANY (CAST(:schemas AS pg_catalog.text[])))
        AND EXISTS (

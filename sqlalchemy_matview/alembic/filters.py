@@ -88,11 +88,14 @@ def install(
     metadata = autogen_context.metadata
     own = tracking_schema(metadata if isinstance(metadata, sa.MetaData) else None)
     from ..catalog import installed_incremental
+    from ..incremental import stored_name
     from .comparator import _trusted_bookkeeping
 
     conn = autogen_context.connection
     trusted = _trusted_bookkeeping(conn, [metadata] if isinstance(metadata, sa.MetaData) else [])
-    incremental = frozenset(installed_incremental(conn, own) if trusted else ())
+    installed = installed_incremental(conn, own) if trusted else []
+    # A realtime view's rows are in a table of another name (the name itself is a view).
+    incremental = frozenset(installed) | {(s, stored_name(n)) for s, n in installed}
     include_object, include_name = _filters(default_schema, own, incremental)
     # In front, so that the project's own filters never see a view as a table.
     autogen_context._object_filters.insert(0, include_object)

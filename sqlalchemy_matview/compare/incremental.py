@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..incremental import names_for
+from ..incremental import names_for, stored_name
 from ..schema import MaterializedView
 from .records import CreateIncremental, DropIncremental, FullKey, Key
 
@@ -109,6 +109,15 @@ _TRIGGERS = sa.text(
 
 _ENABLE = {"A": "ALWAYS", "R": "REPLICA"}
 
+# The definition of a realtime view's name (NULL for the table of a stored one).
+_VIEW = sa.text(
+    """
+    SELECT pg_catalog.pg_get_viewdef(c.oid) FROM pg_catalog.pg_class c
+     WHERE c.oid OPERATOR(pg_catalog.=) CAST(:rel AS pg_catalog.regclass)
+       AND c.relkind OPERATOR(pg_catalog.=) 'v'
+    """
+)
+
 
 def _table_ddl(conn: Connection, relation: str) -> list[str]:
     columns = []
@@ -145,8 +154,11 @@ def dump(conn: Connection, bookkeeping: str, schema: str, name: str) -> tuple[li
     table = _in_schema(conn, schema, name)
     log = _in_schema(conn, bookkeeping, names.log)
     whole = _in_schema(conn, bookkeeping, names.whole)
-    create = _table_ddl(conn, table) + _table_ddl(conn, log) + _table_ddl(conn, whole)
-    drop: list[str] = []
+    # realtime=True: the name is a view, over the rows stored in a table of another name.
+    view = conn.scalar(_VIEW, {"rel": table})
+    stored = _in_schema(conn, schema, stored_name(name)) if view is not None else table
+    create = _table_ddl(conn, stored) + _table_ddl(conn, log) + _table_ddl(conn, whole)
+    drop: list[str] = [] if view is None else [f"DROP VIEW IF EXISTS {table}"]
     functions = list(conn.execute(_FUNCTIONS, {"bk": bookkeeping, "prefix": names.prefix + "_"}))
     for f in functions:
         signature = f"{_in_schema(conn, bookkeeping, f.name)}({f.args})"
@@ -162,7 +174,9 @@ def dump(conn: Connection, bookkeeping: str, schema: str, name: str) -> tuple[li
                 f"ALTER TABLE {t.relation} ENABLE {_ENABLE[t.enabled]} TRIGGER "
                 f"{_quote(conn, t.name)}"
             )
-    drop += [f"DROP TABLE IF EXISTS {log}, {whole}", f"DROP TABLE IF EXISTS {table}"]
+    if view is not None:
+        create.append(f"CREATE VIEW {table} AS {str(view).strip().rstrip(';')}")
+    drop += [f"DROP TABLE IF EXISTS {log}, {whole}", f"DROP TABLE IF EXISTS {stored}"]
     # Refill: a TRUNCATE mark makes the refresh function recompute everything.
     create += [
         f"INSERT INTO {whole} DEFAULT VALUES",

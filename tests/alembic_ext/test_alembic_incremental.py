@@ -23,7 +23,12 @@ NOW = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
 
 
 def models(
-    *, plain: bool = False, label: str = "n", key: str = "day", threshold: float = 0.25
+    *,
+    plain: bool = False,
+    label: str = "n",
+    key: str = "day",
+    threshold: float = 0.25,
+    realtime: bool = False,
 ) -> tuple[sa.MetaData, MaterializedView | None, sa.Table]:
     md = sa.MetaData()
     events = sa.Table(
@@ -44,7 +49,7 @@ def models(
             md,
             query,
             incremental=Incremental(
-                key=key, sources={events: bucket}, full_refresh_above=threshold
+                key=key, sources={events: bucket}, full_refresh_above=threshold, realtime=realtime
             ),
         )
     return md, view, events
@@ -242,3 +247,32 @@ def test_schemas_needing_quotes(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         run_code(conn, generated.downgrade)
     assert_exact(engine, view)
+
+
+def test_realtime_views_are_created_switched_and_dropped(engine: sa.Engine) -> None:
+    """realtime=True: the name is a view over the stored rows and the live dirty buckets."""
+    md, view, events = models(realtime=True)
+    assert view is not None
+    generated = migrate(engine, md)
+    assert "mv_daily__stored" in generated.upgrade
+    assert relkind(engine) == "v"
+    write(engine, events, (1, NOW), (2, NOW))
+    assert_exact(engine, view)  # live, before any refresh
+    still_maintained(engine, view, events)
+
+    # Stored <-> realtime: rebuilt, and the second autogenerate finds nothing.
+    md2, view2, events2 = models()
+    assert view2 is not None
+    migrate(engine, md2)
+    assert relkind(engine) == "r"
+    still_maintained(engine, view2, events2)
+    md3, view3, events3 = models(realtime=True)
+    assert view3 is not None
+    migrate(engine, md3)
+    assert relkind(engine) == "v"
+    still_maintained(engine, view3, events3)
+
+    bare = sa.MetaData()
+    events.to_metadata(bare)
+    migrate(engine, bare)
+    assert relkind(engine) is None and relkind(engine, "mv_daily__stored") is None
