@@ -90,8 +90,10 @@ def planning_worker(url: str, calls: int) -> None:
     counts = {"statements": 0, "transactions": 0}
 
     @sa.event.listens_for(engine, "before_cursor_execute")
-    def _count(*_: object) -> None:
+    def _count(conn: object, cursor: object, statement: str, *_: object) -> None:
         counts["statements"] += 1
+        if os.environ.get("BENCH_SHOW_STATEMENTS"):
+            print(" ".join(statement.split())[:100], file=sys.stderr)
 
     @sa.event.listens_for(engine, "begin")
     def _begin(*_: object) -> None:
@@ -124,6 +126,7 @@ def planning_worker(url: str, calls: int) -> None:
     for label, call, prepare in cases:
         call()  # warm: the engine's first connection, the server's caches
         times = []
+        sent = []
         for _ in range(calls):
             if prepare is not None:
                 prepare()
@@ -131,34 +134,51 @@ def planning_worker(url: str, calls: int) -> None:
             t0 = time.perf_counter()
             results = call()
             times.append(time.perf_counter() - t0)
+            sent.append((counts["statements"], counts["transactions"]))
             assert all(r.status in ("refreshed", "skipped_fresh") for r in results), results
-        out[label] = {"ms": statistics.median(times) * 1000, **counts}
+        statements, transactions = statistics.mode(sent)  # the same every call, in practice
+        out[label] = {
+            "ms": statistics.median(times) * 1000,
+            "statements": statements,
+            "transactions": transactions,
+        }
     engine.dispose()
     print(json.dumps(out))
 
 
-def planning(args: argparse.Namespace) -> None:
+def planning_setup(url: str) -> None:
+    """Create and fill the views with this process's sqlalchemy_matview (its bookkeeping
+    version: each side of a comparison gets a database of its own)."""
     md, many, _ = planning_metadata()
+    engine = sa.create_engine(url)
+    md.create_all(engine)
+    many.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO p_events (day, v)"
+                " SELECT current_date - g % 90, g FROM generate_series(1, 10000) g"
+            )
+        )
+        conn.execute(sa.text("INSERT INTO p_base SELECT generate_series(1, 100)"))
+    refresh_all(engine, md)
+    refresh_all(engine, many)
+    engine.dispose()
+
+
+def planning(args: argparse.Namespace) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     current = os.path.dirname(os.path.dirname(os.path.abspath(sa_matview_file())))
     sides = [("after", current)]
     if args.baseline:
         sides.insert(0, ("before", os.path.abspath(args.baseline)))
     with PostgresServer() as server:
-        url = server.url(server.create_database())
-        engine = sa.create_engine(url)
-        md.create_all(engine)
-        many.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "INSERT INTO p_events (day, v) SELECT current_date - g % 90, g FROM generate_series(1, 10000) g"
-                )
-            )
-            conn.execute(sa.text("INSERT INTO p_base SELECT generate_series(1, 100)"))
-        refresh_all(engine, md)
-        refresh_all(engine, many)
-        engine.dispose()
+        urls = {}
+        for label, path in sides:
+            urls[label] = str(server.url(server.create_database()).render_as_string(False))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, here])}
+            cmd = [sys.executable, os.path.abspath(__file__), "--planning-setup", urls[label]]
+            subprocess.run(cmd, env=env, check=True)
         print(f"PostgreSQL {server.version}; load average {_benchlib.load_average()} (start)")
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in sides}
         for _ in range(args.rounds):
@@ -169,7 +189,7 @@ def planning(args: argparse.Namespace) -> None:
                         sys.executable,
                         os.path.abspath(__file__),
                         "--planning-worker",
-                        str(url.render_as_string(hide_password=False)),
+                        urls[label],
                         "--calls",
                         str(args.calls),
                     ],
@@ -213,7 +233,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--planning-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--planning-setup", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.planning_setup:
+        planning_setup(args.planning_setup)
+        return
     if args.planning_worker:
         planning_worker(args.planning_worker, args.calls)
         return
