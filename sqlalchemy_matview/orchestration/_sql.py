@@ -14,19 +14,25 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import DDLCompiler, IdentifierPreparer
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 
-__all__ = ["PreparedDDL"]
+__all__ = ["CompiledDDL", "PreparedDDL"]
 
 
-class PreparedDDL(ExecutableDDLElement):
-    """DDL produced by ``build(preparer)``; never cached, since each one is built once."""
+class CompiledDDL(ExecutableDDLElement):
+    """DDL produced by ``build(compiler)`` (its preparer, and its SQL compiler for
+    expressions and literals); never cached, since each one is built once."""
 
-    __visit_name__ = "sqlalchemy_matview_prepared_ddl"
+    __visit_name__ = "sqlalchemy_matview_compiled_ddl"
     inherit_cache = False
 
-    def __init__(self, build: Callable[[IdentifierPreparer], str]) -> None:
+    def __init__(self, build: Callable[[DDLCompiler], str]) -> None:
         self.build = build
 
 
-@compiles(PreparedDDL)
-def _visit_prepared_ddl(element: PreparedDDL, compiler: DDLCompiler, **kw: Any) -> str:
-    return element.build(compiler.preparer)
+@compiles(CompiledDDL)
+def _visit_compiled_ddl(element: CompiledDDL, compiler: DDLCompiler, **kw: Any) -> str:
+    return element.build(compiler)
+
+
+def PreparedDDL(build: Callable[[IdentifierPreparer], str]) -> CompiledDDL:
+    """DDL produced by ``build(preparer)``: only identifiers to quote."""
+    return CompiledDDL(lambda compiler: build(compiler.preparer))

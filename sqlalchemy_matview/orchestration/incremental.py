@@ -59,6 +59,7 @@ from ..errors import DefinitionError, MaterializedViewError
 from ..incremental import IncrementalNames, names_for, register_incremental_hooks, stored_name
 from ..query import query_sql
 from ..schema import MaterializedView, unique_key_index_name
+from ._sql import CompiledDDL
 from .locking import lock_key
 from .tracking import ensure_bookkeeping
 from .tracking_sql import ADVISORY_TIMEOUT_MARK
@@ -83,21 +84,6 @@ XID_COLUMN = "sqlalchemy_matview_xid"
 REFRESH_ARGS = "bigint, text, boolean, double precision"
 _TAG = "$sqlalchemy_matview$"
 _INNER_TAG = "$sqlalchemy_matview_q$"
-
-
-class _DDL(ExecutableDDLElement):
-    """DDL built at compile time from the compiler (its preparer and dialect)."""
-
-    __visit_name__ = "sqlalchemy_matview_incremental_ddl"
-    inherit_cache = False
-
-    def __init__(self, build: Callable[[DDLCompiler], str]) -> None:
-        self.build = build
-
-
-@compiles(_DDL)
-def _visit(element: _DDL, compiler: DDLCompiler, **kw: Any) -> str:
-    return element.build(compiler)
 
 
 def _sql(compiler: DDLCompiler, clause: ClauseElement) -> str:
@@ -211,23 +197,23 @@ def _before_create(view: MaterializedView, conn: Connection) -> None:
             savepoint.rollback()
 
 
-def _probe_table(relation: _Relation) -> _DDL:
-    return _DDL(
+def _probe_table(relation: _Relation) -> CompiledDDL:
+    return CompiledDDL(
         lambda c: (
             f"CREATE TEMPORARY TABLE new_rows (LIKE {c.preparer.format_table(relation.table())})"
         )
     )
 
 
-def _probe_index(exprs: list[ClauseElement]) -> _DDL:
+def _probe_index(exprs: list[ClauseElement]) -> CompiledDDL:
     # PostgreSQL checks that index expressions are IMMUTABLE, with the function it resolves.
-    return _DDL(
+    return CompiledDDL(
         lambda c: "CREATE INDEX ON new_rows (" + ", ".join(f"({_sql(c, e)})" for e in exprs) + ")"
     )
 
 
-def _statistics(bk: str, name: str, relation: _Relation, expr: ClauseElement) -> _DDL:
-    return _DDL(
+def _statistics(bk: str, name: str, relation: _Relation, expr: ClauseElement) -> CompiledDDL:
+    return CompiledDDL(
         lambda c: (
             f"CREATE STATISTICS {c.preparer.quote_schema(bk)}.{c.preparer.quote(name)} "
             f"ON ({_sql(c, expr)}) FROM {c.preparer.format_table(relation.table())}"
@@ -235,24 +221,24 @@ def _statistics(bk: str, name: str, relation: _Relation, expr: ClauseElement) ->
     )
 
 
-def _drop_trigger(name: str, member: _Relation) -> _DDL:
-    return _DDL(
+def _drop_trigger(name: str, member: _Relation) -> CompiledDDL:
+    return CompiledDDL(
         lambda c: (
             f"DROP TRIGGER {c.preparer.quote(name)} ON {c.preparer.format_table(member.table())}"
         )
     )
 
 
-def _drop_statistics(bk: str, name: str) -> _DDL:
-    return _DDL(
+def _drop_statistics(bk: str, name: str) -> CompiledDDL:
+    return CompiledDDL(
         lambda c: (
             f"DROP STATISTICS IF EXISTS {c.preparer.quote_schema(bk)}.{c.preparer.quote(name)}"
         )
     )
 
 
-def _drop_function(bk: str, function: str, args: str = "", cascade: bool = False) -> _DDL:
-    return _DDL(
+def _drop_function(bk: str, function: str, args: str = "", cascade: bool = False) -> CompiledDDL:
+    return CompiledDDL(
         lambda c: (
             "DROP FUNCTION IF EXISTS "
             f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}({args})"
@@ -312,7 +298,7 @@ def _after_create(view: MaterializedView, conn: Connection) -> None:
         return str(c.preparer.format_table(target))
 
     def run(build: Callable[[DDLCompiler], str]) -> None:
-        conn.execute(_DDL(build))
+        conn.execute(CompiledDDL(build))
 
     run(
         lambda c: (
@@ -383,7 +369,7 @@ def _realtime_view(
     stored: sa.TableClause,
     key: list[str],
     columns: list[str],
-) -> _DDL:
+) -> CompiledDDL:
     """The view a realtime incremental view is: stored rows of clean buckets, and the dirty
     buckets computed live, all in the reader's snapshot (so always exact)."""
 
@@ -417,7 +403,7 @@ def _realtime_view(
             f" WHERE NOT EXISTS (SELECT 1 FROM {whole}) AND {dirty}"
         )
 
-    return _DDL(build)
+    return CompiledDDL(build)
 
 
 def _install_source(
@@ -518,9 +504,9 @@ END
             f"SET search_path = pg_catalog, pg_temp AS {_dollar(body)}"
         )
 
-    conn.execute(_DDL(build))
+    conn.execute(CompiledDDL(build))
     conn.execute(
-        _DDL(
+        CompiledDDL(
             lambda c: (
                 "REVOKE ALL ON FUNCTION "
                 f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}() FROM PUBLIC"
@@ -691,10 +677,10 @@ def _create_trigger(
             f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(function)}()"
         )
 
-    conn.execute(_DDL(create))
+    conn.execute(CompiledDDL(create))
     if enable != "ORIGIN":
         conn.execute(
-            _DDL(
+            CompiledDDL(
                 lambda c: (
                     f"ALTER TABLE {c.preparer.format_table(member.table())} ENABLE "
                     f"{enable} TRIGGER {c.preparer.quote(name)}"
@@ -940,9 +926,9 @@ END
             + f" SET plan_cache_mode = force_custom_plan AS {_dollar(body)}"
         )
 
-    conn.execute(_DDL(build))
+    conn.execute(CompiledDDL(build))
     conn.execute(
-        _DDL(
+        CompiledDDL(
             lambda c: (
                 f"REVOKE ALL ON FUNCTION {c.preparer.quote_schema(bk)}."
                 f"{c.preparer.quote(names.refresh)}({REFRESH_ARGS}) FROM PUBLIC"
@@ -964,7 +950,9 @@ def _before_drop(view: MaterializedView, conn: Connection) -> None:
     ).scalar()
     if view.incremental.realtime:
         # The view reads the log: it goes first (DROP TABLE of its rows follows).
-        conn.execute(_DDL(lambda c: f"DROP VIEW IF EXISTS {c.preparer.format_table(view.table)}"))
+        conn.execute(
+            CompiledDDL(lambda c: f"DROP VIEW IF EXISTS {c.preparer.format_table(view.table)}")
+        )
     if not exists:
         return
     # The triggers depend on their functions: CASCADE drops them (and only them).
@@ -974,7 +962,7 @@ def _before_drop(view: MaterializedView, conn: Connection) -> None:
             conn.execute(_drop_statistics(bk, names.statistics(index, position)))
     conn.execute(_drop_function(bk, names.refresh, REFRESH_ARGS))
     conn.execute(
-        _DDL(
+        CompiledDDL(
             lambda c: (
                 "DROP TABLE IF EXISTS "
                 f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.log)}, "

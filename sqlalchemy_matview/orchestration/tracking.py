@@ -42,7 +42,7 @@ from ..bookkeeping import (
 )
 from ..errors import MaterializedViewError, TrackingInstallError
 from ..schema import MaterializedView, materialized_views
-from ._sql import PreparedDDL
+from ._sql import CompiledDDL, PreparedDDL
 from .locking import lock_key
 from .tracking_sql import (
     ADVISORY_TIMEOUT_MARK,
@@ -122,7 +122,7 @@ def _quoted(conn: Connection, schema: str) -> str:
     return str(conn.dialect.identifier_preparer.quote_schema(schema))
 
 
-def _constant(text: str) -> PreparedDDL:
+def _constant(text: str) -> CompiledDDL:
     return PreparedDDL(lambda _preparer: text)
 
 
