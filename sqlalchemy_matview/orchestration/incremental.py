@@ -1165,16 +1165,21 @@ def dirty_views(
     """Which of the incremental ``views`` (``(schema, name)``) have something logged."""
     bk = tracking_schema_name or tracking_schema()
     preparer = conn.dialect.identifier_preparer
-    out: set[tuple[str, str]] = set()
-    for schema, name in views:
+    views = list(views)
+    if not views:
+        return set()
+    # One statement for all of them: refresh_stale asks at every pass of a worker.
+    probes = []
+    for i, (schema, name) in enumerate(views):
         names = names_for(schema, name)
         log_table = f"{preparer.quote_schema(bk)}.{preparer.quote(names.log)}"
         whole = f"{preparer.quote_schema(bk)}.{preparer.quote(names.whole)}"
-        if conn.execute(
-            _Query(f"SELECT EXISTS (SELECT 1 FROM {log_table}) OR EXISTS (SELECT 1 FROM {whole})")
-        ).scalar():
-            out.add((schema, name))
-    return out
+        probes.append(
+            f"SELECT {i} AS i WHERE EXISTS (SELECT 1 FROM {log_table})"
+            f" OR EXISTS (SELECT 1 FROM {whole})"
+        )
+    dirty = conn.execute(_Query(" UNION ALL ".join(probes))).scalars()
+    return {views[int(i)] for i in dirty}
 
 
 class IncrementalError(MaterializedViewError, RuntimeError):

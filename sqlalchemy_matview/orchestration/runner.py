@@ -351,7 +351,13 @@ def _plan(
             )
         )
     tracking_on = bookkeeping.current
-    stale = tracking.stale_views(conn, schema) if (tracking_on and want_stale) else set()
+    # Incremental views keep their own log: no need to ask the change log when only they run.
+    materialized = any(not item.incremental for item in items)
+    stale = (
+        tracking.stale_views(conn, schema)
+        if (tracking_on and want_stale and materialized)
+        else set()
+    )
     if want_stale and incrementals:
         stale |= incremental.dirty_views(conn, sorted(incrementals), schema)
     return _Plan(

@@ -157,6 +157,27 @@ def test_planning_reads_do_not_grow_with_the_views(engine: Engine) -> None:
     assert s.transactions == s.commits == 12
 
 
+def test_staleness_of_many_incremental_views_is_one_statement(engine: Engine) -> None:
+    """refresh_stale over incremental views: which have dirty buckets is one statement too."""
+    md = sa.MetaData()
+    made = [daily(md, f"mv_inc_many_{i:02d}") for i in range(8)]
+    md.create_all(engine)
+    refresh_stale(engine, md)
+    with sent(engine) as s:
+        results = refresh_stale(engine, md)
+    assert {r.status for r in results} == {"skipped_fresh"}
+    assert len(s.statements) == 2, s.statements
+    events, _ = made[3]
+    with engine.begin() as conn:
+        conn.execute(events.insert(), [{"id": 1, "day": "2026-01-01", "v": 5}])
+    with sent(engine) as s:
+        results = refresh_stale(engine, md)
+    assert {r.view: r.status for r in results if r.status != "skipped_fresh"} == {
+        "public.mv_inc_many_03": "refreshed"
+    }
+    assert len(s.statements) == 3, s.statements
+
+
 def test_a_plan_that_refuses_leaves_no_transaction(engine: Engine, shop: Shop) -> None:
     with engine.connect() as conn:
         with pytest.raises(UnknownViewError, match="mv_nope"):
