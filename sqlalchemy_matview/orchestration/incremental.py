@@ -781,21 +781,29 @@ def _create_refresh_function(
         restrict_d = " AND ".join(f"d.{q(k)} = ANY ({a})" for k, a in zip(key, arrays, strict=True))
         restrict_v = " AND ".join(f"v.{q(k)} = ANY ({a})" for k, a in zip(key, arrays, strict=True))
 
-        def apply(where_d: str, where_v: str) -> str:
-            return f"""
+        # The dirty buckets: upserted where they changed, deleted where they came back empty.
+        recompute = f"""
         WITH fresh AS MATERIALIZED (
-            SELECT d.* FROM ({definition}) AS d {where_d}
+            SELECT d.* FROM ({definition}) AS d WHERE {restrict_d}
         ), upserted AS (
             INSERT INTO {tbl} AS v ({cols}) SELECT {fcols} FROM fresh AS f {conflict}
             RETURNING 1
         ), removed AS (
             DELETE FROM {tbl} AS v
-             WHERE {where_v} NOT EXISTS (SELECT 1 FROM fresh AS f WHERE {same_key})
+             WHERE {restrict_v} AND NOT EXISTS (SELECT 1 FROM fresh AS f WHERE {same_key})
             RETURNING 1
         )
         -- (Data-modifying CTEs run whatever the query reads; this one says how much.)
         SELECT (SELECT pg_catalog.count(*) FROM upserted)
                + (SELECT pg_catalog.count(*) FROM removed) INTO _changed;"""
+
+        # Everything: replaced rather than upserted. Probing the key of every row costs more
+        # than writing the rows again (1.6x a plain REFRESH against 1.2x, every key changed;
+        # also when none did). Two statements: the INSERT's snapshot is the newer one.
+        dcols = ", ".join(f"d.{q(n)}" for n in columns)
+        replace_all = f"""
+        DELETE FROM {tbl};
+        INSERT INTO {tbl} ({cols}) SELECT {dcols} FROM ({definition}) AS d WHERE {not_null};"""
 
         lock_mark = lit(f"{ADVISORY_TIMEOUT_MARK} ")
         body = f"""
@@ -879,9 +887,9 @@ BEGIN
         _whole := _total_rows > 0 AND _dirty_rows > threshold * _total_rows;
     END IF;
     IF _whole THEN
-        full_refresh := true;{apply("WHERE " + not_null, "")}
+        full_refresh := true;{replace_all}
         SELECT pg_catalog.count(*) INTO buckets FROM {tbl};
-    ELSIF buckets > 0 THEN{apply("WHERE " + restrict_d, restrict_v + " AND")}
+    ELSIF buckets > 0 THEN{recompute}
     END IF;
     -- Without the barrier, a writer still holding it may have left a bucket to a log row
     -- consumed here, by a snapshot that does not see its change: log what was consumed again
