@@ -486,27 +486,29 @@ def _incremental_rows(
     return rows
 
 
-def _freshness(conn: Connection, metadata: sa.MetaData) -> list[Any]:
-    from .orchestration import freshness
-
+def _read_or_nothing(
+    conn: Connection, metadata: sa.MetaData, read: Callable[[Connection, sa.MetaData], list[Any]]
+) -> list[Any]:
+    """``read(conn, metadata)``, or nothing when the database refuses it: read-only, but a
+    failure must not abort the caller's transaction either (a savepoint around it)."""
     with conn.begin_nested() as savepoint:
         try:
-            return freshness(conn, metadata)
+            return read(conn, metadata)
         except sa.exc.DBAPIError:
             savepoint.rollback()
             return []
+
+
+def _freshness(conn: Connection, metadata: sa.MetaData) -> list[Any]:
+    from .orchestration import freshness
+
+    return _read_or_nothing(conn, metadata, freshness)
 
 
 def _tracking_problems(conn: Connection, metadata: sa.MetaData) -> list[Any]:
     from .orchestration.tracking import check_tracking
 
-    # Read-only, but a failure must not abort the caller's transaction either.
-    with conn.begin_nested() as savepoint:
-        try:
-            return check_tracking(conn, metadata)
-        except sa.exc.DBAPIError:
-            savepoint.rollback()
-            return []
+    return _read_or_nothing(conn, metadata, check_tracking)
 
 
 def _apply_state(row: ViewStatus, state: Any) -> None:
