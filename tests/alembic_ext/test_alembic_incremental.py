@@ -18,6 +18,8 @@ from matview_project import psql
 
 from sqlalchemy_matview import Incremental, MaterializedView, refresh_views
 from sqlalchemy_matview.catalog import installed_incremental
+from sqlalchemy_matview.incremental import names_for
+from sqlalchemy_matview.orchestration.incremental import REFRESH_ARGS
 
 NOW = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
 
@@ -276,3 +278,39 @@ def test_realtime_views_are_created_switched_and_dropped(engine: sa.Engine) -> N
     events.to_metadata(bare)
     migrate(engine, bare)
     assert relkind(engine) is None and relkind(engine, "mv_daily__stored") is None
+
+
+def test_a_refresh_function_of_an_earlier_release_keeps_working_until_rebuilt(
+    engine: sa.Engine,
+) -> None:
+    """Releases before this one planned their whole refresh function for every call (``SET
+    plan_cache_mode``) and replaced everything by DELETE + INSERT: such a view still
+    refreshes, and autogenerate rebuilds it with the current function (and fill factor)."""
+    md, view, events = models()
+    assert view is not None
+    migrate(engine, md)
+    function = names_for("public", "mv_daily").refresh
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"ALTER FUNCTION sqlalchemy_matview.{function}({REFRESH_ARGS}) "
+                "SET plan_cache_mode = force_custom_plan"
+            )
+        )
+        conn.execute(sa.text("ALTER TABLE mv_daily RESET (fillfactor)"))
+    write(engine, events, (1, NOW), (2, NOW - dt.timedelta(days=1)))
+    still_maintained(engine, view, events)
+    with engine.begin() as conn:
+        generated = autogenerate(conn, md)
+    assert "op.drop_incremental_view(" in generated.upgrade
+    assert "op.create_incremental_view(" in generated.upgrade
+    migrate(engine, md)
+    with engine.connect() as conn:
+        options = conn.scalar(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'mv_daily'"))
+        settings = conn.scalar(
+            sa.text("SELECT proconfig FROM pg_proc WHERE proname = :f"), {"f": function}
+        )
+    assert options == ["fillfactor=50"]
+    assert not any(s.startswith("plan_cache_mode") for s in settings or [])
+    assert_exact(engine, view)
+    still_maintained(engine, view, events)

@@ -225,6 +225,37 @@ def test_truncate_recomputes_everything(engine):
         assert not incremental_state(conn, d.mv_daily).dirty
 
 
+def test_a_full_recompute_writes_only_the_rows_that_changed(engine):
+    """Everything recomputed (a TRUNCATE and the same rows back, one day changed): the
+    unchanged rows keep their version, the changed one is updated in place, a day gone
+    is deleted; the table leaves room on its pages for those updates."""
+    d = build_dashboard()
+    seed(engine, d)
+    versions = sa.text("SELECT day, xmin::text, ctid::text FROM mv_daily ORDER BY day")
+    with engine.connect() as conn:
+        before = {r.day: (r.xmin, r.ctid) for r in conn.execute(versions)}
+        options = conn.scalar(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'mv_daily'"))
+    assert options == ["fillfactor=50"]
+    gone, changed = sorted(before)[0], sorted(before)[1]
+    day = sa.cast(sa.func.timezone("UTC", d.events.c.created_at), sa.Date)
+    with engine.begin() as conn:
+        rows = conn.execute(sa.select(d.events).where(day != gone)).mappings().all()
+        conn.execute(sa.text("TRUNCATE events"))
+        conn.execute(d.events.insert(), [dict(r) for r in rows])
+        moved = dt.datetime.combine(changed, dt.time(12), UTC)
+        conn.execute(d.events.insert(), [{"created_at": moved, "user_id": 1, "kind": "view"}])
+    (result,) = refresh_views(engine, d.mv_daily)
+    assert result.full_refresh is True
+    with engine.connect() as conn:
+        after = {r.day: (r.xmin, r.ctid) for r in conn.execute(versions)}
+        assert difference(conn, d.mv_daily) == 0
+    assert gone not in after
+    assert after[changed][0] != before[changed][0]
+    assert {k: v for k, v in after.items() if k != changed} == {
+        k: v for k, v in before.items() if k not in (gone, changed)
+    }
+
+
 def test_many_dirty_rows_fall_back_to_a_full_recompute(engine):
     d = build_dashboard(threshold=0.4)
     seed(engine, d, n=600)
