@@ -279,6 +279,33 @@ def test_many_dirty_rows_fall_back_to_a_full_recompute(engine):
         assert difference(conn, d.mv_daily) == 0
 
 
+def test_the_estimate_of_many_dirty_keys_is_sampled_and_scaled(engine):
+    """Past SAMPLE dirty keys the planner is asked about every k-th of them, the rows
+    scaled by k: the same decision as asking about all of them."""
+    d = build_dashboard()
+    one_each = (
+        "INSERT INTO events (created_at, user_id, kind, amount)"
+        " SELECT '2026-03-01 12:00+00', u, 'view', 1 FROM generate_series(1, :n) AS u"
+    )
+    with engine.begin() as conn:
+        d.events.create(conn)
+        conn.execute(sa.text(one_each), {"n": 10_000})
+    d.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE events"))
+        # 1,500 users of 10,000 dirty: ~13 % of the rows, under 0.25.
+        conn.execute(sa.text(one_each), {"n": 1_500})
+    (result,) = refresh_views(engine, d.mv_users)
+    assert (result.buckets, result.full_refresh) == (1_500, False)
+    with engine.begin() as conn:
+        # 5,000 more: ~30 % of the rows (a sample of 1,000 keys alone would say 6 %).
+        conn.execute(sa.text(one_each), {"n": 5_000})
+    (result,) = refresh_views(engine, d.mv_users)
+    assert (result.buckets, result.full_refresh) == (10_000, True)
+    with engine.connect() as conn:
+        assert difference(conn, d.mv_users) == 0
+
+
 def test_emptied_buckets_are_deleted_and_moves_dirty_both(engine):
     d = build_dashboard()
     seed(engine, d)
