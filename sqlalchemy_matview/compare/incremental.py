@@ -226,15 +226,21 @@ def capture_create(conn: Connection, view: MaterializedView, schema: str) -> lis
     ``create_all`` does, without filling it, and return the statements that did it,
     the fill included. The caller rolls it back."""
     names = names_for(schema, view.name)
-    table = _in_schema(conn, schema, view.name)
     preparer = conn.dialect.identifier_preparer
-    # The table as the DDL compiler names it (unqualified in the default schema).
-    own = str(preparer.format_table(view.table))
+    # A realtime view's rows are stored under another name; the name itself is a view.
+    realtime = view.incremental is not None and view.incremental.realtime
+    stored = stored_name(view.name) if realtime else view.name
+    # Each relation as the DDL compiler names it (unqualified in the default schema) and as
+    # the orchestration names it (always qualified). The stored table's own name is matched
+    # on its own: with quoted names, "Daily View" is not a part of "Daily View__stored".
+    own = {str(preparer.format_table(sa.table(n, schema=view.schema))) for n in {view.name, stored}}
+    own |= {_in_schema(conn, schema, n) for n in {view.name, stored}}
 
     def keep(text: str) -> bool:
-        return names.prefix in text or own in text or table in text
+        return names.prefix in text or any(name in text for name in own)
 
-    with _capturing(conn, keep, f"INSERT INTO {own} ") as captured:
+    # The fill: the orchestration inserts into the qualified stored table.
+    with _capturing(conn, keep, f"INSERT INTO {_in_schema(conn, schema, stored)} (") as captured:
         view.table.create(conn)
     return captured
 

@@ -201,8 +201,10 @@ def test_offline_sql_runs_in_psql(databases: tuple[sa.URL, Any], plain_first: bo
         offline_engine.dispose()
 
 
-def test_schemas_needing_quotes(engine: sa.Engine) -> None:
-    """A view in a schema of its own and a tracking schema whose names need quoting."""
+@pytest.mark.parametrize("realtime", [False, True])
+def test_schemas_needing_quotes(engine: sa.Engine, realtime: bool) -> None:
+    """A view in a schema of its own and a tracking schema whose names need quoting (for a
+    realtime view, its stored table's name too: ``"Daily View__stored"``)."""
     from sqlalchemy_matview import set_tracking_schema
 
     with engine.begin() as conn:
@@ -223,7 +225,7 @@ def test_schemas_needing_quotes(engine: sa.Engine) -> None:
             md,
             sa.select(day.label("day"), sa.func.count().label(label)).group_by(day),
             schema="Reports",
-            incremental=Incremental(key="day", sources={events: day}),
+            incremental=Incremental(key="day", sources={events: day}, realtime=realtime),
         )
         return md, view
 
@@ -238,7 +240,7 @@ def test_schemas_needing_quotes(engine: sa.Engine) -> None:
     [result] = refresh_views(engine, view)
     assert result.status == "refreshed"
     assert_exact(engine, view)
-    assert relkind(engine, '"Reports"."Daily View"') == "r"
+    assert relkind(engine, '"Reports"."Daily View"') == ("v" if realtime else "r")
 
     md2, view2 = declared("events")
     with engine.begin() as conn:
@@ -248,6 +250,36 @@ def test_schemas_needing_quotes(engine: sa.Engine) -> None:
     assert_exact(engine, view2)
     with engine.begin() as conn:
         run_code(conn, generated.downgrade)
+    assert_exact(engine, view)
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+def test_autogenerate_never_fills_the_view(engine: sa.Engine, realtime: bool) -> None:
+    """Autogenerate creates the view in a rolled-back savepoint to compare it, but never
+    runs its fill (a full computation of the definition: hours on a big table); the
+    migration still carries the fill."""
+    md, view, events = models(realtime=realtime)
+    assert view is not None
+    with engine.begin() as conn:
+        events.create(conn)
+    write(engine, events, (1, NOW))
+    ran: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        ran.append(statement)
+
+    for step in ("create", "rebuild"):
+        ran.clear()
+        with engine.begin() as conn:
+            sa.event.listen(conn, "after_cursor_execute", record)
+            generated = autogenerate(conn, md)
+            sa.event.remove(conn, "after_cursor_execute", record)
+            run_code(conn, generated.upgrade)
+        fills = [s for s in ran if s.lstrip().upper().startswith("INSERT INTO PUBLIC.MV_DAILY")]
+        assert fills == [], (step, fills)
+        assert "INSERT INTO public.mv_daily" in generated.upgrade
+        md, view, events = models(label="events", realtime=realtime)
+    assert view is not None
     assert_exact(engine, view)
 
 
@@ -314,3 +346,59 @@ def test_a_refresh_function_of_an_earlier_release_keeps_working_until_rebuilt(
     assert not any(s.startswith("plan_cache_mode") for s in settings or [])
     assert_exact(engine, view)
     still_maintained(engine, view, events)
+
+
+def test_realtime_offline_sql_runs_in_psql(databases: tuple[sa.URL, Any]) -> None:
+    """realtime=True through ``--sql``: the printed script, run by psql, makes a working view."""
+    url, fresh = databases
+    engine = sa.create_engine(url)
+    offline = fresh()
+    offline_engine = sa.create_engine(offline)
+    try:
+        md, view, events = models(realtime=True)
+        assert view is not None
+        with engine.begin() as conn:
+            generated = autogenerate(conn, md)
+        psql(offline_sql(generated.upgrade), offline)
+        assert relkind(offline_engine) == "v"
+        assert relkind(offline_engine, "mv_daily__stored") == "r"
+        with offline_engine.begin() as conn:
+            assert autogenerate(conn, md).empty
+        # Live: a write shows before any refresh, its bucket read from the definition.
+        write(offline_engine, events, (1, NOW), (2, NOW), (3, NOW - dt.timedelta(days=1)))
+        assert_exact(offline_engine, view)
+        with offline_engine.connect() as conn:
+            stored = conn.scalar(sa.text("SELECT count(*) FROM mv_daily__stored"))
+        assert stored == 0
+        [result] = refresh_views(offline_engine, view)
+        assert result.status == "refreshed" and result.buckets == 2
+        with offline_engine.connect() as conn:
+            stored = conn.scalar(sa.text("SELECT count(*) FROM mv_daily__stored"))
+        assert stored == 2
+        still_maintained(offline_engine, view, events)
+
+        # Realtime -> stored and back, each through --sql; the way back is the downgrade,
+        # which re-creates the realtime view from what the catalog printed.
+        md2, view2, _ = models()
+        assert view2 is not None
+        with engine.begin() as conn:
+            run_code(conn, generated.upgrade)
+            switched = autogenerate(conn, md2)
+        psql(offline_sql(switched.upgrade), offline)
+        assert relkind(offline_engine) == "r"
+        assert relkind(offline_engine, "mv_daily__stored") is None
+        still_maintained(offline_engine, view2, events)
+        psql(offline_sql(switched.downgrade), offline)
+        assert relkind(offline_engine) == "v"
+        with offline_engine.begin() as conn:
+            assert autogenerate(conn, md).empty
+        write(offline_engine, events, (4, NOW + dt.timedelta(days=5)))
+        assert_exact(offline_engine, view)  # live again
+        still_maintained(offline_engine, view, events)
+
+        psql(offline_sql(generated.downgrade), offline)
+        assert relkind(offline_engine) is None
+        assert relkind(offline_engine, "mv_daily__stored") is None
+    finally:
+        engine.dispose()
+        offline_engine.dispose()
