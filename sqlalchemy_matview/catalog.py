@@ -19,6 +19,7 @@ __all__ = [
     "QualifiedName",
     "dependencies",
     "installed_incremental",
+    "installed_incremental_kinds",
     "materialized_views",
 ]
 
@@ -181,7 +182,7 @@ def current_schema(conn: Connection) -> str:
 
 _INSTALLED = sa.text(
     """
-    SELECT n.nspname::text AS schema, c.relname::text AS name
+    SELECT n.nspname::text AS schema, c.relname::text AS name, c.relkind::text AS kind
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v']::pg_catalog."char"[])
@@ -206,6 +207,14 @@ def installed_incremental(
     table with a refresh function named after it in the ``bookkeeping`` schema
     (``inc_`` and the first 12 hex digits of ``md5('schema.name')``, see
     :func:`sqlalchemy_matview.incremental.names_for`). One query."""
+    return [name for name, _ in installed_incremental_kinds(conn, bookkeeping, schemas)]
+
+
+def installed_incremental_kinds(
+    conn: Connection, bookkeeping: str, schemas: Sequence[str] | None = None
+) -> list[tuple[QualifiedName, bool]]:
+    """As :func:`installed_incremental`, each with whether it is a realtime view (its name
+    is a plain view, its rows are stored in ``<name>__stored``). One query."""
     given = None if schemas is None else list(schemas)
     rows = conn.execute(_INSTALLED, {"schemas": given, "bk": bookkeeping})
-    return [(str(r.schema), str(r.name)) for r in rows]
+    return [((str(r.schema), str(r.name)), r.kind == "v") for r in rows]

@@ -75,7 +75,8 @@ def _filters(
 def install(
     autogen_context: AutogenContext, upgrade_ops: UpgradeOps, schemas: set[str | None]
 ) -> Any:
-    """Alembic ``"schema"`` comparator that runs first: put the filters in place.
+    """Alembic ``"schema"`` comparator that runs first: put the filters in place, and take
+    the bookkeeping schema out of ``schemas`` (``include_schemas=True``).
 
     Idempotent per autogenerate run (it is registered globally and as a plugin).
     """
@@ -87,15 +88,22 @@ def install(
     default_schema = autogen_context.connection.dialect.default_schema_name or "public"
     metadata = autogen_context.metadata
     own = tracking_schema(metadata if isinstance(metadata, sa.MetaData) else None)
-    from ..catalog import installed_incremental
+    # Everything in it is the library's, and filtering its tables by name is not enough:
+    # when every table of a schema is filtered out, Alembic reflects them all at once
+    # (an empty filter_names means "all" to SQLAlchemy), with a warning about the log's
+    # xid8 column. The same set goes on to Alembic's table comparison.
+    schemas.discard(own)
+    from ..catalog import installed_incremental_kinds
     from ..incremental import stored_name
     from .comparator import _trusted_bookkeeping
 
     conn = autogen_context.connection
     trusted = _trusted_bookkeeping(conn, [metadata] if isinstance(metadata, sa.MetaData) else [])
-    installed = installed_incremental(conn, own) if trusted else []
-    # A realtime view's rows are in a table of another name (the name itself is a view).
-    incremental = frozenset(installed) | {(s, stored_name(n)) for s, n in installed}
+    installed = installed_incremental_kinds(conn, own) if trusted else []
+    # A realtime view's rows are in a table of another name (the name itself is a view); a
+    # stored view has no such table, and a user's table of that name is compared as usual.
+    incremental = frozenset(name for name, _ in installed)
+    incremental |= {(s, stored_name(n)) for (s, n), realtime in installed if realtime}
     include_object, include_name = _filters(default_schema, own, incremental)
     # In front, so that the project's own filters never see a view as a table.
     autogen_context._object_filters.insert(0, include_object)

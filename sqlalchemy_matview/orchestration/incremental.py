@@ -180,7 +180,8 @@ def _bucket_over(view: MaterializedView, table: sa.Table, alias: str) -> list[Cl
 
 def _before_create(view: MaterializedView, conn: Connection) -> None:
     """Check each bucket expression on the server before anything is created: it must be
-    IMMUTABLE and must resolve under the triggers' pinned ``search_path``."""
+    IMMUTABLE and must resolve under the triggers' pinned ``search_path``; then check the
+    functions the definition calls (:func:`_check_calls`)."""
     assert view.incremental is not None
     if view.incremental.realtime and view.table.indexes:
         raise DefinitionError(
@@ -200,6 +201,95 @@ def _before_create(view: MaterializedView, conn: Connection) -> None:
                 savepoint.rollback()
                 raise _bucket_error(view, table, exc) from exc
             savepoint.rollback()
+    _check_calls(view, conn)
+
+
+#: The probe view :func:`_check_calls` creates, in the session's temporary schema.
+_PROBE_VIEW = "sqlalchemy_matview_probe"
+
+# Every function a view calls (directly, as an aggregate, or as an operator's function) that
+# is not IMMUTABLE, read from its stored query tree: pg_depend records no dependency on the
+# built-in ones. The tree's text is PostgreSQL's own serialisation of plan nodes, whose
+# field names (funcid, aggfnoid, winfnoid, opno) have been stable since 9.x.
+_MUTABLE_CALLS = sa.text(
+    """
+    WITH refs AS (
+        SELECT m[1] AS kind, CAST(m[2] AS pg_catalog.oid) AS oid
+          FROM pg_catalog.pg_rewrite r,
+               pg_catalog.regexp_matches(CAST(r.ev_action AS pg_catalog.text),
+                                         ':(funcid|aggfnoid|winfnoid|opno) ([0-9]+)', 'g') AS m
+         WHERE r.ev_class OPERATOR(pg_catalog.=) pg_catalog.to_regclass(:probe)
+    ), called(fn, operator) AS (
+        SELECT oid, CAST(NULL AS pg_catalog.text) FROM refs
+         WHERE kind OPERATOR(pg_catalog.<>) 'opno'
+      UNION
+        SELECT CAST(o.oprcode AS pg_catalog.oid),
+               CAST(CAST(o.oid AS pg_catalog.regoperator) AS pg_catalog.text)
+          FROM refs JOIN pg_catalog.pg_operator o ON o.oid OPERATOR(pg_catalog.=) refs.oid
+         WHERE kind OPERATOR(pg_catalog.=) 'opno'
+    )
+    SELECT CAST(CAST(p.oid AS pg_catalog.regprocedure) AS pg_catalog.text) AS function,
+           pg_catalog.min(called.operator) AS operator,
+           CAST(p.provolatile AS pg_catalog.text) AS volatility,
+           p.pronamespace OPERATOR(pg_catalog.=) CAST('pg_catalog' AS pg_catalog.regnamespace)
+               AS builtin
+      FROM called JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) called.fn
+     WHERE p.provolatile OPERATOR(pg_catalog.<>) 'i'
+     GROUP BY p.oid
+     ORDER BY 1
+    """
+)
+
+
+def _check_calls(view: MaterializedView, conn: Connection) -> None:
+    """Refuse a definition calling a VOLATILE function, or a STABLE one of the user's.
+
+    A refresh recomputes only the buckets whose source rows changed, so a stored bucket must
+    be a function of those rows. A VOLATILE function (``random()``, ``clock_timestamp()``, a
+    user function left at the default volatility) breaks that outright; a STABLE function of
+    the user's may read tables whose writes are logged nowhere, leaving buckets stale with
+    nothing in the log. STABLE built-ins are allowed: they depend only on session settings
+    (``TimeZone``, ``DateStyle``, ``lc_*``: ``to_char``, ``jsonb_agg``, a ``timestamptz`` to
+    ``date``), which a plain materialized view depends on just as much (see
+    ``docs/incremental.md``). The server names what the definition calls: it is created as
+    a temporary view in a savepoint that is rolled back, and its query tree read.
+    """
+    with conn.begin_nested() as savepoint:
+        conn.execute(
+            CompiledDDL(
+                lambda c: (
+                    f"CREATE TEMPORARY VIEW {c.preparer.quote(_PROBE_VIEW)} AS "
+                    + _sql(c, view.definition)
+                )
+            )
+        )
+        calls = conn.execute(_MUTABLE_CALLS, {"probe": f"pg_temp.{_PROBE_VIEW}"}).all()
+        savepoint.rollback()
+    for call in calls:
+        if call.volatility == "v" or not call.builtin:
+            raise _call_error(view, call.function, call.operator, call.volatility)
+
+
+def _call_error(
+    view: MaterializedView, function: str, operator: str | None, volatility: str
+) -> DefinitionError:
+    label = f"incremental view {view._display}: the definition calls {function}"
+    if operator is not None:
+        label += f" (the function of operator {operator})"
+    if volatility == "v":
+        return DefinitionError(
+            f"{label}, which is VOLATILE: its result may change without any write, so a stored "
+            "bucket would go stale with nothing in its log. If it depends only on its "
+            "arguments, declare it so (ALTER FUNCTION ... IMMUTABLE; a new SQL or PL/pgSQL "
+            "function is VOLATILE unless told otherwise); otherwise compute it when reading "
+            "the view"
+        )
+    return DefinitionError(
+        f"{label}, which is STABLE: it may read tables whose writes no trigger logs, so a "
+        "bucket would go stale with nothing in its log. If it depends only on its arguments, "
+        "declare it IMMUTABLE (ALTER FUNCTION ... IMMUTABLE); if it reads a table, join that "
+        "table in the definition and map it in sources= instead"
+    )
 
 
 def _probe_table(relation: _Relation) -> CompiledDDL:

@@ -9,6 +9,7 @@ write followed by ``refresh_views`` is still picked up (the triggers are in plac
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from typing import Any
 
 import pytest
@@ -402,3 +403,53 @@ def test_realtime_offline_sql_runs_in_psql(databases: tuple[sa.URL, Any]) -> Non
     finally:
         engine.dispose()
         offline_engine.dispose()
+
+
+def test_a_user_table_named_like_a_stored_table_is_compared(engine: sa.Engine) -> None:
+    """Only a realtime view has a ``<name>__stored`` table; next to a stored view, a table of
+    that name is the user's, and Alembic compares it as any other."""
+    md, view, events = models()
+    assert view is not None
+    sa.Table("mv_daily__stored", md, sa.Column("id", sa.Integer, primary_key=True))
+    generated = migrate(engine, md)  # and a second autogenerate finds nothing
+    assert "op.create_table('mv_daily__stored'" in generated.upgrade
+    bare = sa.MetaData()
+    events.to_metadata(bare)
+    with engine.begin() as conn:
+        generated = autogenerate(conn, bare)
+    assert "op.drop_table('mv_daily__stored')" in generated.upgrade
+
+    # A realtime view's own stored table stays hidden.
+    md2, view2, _ = models(realtime=True)
+    assert view2 is not None
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE mv_daily__stored"))
+    generated = migrate(engine, md2)
+    assert "op.create_table(" not in generated.upgrade
+    assert relkind(engine, "mv_daily__stored") == "r"
+
+
+def test_include_schemas_never_reflects_the_bookkeeping(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With include_schemas=True, the bookkeeping schema (the logs' xid8 columns, which
+    SQLAlchemy does not know) is never reflected: no SAWarning, whatever the order in which
+    Alembic visits the schemas."""
+    md, view, _ = models(realtime=True)
+    assert view is not None
+    with engine.begin() as conn:
+        run_code(conn, autogenerate(conn, md).upgrade)
+    asked: list[str | None] = []
+    get_table_names = sa.engine.reflection.Inspector.get_table_names
+
+    def spy(self: Any, schema: str | None = None, **kw: Any) -> Any:
+        asked.append(schema)
+        return get_table_names(self, schema, **kw)
+
+    monkeypatch.setattr(sa.engine.reflection.Inspector, "get_table_names", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with engine.begin() as conn:
+            assert autogenerate(conn, md, include_schemas=True).empty
+    assert None in asked
+    assert "sqlalchemy_matview" not in asked

@@ -209,6 +209,79 @@ def test_an_unqualified_user_function_is_refused(engine):
         assert difference(conn, mv) == 0
 
 
+def with_column(name: str, md: sa.MetaData, events: sa.Table, extra: Any) -> MaterializedView:
+    day = sa.cast(sa.func.timezone("UTC", events.c.created_at), sa.Date)
+    return MaterializedView(
+        name,
+        md,
+        sa.select(day.label("day"), sa.cast(extra, sa.Text).label("extra")).group_by(day),
+        incremental=Incremental(key="day", sources={events: day}),
+    )
+
+
+@pytest.mark.parametrize(
+    "call, refused",
+    [
+        # Reads a table whose writes nothing logs.
+        (lambda e: sa.func.max(sa.func.public.last_name(e.c.id)), r"last_name\(integer\).*STABLE"),
+        # A SQL function is VOLATILE unless declared otherwise.
+        (lambda e: sa.func.sum(sa.func.public.doubled(e.c.id)), r"doubled\(integer\).*VOLATILE"),
+        (
+            lambda e: sa.func.sum(e.c.id.op("###")(1)),
+            r"doubled\(integer,integer\) \(the function of operator ###.*VOLATILE",
+        ),
+        # Built in, VOLATILE, and on no static list.
+        (lambda e: sa.func.count(sa.func.pg_catalog.pg_sleep(0)), r"pg_sleep.*VOLATILE"),
+    ],
+)
+def test_a_mutable_function_in_the_definition_is_refused_by_the_server(engine, call, refused):
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE names (id int PRIMARY KEY, name text);"
+                " CREATE FUNCTION public.last_name(int) RETURNS text LANGUAGE sql STABLE"
+                " AS 'SELECT name FROM names WHERE id = $1';"
+                " CREATE FUNCTION public.doubled(int) RETURNS int LANGUAGE sql AS 'SELECT 2 * $1';"
+                " CREATE FUNCTION public.doubled(int, int) RETURNS int LANGUAGE sql"
+                " AS 'SELECT 2 * $1 + $2';"
+                " CREATE OPERATOR public.### (LEFTARG = int, RIGHTARG = int,"
+                " FUNCTION = public.doubled)"
+            )
+        )
+    md, events = bare_events()
+    with_column("mv_calls", md, events, call(events))
+    with pytest.raises(DefinitionError, match=r"'mv_calls'.*calls .*" + refused):
+        md.create_all(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT to_regclass('mv_calls')")).scalar() is None
+        assert bookkeeping_objects(conn) == set()
+
+
+def test_immutable_and_stable_builtin_functions_are_accepted(engine):
+    """The rule is not stricter than real definitions: a user function declared IMMUTABLE,
+    and STABLE built-ins (which depend on session settings only, as in a plain view)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION public.doubled(int) RETURNS int LANGUAGE sql IMMUTABLE"
+                " AS 'SELECT 2 * $1'"
+            )
+        )
+    md, events = bare_events()
+    extra = sa.func.concat(
+        sa.func.sum(sa.func.public.doubled(events.c.id)),
+        sa.func.jsonb_agg(events.c.id).cast(sa.Text),
+        sa.func.to_char(sa.func.max(events.c.created_at), "HH24"),
+    )
+    mv = with_column("mv_calls", md, events, extra)
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(events.insert(), [{"id": 1, "created_at": at(3)}])
+    assert refresh_views(engine, mv)[0].buckets == 1
+    with engine.connect() as conn:
+        assert difference(conn, mv) == 0
+
+
 def test_truncate_recomputes_everything(engine):
     d = build_dashboard()
     seed(engine, d)
