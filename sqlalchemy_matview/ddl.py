@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import DDLCompiler
-from sqlalchemy.sql.ddl import ExecutableDDLElement
+from sqlalchemy.sql.ddl import CreateIndex, ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement
 
 from .errors import (
@@ -268,6 +269,47 @@ def _visit_create(element: CreateMaterializedView, compiler: DDLCompiler, **kw: 
     text += f" AS {definition_query(element.definition, compiler)}"
     text += " WITH DATA" if element.with_data else " WITH NO DATA"
     return text
+
+
+def index_on(index: sa.Index, name: Any, table_name: str, schema: str | None) -> sa.Index:
+    """``index``, named ``name``, on a bare table ``schema.table_name`` with the same columns."""
+    source = index.table
+    assert source is not None
+    target = sa.Table(
+        table_name,
+        sa.MetaData(),
+        *(sa.Column(c.name, c.type, key=c.key) for c in source.c),
+        schema=schema,
+    )
+
+    def swap(element: Any) -> Any:
+        if isinstance(element, sa.Column) and element.table is source:
+            return target.c[element.key]
+        return None
+
+    expressions = [
+        visitors.replacement_traverse(e, {}, swap)  # type: ignore[call-overload]
+        for e in index.expressions
+    ]
+    kwargs = dict(index.kwargs)
+    include = kwargs.get("postgresql_include")
+    if include:
+        kwargs["postgresql_include"] = [c.key if isinstance(c, sa.Column) else c for c in include]
+    return sa.Index(name, *expressions, unique=bool(index.unique), _table=target, **kwargs)
+
+
+@compiles(CreateIndex, "postgresql")
+def _visit_create_index(element: CreateIndex, compiler: DDLCompiler, **kw: Any) -> str:
+    # An index declared on a realtime incremental view goes on the table of its rows (the
+    # name itself is a plain view); every other index is left to the dialect.
+    index = element.element
+    view = materialized_view_of(index.table) if isinstance(index, sa.Index) else None
+    if view is not None and view.incremental is not None and view.incremental.realtime:
+        from .incremental import stored_name
+
+        moved = index_on(index, index.name, stored_name(view.name), view.schema)
+        element = CreateIndex(moved, if_not_exists=bool(getattr(element, "if_not_exists", False)))
+    return str(compiler.visit_create_index(element, **kw))  # type: ignore[no-untyped-call]
 
 
 @compiles(CreateIncrementalTable, "postgresql")

@@ -151,7 +151,7 @@ class Incremental:
         (a reader's own uncommitted writes included); the rows are stored in the table
         :func:`stored_name` gives, next to it. A read then costs the recompute of every
         bucket dirty at that moment (one for a busy "today"; everything after a TRUNCATE
-        until the next refresh). Such a view takes no indexes of its own.
+        until the next refresh). Indexes declared on such a view are created on that table.
 
     Example::
 

@@ -30,9 +30,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..ddl import index_on
 from ..incremental import names_for, stored_name
 from ..schema import MaterializedView
-from .records import CreateIncremental, DropIncremental, FullKey, Key
+from .indexes import INDEX_COLUMNS, reflected_index
+from .records import (
+    Change,
+    CreateIncremental,
+    CreateIndex,
+    DropIncremental,
+    DropIndex,
+    FullKey,
+    Key,
+    ReflectedIndex,
+)
 
 __all__ = ["capture_create", "compare_incremental", "dump"]
 
@@ -189,9 +200,72 @@ def dump(conn: Connection, bookkeeping: str, schema: str, name: str) -> tuple[li
 # Each creation draws a random advisory key for the writers' barrier: not a difference.
 _BARRIER = re.compile(r"(pg_(?:try_)?advisory_xact_lock(?:_shared)?\()-?[0-9]+\)")
 
+# The indexes of the table holding the rows, but its primary key: declared by the user (the
+# log and the TRUNCATE table have none but their primary keys).
+_USER_INDEXES = sa.text(
+    f"""
+    SELECT n.nspname AS schema, t.relname AS view_name, ic.relname AS name, {INDEX_COLUMNS}
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class t ON t.oid = i.indrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace
+      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+      JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+     WHERE i.indrelid = pg_catalog.to_regclass(:rel)
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.conindid = i.indexrelid)
+     ORDER BY ic.relname
+    """
+)
+
 
 def _comparable(statements: Sequence[str]) -> list[str]:
-    return [_BARRIER.sub(r"\1<barrier>)", s) for s in statements]
+    """``statements`` without what differs between two creations of the same view: the
+    barrier key, and the user's indexes (compared one by one, see :func:`_index_changes`)."""
+    return [
+        _BARRIER.sub(r"\1<barrier>)", s)
+        for s in statements
+        if not s.startswith(("CREATE INDEX ", "CREATE UNIQUE INDEX "))
+    ]
+
+
+def _rows_table(view: MaterializedView) -> str:
+    """The table holding the rows of ``view`` (``<name>__stored`` for a realtime view)."""
+    realtime = view.incremental is not None and view.incremental.realtime
+    return stored_name(view.name) if realtime else view.name
+
+
+def _user_indexes(
+    conn: Connection, schema: str, view: MaterializedView, key_schema: str | None
+) -> dict[str, ReflectedIndex]:
+    """The indexes the user declared on the table of the incremental view ``view``."""
+    table = _rows_table(view)
+    return {
+        str(row["name"]): reflected_index(row, key_schema, table, str(row["name"]))
+        for row in conn.execute(_USER_INDEXES, {"rel": _in_schema(conn, schema, table)}).mappings()
+    }
+
+
+def _index_changes(
+    key: Key, view: MaterializedView, old: dict[str, ReflectedIndex], new: dict[str, ReflectedIndex]
+) -> list[Change]:
+    """Index drops and creates turning ``old`` into ``new`` (each as ``pg_get_indexdef``
+    prints it, on the same table: equal text, same index), for a view otherwise unchanged.
+    They name the table of the rows, where a realtime view's indexes are."""
+    table = _rows_table(view)
+    declared = {
+        str(i.name): index_on(i, i.name, table, view.schema) if table != view.name else i
+        for i in view.table.indexes
+    }
+    changes: list[Change] = [
+        DropIndex(key[0], table, index)
+        for name, index in sorted(old.items())
+        if name not in new or new[name].definition != index.definition
+    ]
+    changes += [
+        CreateIndex(key[0], table, declared[name])
+        for name, index in sorted(new.items())
+        if name in declared and (name not in old or old[name].definition != index.definition)
+    ]
+    return changes
 
 
 # The checks' probes (temporary objects) are not part of the view, whatever they name.
@@ -269,18 +343,20 @@ def compare_incremental(
     obsolete: Sequence[tuple[Key, FullKey]],
     bookkeeping: str,
     matviews: Iterable[FullKey] = (),
-) -> tuple[list[DropIncremental], list[CreateIncremental]]:
+) -> tuple[list[DropIncremental], list[Change]]:
     """The drops and creates that make the database's incremental views the declared ones.
 
     ``views``: the declared incremental views (``(key, full key, view)``); ``installed``:
     the incremental views in the database; ``obsolete``: those of them to drop (no longer
     declared, or now declared as another kind of view). A declared view that exists is
-    rebuilt (dropped, created and filled again) when any of its objects would differ.
+    rebuilt (dropped, created and filled again) when any of its objects would differ, but
+    for the indexes declared on a stored view's table: those are created and dropped one by
+    one (:class:`CreateIndex`, :class:`DropIndex`), as on any table.
     ``matviews``: materialized views that a declared incremental view replaces (the
     caller drops them); they are dropped in the savepoint too.
     """
     drops: list[DropIncremental] = []
-    creates: list[CreateIncremental] = []
+    creates: list[Change] = []
     for key, full in obsolete:
         create, drop = dump(conn, bookkeeping, *full)
         drops.append(DropIncremental(key[0], key[1], tuple(drop), tuple(create)))
@@ -292,14 +368,18 @@ def compare_incremental(
             if full in occupied:
                 conn.exec_driver_sql(f"DROP MATERIALIZED VIEW {_in_schema(conn, *full)} CASCADE")
             old: tuple[list[str], list[str]] | None = None
+            old_indexes: dict[str, ReflectedIndex] = {}
             if full in present:
                 old = dump(conn, bookkeeping, *full)
+                old_indexes = _user_indexes(conn, full[0], view, key[0])
                 for statement in old[1]:
                     conn.exec_driver_sql(statement)
             statements = capture_create(conn, view, full[0])
             new = dump(conn, bookkeeping, *full)
+            new_indexes = _user_indexes(conn, full[0], view, key[0])
             savepoint.rollback()
         if old is not None and _comparable(old[0]) == _comparable(new[0]):
+            creates += _index_changes(key, view, old_indexes, new_indexes)
             continue
         if old is not None:
             drops.append(DropIncremental(key[0], key[1], tuple(old[1]), tuple(old[0])))

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy.sql import visitors
 from sqlalchemy.sql.ddl import CreateIndex
 from sqlalchemy.sql.elements import ColumnClause
 
 from .. import sqltext
+from ..ddl import index_on
 from ..query import _PG_DIALECT
 from .records import ReflectedIndex
 
@@ -153,40 +153,13 @@ def reflected_index(
     )
 
 
-def _copy(index: sa.Index, name: Any, table_name: str, schema: str | None) -> sa.Index:
-    """``index`` on a bare table ``schema.table_name`` with the same columns."""
-    source = index.table
-    assert source is not None
-    target = sa.Table(
-        table_name,
-        sa.MetaData(),
-        *(sa.Column(c.name, c.type, key=c.key) for c in source.c),
-        schema=schema,
-    )
-
-    def swap(element: Any) -> Any:
-        if isinstance(element, sa.Column) and element.table is source:
-            return target.c[element.key]
-        return None
-
-    expressions = [
-        visitors.replacement_traverse(e, {}, swap)  # type: ignore[call-overload]
-        for e in index.expressions
-    ]
-    kwargs = dict(index.kwargs)
-    include = kwargs.get("postgresql_include")
-    if include:
-        kwargs["postgresql_include"] = [c.key if isinstance(c, sa.Column) else c for c in include]
-    return sa.Index(name, *expressions, unique=bool(index.unique), _table=target, **kwargs)
-
-
 def probe_index(index: sa.Index, name: str, table_name: str) -> sa.Index:
     """A copy of the declared ``index`` named ``name`` on ``pg_temp.<table_name>``.
 
     The temporary table has the view's columns; ``CONCURRENTLY`` (not allowed in a
     transaction) and the tablespace (not part of the printed definition) are left out.
     """
-    probe = _copy(index, name, table_name, "pg_temp")
+    probe = index_on(index, name, table_name, "pg_temp")
     probe.dialect_options["postgresql"]["concurrently"] = False
     probe.dialect_options["postgresql"]["tablespace"] = None
     return probe

@@ -183,12 +183,6 @@ def _before_create(view: MaterializedView, conn: Connection) -> None:
     IMMUTABLE and must resolve under the triggers' pinned ``search_path``; then check the
     functions the definition calls (:func:`_check_calls`)."""
     assert view.incremental is not None
-    if view.incremental.realtime and view.table.indexes:
-        raise DefinitionError(
-            f"incremental view {view._display}: a realtime view is a plain view, which takes "
-            f"no index ({', '.join(sorted(str(i.name) for i in view.table.indexes))}); its "
-            "stored rows are indexed by the key. Drop the index or realtime=True"
-        )
     for table in view.incremental.sources:
         relation = _resolve(conn, view, table)
         exprs = _bucket_over(view, table, "new_rows")

@@ -453,3 +453,79 @@ def test_include_schemas_never_reflects_the_bookkeeping(
             assert autogenerate(conn, md, include_schemas=True).empty
     assert None in asked
     assert "sqlalchemy_matview" not in asked
+
+
+def indexes_of(engine: sa.Engine, table: str = "mv_daily") -> dict[str, str]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT indexname::text, indexdef FROM pg_indexes"
+                " WHERE tablename = :t AND indexname NOT LIKE '%unique_key' ORDER BY 1"
+            ),
+            {"t": table},
+        )
+        return {str(r[0]): str(r[1]) for r in rows}
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+def test_indexes_on_an_incremental_views_table(
+    databases: tuple[sa.URL, Any], realtime: bool
+) -> None:
+    """Indexes declared on an incremental view are created on its table (a realtime view's:
+    ``<name>__stored``) by create_all and by migrations, and changed one by one (no
+    rebuild), online and through --sql."""
+    table = "mv_daily__stored" if realtime else "mv_daily"
+    url, fresh = databases
+    engine = sa.create_engine(url)
+    offline = fresh()
+    offline_engine = sa.create_engine(offline)
+
+    def indexed(*wanted: str) -> tuple[sa.MetaData, MaterializedView, sa.Table]:
+        md, view, events = models(realtime=realtime)
+        assert view is not None
+        if "n" in wanted:
+            sa.Index("ix_mv_daily_n", view.c.n)
+        if "n desc" in wanted:
+            sa.Index("ix_mv_daily_n", view.c.n.desc())
+        if "pair" in wanted:
+            sa.Index("ix_mv_daily_pair", view.c.n, view.c.day, postgresql_where=view.c.n > 1)
+        return md, view, events
+
+    try:
+        # create_all puts them on the table.
+        md, view, events = indexed("n")
+        md.create_all(offline_engine)
+        assert list(indexes_of(offline_engine, table)) == ["ix_mv_daily_n"]
+        md.drop_all(offline_engine)
+
+        steps = [("n",), ("n", "pair"), ("n desc", "pair"), ()]
+        previous = None
+        for wanted in steps:
+            md, view, events = indexed(*wanted)
+            generated = migrate(engine, md)
+            if previous is not None:
+                assert "incremental_view(" not in generated.upgrade, generated.upgrade
+                assert "op.create_index(" in generated.upgrade or "op.drop_index(" in (
+                    generated.upgrade
+                )
+            psql(offline_sql(generated.upgrade), offline)
+            with offline_engine.begin() as conn:
+                assert autogenerate(conn, md).empty
+            assert indexes_of(engine, table) == indexes_of(offline_engine, table)
+            assert sorted(indexes_of(engine, table)) == sorted(
+                {"n": "ix_mv_daily_n", "n desc": "ix_mv_daily_n", "pair": "ix_mv_daily_pair"}[w]
+                for w in wanted
+            )
+            write(engine, events, (1, NOW))
+            still_maintained(engine, view, events)
+            previous = generated
+        # The last step dropped both: its downgrade brings them back exactly.
+        before = indexes_of(offline_engine, table)
+        psql(offline_sql(generated.downgrade), offline)
+        with offline_engine.connect() as conn:
+            md, view, events = indexed("n desc", "pair")
+            assert autogenerate(conn, md).empty
+        assert before != indexes_of(offline_engine, table)
+    finally:
+        engine.dispose()
+        offline_engine.dispose()
