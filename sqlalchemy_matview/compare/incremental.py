@@ -130,6 +130,19 @@ _VIEW = sa.text(
 )
 
 
+# Storage parameters (the stored table's fillfactor), quoted as CREATE TABLE ... WITH takes
+# them: name=value, the value a string literal.
+_OPTIONS = sa.text(
+    """
+    SELECT pg_catalog.quote_ident(o.option_name) OPERATOR(pg_catalog.||) '='
+           OPERATOR(pg_catalog.||) pg_catalog.quote_literal(o.option_value)
+      FROM pg_catalog.pg_class c, pg_catalog.pg_options_to_table(c.reloptions) AS o
+     WHERE c.oid OPERATOR(pg_catalog.=) CAST(:rel AS pg_catalog.regclass)
+     ORDER BY o.option_name
+    """
+)
+
+
 def _table_ddl(conn: Connection, relation: str) -> list[str]:
     columns = []
     for c in conn.execute(_COLUMNS, {"rel": relation}):
@@ -139,7 +152,9 @@ def _table_ddl(conn: Connection, relation: str) -> list[str]:
         if c.notnull:
             column += " NOT NULL"
         columns.append(column)
-    statements = [f"CREATE TABLE {relation} ({', '.join(columns)})"]
+    options = list(conn.scalars(_OPTIONS, {"rel": relation}))
+    with_ = f" WITH ({', '.join(options)})" if options else ""
+    statements = [f"CREATE TABLE {relation} ({', '.join(columns)}){with_}"]
     for con in conn.execute(_CONSTRAINTS, {"rel": relation}):
         statements.append(
             f"ALTER TABLE {relation} ADD CONSTRAINT {_quote(conn, con.name)} {con.definition}"

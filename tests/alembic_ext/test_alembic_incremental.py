@@ -20,7 +20,7 @@ from matview_project import psql
 from sqlalchemy_matview import Incremental, MaterializedView, refresh_views
 from sqlalchemy_matview.catalog import installed_incremental
 from sqlalchemy_matview.incremental import names_for
-from sqlalchemy_matview.orchestration.incremental import REFRESH_ARGS
+from sqlalchemy_matview.orchestration.incremental import FILLFACTOR, REFRESH_ARGS
 
 NOW = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
 
@@ -91,6 +91,14 @@ def relkind(engine: sa.Engine, name: str = "mv_daily") -> str | None:
         )
 
 
+def reloptions(engine: sa.Engine, name: str = "mv_daily") -> list[str] | None:
+    with engine.connect() as conn:
+        return conn.scalar(
+            sa.text("SELECT reloptions::text[] FROM pg_class WHERE oid = to_regclass(:n)"),
+            {"n": name},
+        )
+
+
 def still_maintained(engine: sa.Engine, view: MaterializedView, events: sa.Table) -> None:
     refresh_views(engine, view)  # whatever the test wrote before
     assert_exact(engine, view)
@@ -137,6 +145,8 @@ def test_create_refill_rebuild_and_drop(engine: sa.Engine) -> None:
     assert triggers == 0
     with engine.begin() as conn:
         run_code(conn, generated.downgrade)
+    # Re-created as it was, storage parameters included.
+    assert reloptions(engine) == [f"fillfactor={FILLFACTOR}"]
     md3, view3, events3 = models(key="user_id")
     assert view3 is not None
     assert_exact(engine, view3)
