@@ -155,6 +155,114 @@ def test_squatted_bookkeeping_schema_is_refused(roles: Roles) -> None:
     _assert_untouched(roles)
 
 
+# What a role given CREATE on the bookkeeping schema (by a careless admin) may put there:
+# (create, drop). The function is an overload of the record() every refresh calls.
+_RECORD_OVERLOAD = "record(varchar, varchar, timestamptz, float8, varchar, boolean, varchar)"
+_PLANTED = {
+    "function": (
+        f"CREATE FUNCTION {SCHEMA}.{_RECORD_OVERLOAD} RETURNS void LANGUAGE plpgsql"
+        " AS $$ BEGIN {trap} END $$",
+        f"DROP FUNCTION {SCHEMA}.{_RECORD_OVERLOAD}",
+    ),
+    "table": (f"CREATE TABLE {SCHEMA}.planted (x int)", f"DROP TABLE {SCHEMA}.planted"),
+    "domain": (
+        f"CREATE DOMAIN {SCHEMA}.planted AS int CHECK (VALUE > 0)",
+        f"DROP DOMAIN {SCHEMA}.planted",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PLANTED))
+def test_an_object_planted_in_the_bookkeeping_schema_stops_refreshes(
+    roles: Roles, kind: str
+) -> None:
+    """The bookkeeping belongs to the app, but another role created something in it: an
+    incremental view's refresh refuses (its refresh function is not trusted then) until the
+    object is gone, and none of its code runs. The plan finds the schema's objects through
+    their pg_depend entries: this pins that a function, a table and a type are all seen."""
+    from sqlalchemy_matview import Incremental, UnknownViewError, refresh_views
+
+    md = sa.MetaData()
+    src = sa.Table(
+        "src", md, sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", sa.Integer)
+    )
+    mv = MaterializedView(
+        "mv_inc",
+        md,
+        sa.select(src.c.id, sa.func.sum(src.c.v).label("v")).group_by(src.c.id),
+        incremental=Incremental(key="id", sources={src: src.c.id}),
+    )
+    create, drop = _PLANTED[kind]
+    app = roles.engine(roles.app)
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(src.insert(), [{"id": 1, "v": 1}])
+        with roles.admin.begin() as conn:
+            conn.execute(sa.text(f"GRANT USAGE, CREATE ON SCHEMA {SCHEMA} TO {roles.attacker}"))
+        with roles.psql(roles.attacker) as conn:
+            conn.execute(create.replace("{trap}", _trap_body(roles, kind)))
+        with app.connect() as conn:
+            assert not tracking.bookkeeping_inventory(conn).exists
+        with pytest.raises(UnknownViewError, match="mv_inc"):
+            refresh_views(app, mv)
+        with roles.psql(roles.attacker) as conn:
+            conn.execute(drop)
+        [done] = refresh_views(app, mv)
+        assert (done.status, done.buckets) == ("refreshed", 1)
+    finally:
+        app.dispose()
+    _assert_untouched(roles)
+
+
+def test_the_inventory_sees_every_kind_of_object_in_the_schema(engine: Engine) -> None:
+    """The inventory lists the schema's objects from pg_depend (an index scan), not by
+    scanning pg_class and pg_proc: every kind a role can create there is listed, as the
+    scans list it (indexes aside: they belong to their table's owner; a composite type's
+    relation is listed as the type, whose owner it shares)."""
+    schema = "inventory_kinds"
+    with engine.begin() as conn:
+        for statement in (
+            f"CREATE SCHEMA {schema}",
+            f"CREATE TABLE {schema}.t (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, x int)",
+            f"CREATE TABLE {schema}.p (d date) PARTITION BY RANGE (d)",
+            f"CREATE TABLE {schema}.p1 PARTITION OF {schema}.p FOR VALUES FROM ('2026-01-01')"
+            " TO ('2027-01-01')",
+            f"CREATE UNLOGGED TABLE {schema}.u (x serial)",
+            f"CREATE SEQUENCE {schema}.s",
+            f"CREATE VIEW {schema}.v AS SELECT 1 AS x",
+            f"CREATE MATERIALIZED VIEW {schema}.m AS SELECT 1 AS x",
+            f"CREATE TYPE {schema}.c AS (a int)",
+            f"CREATE TYPE {schema}.e AS ENUM ('a')",
+            f"CREATE DOMAIN {schema}.d AS int",
+            f"CREATE FUNCTION {schema}.f(int) RETURNS int LANGUAGE sql AS 'SELECT $1'",
+            f"CREATE PROCEDURE {schema}.pr() LANGUAGE sql AS 'SELECT 1'",
+            f"CREATE AGGREGATE {schema}.ag(int) (SFUNC = int4pl, STYPE = int)",
+            "CREATE TABLE public.moved (x int)",
+            f"ALTER TABLE public.moved SET SCHEMA {schema}",
+        ):
+            conn.execute(sa.text(statement))
+        listed = {
+            (r.kind, r.name)
+            for r in conn.execute(tracking._INVENTORY, {"schema": schema})
+            if r.kind != "schema"
+        }
+        scanned = conn.execute(
+            sa.text(
+                "SELECT CASE c.relkind WHEN 'c' THEN 'type' ELSE 'relation' END,"
+                " n.nspname || '.' || c.relname FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = :s AND c.relkind NOT IN ('i', 'I')"
+                " UNION ALL SELECT 'function', n.nspname || '.' || p.proname FROM pg_proc p"
+                " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s"
+            ),
+            {"s": schema},
+        ).all()
+    assert {tuple(r) for r in scanned} <= listed
+    assert {n for k, n in listed if k == "type"} >= {f"{schema}.{t}" for t in ("c", "e", "d")}
+    assert len(scanned) >= 14
+
+
 def test_squatted_tables_of_0_1_0_in_public_are_refused(roles: Roles) -> None:
     """Before PostgreSQL 15 every role could CREATE in public (upgraded databases still can)."""
     with roles.admin.begin() as conn:
