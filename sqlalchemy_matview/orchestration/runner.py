@@ -194,6 +194,33 @@ def _transaction(conn: Connection, owned: bool) -> Iterator[None]:
             yield
 
 
+def _statements_commit_alone(conn: Connection, owned: bool) -> bool:
+    """Whether the run may send its reads, and refreshes made of one statement, without
+    BEGIN and COMMIT: a connection of its own (each view commits anyway) whose isolation
+    level nobody chose for it (an Engine's reset_isolation_level gives that level back)."""
+    return owned and "isolation_level" not in conn.get_execution_options()
+
+
+@contextmanager
+def _alone(conn: Connection, on: bool) -> Iterator[None]:
+    """Statements sent meanwhile are transactions of their own (the driver's autocommit):
+    no BEGIN and no COMMIT round trip, two of the four a one-statement refresh cost with
+    its plan. Nothing is rolled back either, and a ROLLBACK makes psycopg deallocate its
+    prepared statements: the plan's statement was parsed and planned anew (1-2 ms) after
+    every run that only read. Only for reads and for refreshes that are one statement:
+    anything that must be atomic runs outside."""
+    if not on:
+        yield
+        return
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    conn.dialect.set_isolation_level(dbapi, "AUTOCOMMIT")
+    try:
+        yield
+    finally:
+        conn.dialect.reset_isolation_level(dbapi)
+
+
 # -- planning ----------------------------------------------------------------------------
 
 
@@ -219,6 +246,8 @@ class _Plan:
     tracking_on: bool
     stale: set[QName] = field(default_factory=set)
     tracking_schema: str | None = None
+    #: Refreshes that are one statement run as a transaction of their own (see _alone).
+    alone: bool = False
 
 
 def _qualify(view: MaterializedView, current: str) -> QName:
@@ -574,8 +603,11 @@ def _refresh_incremental(
         if declared is not None and declared.incremental is not None
         else None
     )
+    # The refresh function is one statement: without timeouts (set in the transaction, by a
+    # statement before it) it needs no transaction around it.
+    alone = plan.alone and opts.lock_timeout is None and opts.statement_timeout is None
     try:
-        with _transaction(conn, owned):
+        with _transaction(conn, owned), _alone(conn, alone):
             saved = _set_timeouts(conn, opts, owned)
             done = incremental.refresh_incremental(
                 conn,
@@ -674,10 +706,14 @@ def _run(
     with _connection(bind) as (conn, owned):
         what = "refresh_stale" if stale_only else "refresh_views / refresh_all"
         try:
-            # Owned: the plan is read in the transaction the first refreshed view commits.
-            plan = _plan(
-                conn, refs, metadata, opts, strict=strict, want_stale=stale_only, what=what
-            )
+            # Owned: the plan's reads are statements of their own (see _alone), else in the
+            # transaction the first refreshed view commits.
+            alone = _statements_commit_alone(conn, owned)
+            with _alone(conn, alone):
+                plan = _plan(
+                    conn, refs, metadata, opts, strict=strict, want_stale=stale_only, what=what
+                )
+            plan.alone = alone
             return _execute(conn, owned, plan, opts, stale_only=stale_only, should_stop=should_stop)
         finally:
             if owned and conn.in_transaction():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -32,6 +33,9 @@ from .conftest import Shop
 @dataclass
 class Sent:
     statements: list[str] = field(default_factory=list)
+    #: Per statement: sent in the driver's autocommit (a transaction of its own, with no
+    #: BEGIN nor COMMIT round trip).
+    alone: list[bool] = field(default_factory=list)
     transactions: int = 0
     commits: int = 0
 
@@ -41,8 +45,9 @@ def sent(engine: Engine) -> Iterator[Sent]:
     """The statements, transactions and commits ``engine`` sends meanwhile."""
     out = Sent()
 
-    def on_execute(conn: object, cursor: object, statement: str, *_: object) -> None:
+    def on_execute(conn: object, cursor: Any, statement: str, *_: object) -> None:
         out.statements.append(" ".join(statement.split())[:200])
+        out.alone.append(bool(cursor.connection.autocommit))
 
     def on_begin(conn: object) -> None:
         out.transactions += 1
@@ -115,8 +120,43 @@ def test_one_incremental_view_costs_a_plan_and_its_function(engine: Engine) -> N
         assert len(s.statements) == 2, s.statements
         assert "_refresh(" in s.statements[1]
         assert (s.transactions, s.commits) == (1, 1)
+        # Two round trips in all: each statement is a transaction of its own.
+        assert s.alone == [True, True]
     with engine.connect() as conn:
         assert conn.execute(sa.select(mv.table.c.total)).scalar_one() == 5
+
+
+def test_an_incremental_view_with_timeouts_is_refreshed_in_a_transaction(engine: Engine) -> None:
+    """Timeouts are set in the refresh's transaction, by a statement before the function."""
+    md = sa.MetaData()
+    _, mv = daily(md)
+    md.create_all(engine)
+    with sent(engine) as s:
+        [done] = refresh_views(engine, mv, lock_timeout=5)
+    assert done.status == "refreshed"
+    assert s.alone == [True, False, False], s.statements
+
+
+def test_an_engine_with_another_isolation_level_still_refreshes_incremental_views(
+    engine: Engine,
+) -> None:
+    """The refresh function needs READ COMMITTED: refresh_views, which owns the transaction,
+    runs it as a statement of its own (the server's default level), whatever level the
+    Engine gives its transactions. A connection that chose a level keeps it (and the
+    function refuses anything but READ COMMITTED: see test_incremental_refresh)."""
+    md = sa.MetaData()
+    events, mv = daily(md)
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(events.insert(), [{"id": 1, "day": "2026-01-01", "v": 5}])
+    rr = sa.create_engine(engine.url, isolation_level="REPEATABLE READ", pool_size=1)
+    try:
+        [done] = refresh_views(rr, mv)
+        assert (done.status, done.buckets) == ("refreshed", 1), done
+        with rr.connect() as conn:  # the same connection, its level given back
+            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+    finally:
+        rr.dispose()
 
 
 def test_a_connection_plans_in_the_callers_transaction(engine: Engine, shop: Shop) -> None:
