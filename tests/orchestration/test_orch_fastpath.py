@@ -2,9 +2,10 @@
 
 ``refresh_views(engine, one_view)`` plans with ONE statement (current schema, standby
 check, bookkeeping owners, the view in the catalog, an incremental view's refresh function)
-read in the transaction that then refreshes the view and commits: two statements and one
-transaction in all. With a Connection the plan reads in the caller's transaction and the
-view gets its savepoint.
+sent alone (driver autocommit), then the refresh: two statements in all. An incremental
+view's refresh function is one statement too, sent alone: two round trips, no BEGIN nor
+COMMIT; a materialized view's refresh runs in a transaction. With a Connection the plan
+reads in the caller's transaction and the view gets its savepoint.
 """
 
 from __future__ import annotations
