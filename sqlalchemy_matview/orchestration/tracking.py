@@ -3,8 +3,9 @@
 The bookkeeping lives in the schema :func:`~sqlalchemy_matview.bookkeeping.tracking_schema`
 names (``sqlalchemy_matview`` unless :func:`~sqlalchemy_matview.bookkeeping.set_tracking_schema`
 says otherwise), created by the library on first use and never part of your ``MetaData``:
-the tables ``views`` and ``changes`` and the functions ``mark_stale`` (the triggers'),
-``refresh``, ``track``, ``untrack`` and ``sync_triggers``. The design -- writers that never
+the tables ``views``, ``changes`` and ``history``, the sequences ``barrier_secret`` and
+``epoch``, and the functions ``mark_stale`` (the triggers', with ``mark_views``),
+``refresh``, ``track``, ``untrack`` and ``sync_triggers``, among others. The design -- writers that never
 queue on each other or on ``NOTIFY``, refreshes that never lose a change -- is described
 in :mod:`~sqlalchemy_matview.orchestration.tracking_sql` and ``docs/change-tracking.md``.
 
@@ -46,6 +47,7 @@ from ._sql import CompiledDDL, PreparedDDL
 from .locking import lock_key
 from .tracking_sql import (
     ADVISORY_TIMEOUT_MARK,
+    EPOCH_SEQUENCE,
     FUNCTIONS,
     MARKER,
     SECRET_SEQUENCE,
@@ -218,7 +220,7 @@ def judge_inventory(rows: Sequence[Any], schema: str, *, strict: bool = False) -
             return Inventory(exists=False, current=False)
     marker = next((r.marker for r in rows if r.kind == "schema"), None)
     names = {r.name for r in rows}
-    tables = (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE, SECRET_SEQUENCE)
+    tables = (VIEWS_TABLE, CHANGES_TABLE, HISTORY_TABLE, SECRET_SEQUENCE, EPOCH_SEQUENCE)
     complete = {f"{schema}.{t}" for t in tables} | {f"{schema}.{f}" for f in FUNCTIONS}
     return Inventory(exists=bool(rows), current=marker == MARKER and complete <= names)
 

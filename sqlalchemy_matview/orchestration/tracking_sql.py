@@ -1,4 +1,4 @@
-"""The SQL of change tracking's bookkeeping: two tables and five functions in one schema.
+"""The SQL of change tracking's bookkeeping: tables, sequences and functions in one schema.
 
 Built for a schema name (quoted by the caller with the dialect's identifier preparer) and
 executed by :func:`~sqlalchemy_matview.orchestration.tracking.ensure_bookkeeping`.
@@ -13,6 +13,7 @@ Design (see ``docs/change-tracking.md``):
 ``changes``
     the change log, keyed ``(view_id, txid)``: no sequence, nothing updated in place, so
     writers never wait on each other. A writer adds a row only where it finds none.
+    Removing rows moves the sequence ``epoch`` on (a trigger).
 
 Writers: the triggers pass ``(view id, payload)`` pairs as arguments, so the trigger
 function trusts no OID. Each view has a *barrier key* and a *late key*, derived from its id and
@@ -37,13 +38,22 @@ refresh that could not get the barrier (a writer held it past the timeout) or th
 own, reports ``refreshed_pending`` and notifies, so that another refresh follows and is not
 skipped as fresh.
 
-Every function has a pinned ``search_path`` (``pg_catalog, pg_temp``) and names every
-function ``pg_catalog.``-qualified; only ``mark_stale`` is ``SECURITY DEFINER``. EXECUTE is
+Writers that already found a view stale in this session skip even the index probe: a
+token in a session setting names the epoch (a sequence every removal of marks moves on)
+at which they saw the mark; see the comment above ``_MARK_STALE``.
+
+Every function but two has a pinned ``search_path`` (``pg_catalog, pg_temp``) and names
+every function ``pg_catalog.``-qualified: ``mark_stale``, the triggers' hot path, runs
+under the writer's search_path (a SET clause costs as much as the rest of it) and qualifies
+every function, operator and type; ``refresh_job`` is a procedure that commits, which a SET
+clause forbids. Only ``mark_stale`` and ``bump_epoch`` are ``SECURITY DEFINER``. EXECUTE is
 revoked from PUBLIC: a trigger function is never called directly, and creating a trigger
 with it needs EXECUTE, so nobody else can forge the arguments.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from ..bookkeeping import (
     CHANGES_TABLE,
@@ -61,21 +71,25 @@ from ..bookkeeping import (
 
 __all__ = [
     "ADVISORY_TIMEOUT_MARK",
+    "EPOCH_SEQUENCE",
     "FUNCTIONS",
     "MARKER",
     "SECRET_SEQUENCE",
     "SETUP_LOCK_KEY",
     "function_signatures",
     "setup_statements",
+    "token_prefix",
 ]
 
 #: Starts the message of a refresh that timed out waiting for another refresher's lock.
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Sequence in the bookkeeping schema holding the secret the barrier keys derive from.
 SECRET_SEQUENCE = "barrier_secret"
+#: Sequence moved on by every statement that removes marks (what writers' tokens name).
+EPOCH_SEQUENCE = "epoch"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 12"
+MARKER = "sqlalchemy_matview bookkeeping 13"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -83,6 +97,8 @@ SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
 #: name -> argument types, as ``to_regprocedure`` and ``REVOKE`` want them.
 FUNCTIONS = {
     "mark_stale": "",
+    "mark_views": "text[], boolean",
+    "bump_epoch": "",
     "refresh": "text, text, bigint, boolean, text, boolean",
     "track": "text, text, pg_catalog.regclass[]",
     "untrack": "text, text",
@@ -100,6 +116,16 @@ def function_signatures(schema: str) -> list[str]:
     return [f"{schema}.{name}({args})" for name, args in FUNCTIONS.items()]
 
 
+def token_prefix(raw_schema: str) -> str:
+    """Start of the session settings holding writers' tokens, one per bookkeeping schema
+    (a setting name allows no quoting: the schema is hashed into it)."""
+    return "sqlalchemy_matview.m" + hashlib.md5(raw_schema.encode()).hexdigest()[:8] + "_"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def setup_statements(schema: str, raw_schema: str) -> list[str]:
     """Create (or upgrade) everything in ``schema`` (already quoted; it exists);
     ``raw_schema`` is its name unquoted."""
@@ -107,10 +133,11 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
     changes = f"{schema}.{CHANGES_TABLE}"
     history = f"{schema}.{HISTORY_TABLE}"
     secret = f"{schema}.{SECRET_SEQUENCE}"
-    secret_lit = "'" + secret.replace("'", "''") + "'"
+    secret_lit = _literal(secret)
+    epoch = f"{schema}.{EPOCH_SEQUENCE}"
     names = {
         "s": schema,
-        "s_lit": "'" + raw_schema.replace("'", "''") + "'",
+        "s_lit": _literal(raw_schema),
         "views": views,
         "changes": changes,
         "history": history,
@@ -119,6 +146,8 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         "channel": CHANNEL,
         "secret": secret,
         "secret_lit": secret_lit,
+        "epoch_lit": _literal(epoch),
+        "token_prefix": _literal(token_prefix(raw_schema)),
         "mark": ADVISORY_TIMEOUT_MARK,
         "setup_key": SETUP_LOCK_KEY,
         "t_stmt": TRIGGER_STATEMENT,
@@ -165,8 +194,17 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         f"SELECT pg_catalog.setval({secret_lit}, ('x' OPERATOR(pg_catalog.||) pg_catalog.substr("
         "pg_catalog.md5(pg_catalog.gen_random_uuid()::pg_catalog.text), 1, 16))"
         f"::pg_catalog.bit(64)::pg_catalog.int8) FROM {secret} WHERE NOT is_called",
+        f"CREATE SEQUENCE IF NOT EXISTS {epoch} AS bigint",
+        f"REVOKE ALL ON SEQUENCE {epoch} FROM PUBLIC",
+        f"SELECT pg_catalog.nextval({_literal(epoch)}) FROM {epoch} WHERE NOT is_called",
         _RECORD.format(**names),
+        _MARK_VIEWS.format(**names),
         _MARK_STALE.format(**names),
+        _BUMP_EPOCH.format(**names),
+        f"DROP TRIGGER IF EXISTS bump_epoch ON {changes}",
+        f"CREATE TRIGGER bump_epoch AFTER DELETE OR TRUNCATE ON {changes}"
+        f" FOR EACH STATEMENT EXECUTE FUNCTION {schema}.bump_epoch()",
+        f"ALTER TABLE {changes} ENABLE ALWAYS TRIGGER bump_epoch",
         _REFRESH.format(**names),
         _REFRESH_JOB.format(**names),
         # Its result columns changed across versions: CREATE OR REPLACE cannot do that.
@@ -188,9 +226,24 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 
 
 # Pairs (view id, payload) in TG_ARGV. The hot path (a writing statement on a table whose
-# view is already stale) is one shared advisory lock and one index probe; everything else
-# is the rare path. It was measured with valgrind on a single-user backend: every SPI query
-# costs about as much as the row's INSERT itself, so there is only the one.
+# view is already stale, in a session that has seen it stale since the last refresh) is
+# one shared advisory lock and two setting reads, with no query: measured with valgrind on
+# a single-user backend, every SPI query, and even a SET search_path clause, cost about
+# half as much as the row's INSERT itself. So mark_stale has no SET clause: it is
+# SECURITY DEFINER and runs under the writer's search_path, so every function, operator
+# and type in it is pg_catalog-qualified (and pg_temp, searched first for types, is never
+# named without it). Everything else is in mark_views, whose search_path is pinned.
+#
+# Tokens: once a transaction has found (or added) a mark of a view while holding its
+# barrier, it sets a session setting to md5(secret/view id/epoch), the epoch being a
+# sequence that every statement removing marks moves on (a trigger on the change log)
+# before its transaction commits. A later statement of the session holding the barrier
+# and reading the same epoch knows that the mark is still there, without looking: no
+# refresh consumed it, and none can start before this transaction ends. Settings are
+# rolled back with the transaction that set them (its mark with them). A session can set
+# the setting itself, but not compute its value without the secret, and a value it saw
+# names an epoch that never comes back. Reading the epoch only after taking the barrier
+# matters: read before, a refresh could consume the mark and commit in between.
 #
 # Barrier keys: hashint4extended(view id, secret), the secret a random bigint kept in a
 # sequence of the bookkeeping schema that only its owner (so this SECURITY DEFINER function)
@@ -230,53 +283,100 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 # nothing); that check is on the rare path, where a row is added anyway.
 _MARK_STALE = """
 CREATE OR REPLACE FUNCTION {s}.mark_stale() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+LANGUAGE plpgsql SECURITY DEFINER AS $body$
 DECLARE
-    i integer := 0;
+    i pg_catalog.int4 := 0;
+    secret pg_catalog.int8;
+BEGIN
+    IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
+        PERFORM {s}.mark_views(TG_ARGV, true);
+        -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
+        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+        RETURN NEW;
+    END IF;
+    secret := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
+    WHILE i OPERATOR(pg_catalog.<) TG_NARGS LOOP
+        -- The epoch is read after the barrier is held: a refresh that consumed the mark
+        -- before that has moved it on; one that has not cannot start before this commits.
+        IF (pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
+                TG_ARGV[i]::pg_catalog.int4, secret))
+            AND pg_catalog.current_setting(pg_catalog.concat({token_prefix}, TG_ARGV[i]), true)
+                OPERATOR(pg_catalog.=) pg_catalog.md5(pg_catalog.concat(
+                    secret, '/', TG_ARGV[i], '/',
+                    pg_catalog.pg_sequence_last_value({epoch_lit}::pg_catalog.regclass))))
+           IS NOT TRUE THEN
+            PERFORM {s}.mark_views(TG_ARGV, false);
+            RETURN NULL;
+        END IF;
+        i := i OPERATOR(pg_catalog.+) 2;
+    END LOOP;
+    RETURN NULL;
+END $body$
+"""
+
+# The work behind mark_stale, for row-level firings and for statements without a valid
+# token: called only by mark_stale (EXECUTE is the owner's alone), so with its privileges.
+_MARK_VIEWS = """
+CREATE OR REPLACE FUNCTION {s}.mark_views(args text[], row_level boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    i integer := pg_catalog.array_lower(args, 1);
+    last integer := pg_catalog.array_upper(args, 1);
     vid integer;
     late boolean := false;
+    known boolean;
     seen text;
+    epoch bigint;
+    secret bigint := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
 BEGIN
-    IF TG_LEVEL = 'ROW' THEN
+    IF row_level THEN
         -- Named after the views (the trigger's WHEN clause reads the same setting, and
         -- spares the call for every further row of the transaction).
         seen := 'sqlalchemy_matview.v';
-        WHILE i + 1 < TG_NARGS LOOP
-            seen := seen || CASE WHEN i > 0 THEN '_' ELSE '' END || TG_ARGV[i];
+        WHILE i < last LOOP
+            seen := seen || CASE WHEN i > pg_catalog.array_lower(args, 1) THEN '_' ELSE '' END
+                    || args[i];
             i := i + 2;
         END LOOP;
-        i := 0;
+        i := pg_catalog.array_lower(args, 1);
         IF pg_catalog.current_setting(seen, true)
            = pg_catalog.pg_current_xact_id()::text THEN
-            IF TG_OP = 'DELETE' THEN
-                RETURN OLD;
-            END IF;
-            RETURN NEW;
+            RETURN;
         END IF;
     END IF;
-    WHILE i + 1 < TG_NARGS LOOP
-        vid := TG_ARGV[i];
-        IF pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
-               vid, pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass))) THEN
+    WHILE i < last LOOP
+        vid := args[i];
+        IF pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(vid, secret))
+        THEN
+            -- Read before the probe: a token says "a mark existed at this epoch or later".
+            epoch := pg_catalog.pg_sequence_last_value({epoch_lit}::pg_catalog.regclass);
             PERFORM FROM {changes} c WHERE c.view_id = vid LIMIT 1;
-            IF NOT FOUND
-               OR pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+            known := FOUND
+                     AND pg_catalog.current_setting('transaction_isolation') = 'read committed';
+            IF NOT known THEN
                 INSERT INTO {changes} (view_id, txid)
                     SELECT vid, pg_catalog.pg_current_xact_id()::text::bigint
                      WHERE EXISTS (SELECT FROM {views} v WHERE v.id = vid AND v.tracked)
                     ON CONFLICT DO NOTHING;
+                known := FOUND;
                 IF FOUND THEN
-                    PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
+                    PERFORM pg_catalog.pg_notify('{channel}', args[i + 1]);
                 END IF;
+            END IF;
+            IF known THEN
+                -- Session-wide: rolled back with the transaction (its mark too).
+                PERFORM pg_catalog.set_config({token_prefix} || vid,
+                    pg_catalog.md5(pg_catalog.concat(secret, '/', vid, '/', epoch)), false);
             END IF;
         ELSE
             -- Late: the late key taken, and the barrier still busy (not just freed by the
             -- refresh ending in between, which takes the notifying path).
-            late := pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
-                        -vid, pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass)))
+            late := pg_catalog.pg_try_advisory_xact_lock_shared(
+                        pg_catalog.hashint4extended(-vid, secret))
                     AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(
-                        pg_catalog.hashint4extended(vid, pg_catalog.pg_sequence_last_value(
-                            {secret_lit}::pg_catalog.regclass)));
+                        pg_catalog.hashint4extended(vid, secret));
             IF late THEN
                 -- No mark at all: not the refresh's doing (it consumes marks), so maybe no
                 -- refresh is running and another role holds the barrier: notify anyway.
@@ -288,19 +388,25 @@ BEGIN
                  WHERE EXISTS (SELECT FROM {views} v WHERE v.id = vid AND v.tracked)
                 ON CONFLICT DO NOTHING;
             IF FOUND AND NOT late THEN
-                PERFORM pg_catalog.pg_notify('{channel}', TG_ARGV[i + 1]);
+                PERFORM pg_catalog.pg_notify('{channel}', args[i + 1]);
             END IF;
         END IF;
         i := i + 2;
     END LOOP;
-    IF TG_LEVEL = 'ROW' THEN
+    IF row_level THEN
         PERFORM pg_catalog.set_config(seen, pg_catalog.pg_current_xact_id()::text, true);
-        -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
-        IF TG_OP = 'DELETE' THEN
-            RETURN OLD;
-        END IF;
-        RETURN NEW;
     END IF;
+END $body$
+"""
+
+# Any statement that removes marks moves the epoch on, before its transaction commits:
+# every token is then stale (a refresh of one view costs every session one slow statement
+# per view it writes to). ALWAYS: it must fire in replica mode too.
+_BUMP_EPOCH = """
+CREATE OR REPLACE FUNCTION {s}.bump_epoch() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
+    PERFORM pg_catalog.nextval({epoch_lit}::pg_catalog.regclass);
     RETURN NULL;
 END $body$
 """

@@ -679,3 +679,67 @@ def test_a_squatted_incremental_refresh_function_never_runs(roles: Roles) -> Non
     finally:
         app.dispose()
     _assert_untouched(roles)
+
+
+# What mark_stale, the triggers' SECURITY DEFINER hot path, calls with the writer's own
+# search_path (it has no SET clause: one costs as much as the rest of it). Each would win
+# over pg_catalog's for an unqualified call: an exact match, or pg_catalog listed after.
+_HOT_PATH_HIJACKS = [
+    ("pg_sequence_last_value", "regclass", "bigint"),
+    ("pg_try_advisory_xact_lock_shared", "bigint", "boolean"),
+    ("hashint4extended", "integer, bigint", "bigint"),
+    ("current_setting", "text, boolean", "text"),
+    ("concat", "text, text", "text"),
+    ("concat", "bigint, text, text, text, bigint", "text"),
+    ("md5", "text", "text"),
+]
+_HOT_PATH_OPERATORS = [("=", "text"), ("+", "integer"), ("<", "integer")]
+
+
+def test_a_writers_search_path_and_temp_types_never_reach_the_hot_path(roles: Roles) -> None:
+    """A writer with only INSERT puts public (full of the attacker's functions and
+    operators) before pg_catalog and shadows types in pg_temp: its writes still mark the
+    view stale, through the slow path and the token, and none of that code runs."""
+    with roles.admin.begin() as conn:
+        conn.execute(sa.text(f"GRANT CREATE ON SCHEMA public TO {roles.attacker}"))
+    with roles.psql(roles.attacker) as conn:
+        for name, args, returns in _HOT_PATH_HIJACKS:
+            params = ", ".join(f"${i + 1}" for i in range(args.count(",") + 1))
+            conn.execute(
+                f"CREATE FUNCTION public.{name}({args}) RETURNS {returns} LANGUAGE plpgsql"
+                f" AS $$ BEGIN {_trap_body(roles, name)}"
+                f" RETURN pg_catalog.{name}({params}); END $$"
+            )
+            conn.execute(f"GRANT EXECUTE ON FUNCTION public.{name}({args}) TO PUBLIC")
+        for i, (op, type_) in enumerate(_HOT_PATH_OPERATORS):
+            conn.execute(
+                f"CREATE FUNCTION public.op_{i}(a {type_}, b {type_})"
+                f" RETURNS {'integer' if op == '+' else 'boolean'} LANGUAGE plpgsql"
+                f" AS $$ BEGIN {_trap_body(roles, op)}"
+                f" RETURN a OPERATOR(pg_catalog.{op}) b; END $$"
+            )
+            conn.execute(
+                f"CREATE OPERATOR public.{op} (LEFTARG = {type_}, RIGHTARG = {type_},"
+                f" FUNCTION = public.op_{i})"
+            )
+    md, src, _ = _declare()
+    app = roles.engine(roles.app)
+    try:
+        md.create_all(app)
+        with app.begin() as conn:
+            conn.execute(sa.text(f"GRANT INSERT ON src TO {roles.writer}"))
+        with roles.psql(roles.writer) as writer:
+            writer.execute("SET search_path = public, pg_catalog")
+            for type_ in ("int4", "int8", "text", "regclass", "bool"):
+                writer.execute(f'CREATE TEMP TABLE "{type_}" (x int)')
+            for key in range(1, 4):  # fresh -> stale, then the token twice
+                writer.execute(f"INSERT INTO src VALUES ({key}, 1)")
+                if key == 1:
+                    assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+            assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+            writer.execute("INSERT INTO src VALUES (4, 1)")  # the token is void now
+            assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+            assert _statuses(app, md)["public.mv_sum"] == "skipped_fresh"
+    finally:
+        app.dispose()
+    _assert_untouched(roles)
