@@ -5,9 +5,10 @@ names (``sqlalchemy_matview`` unless :func:`~sqlalchemy_matview.bookkeeping.set_
 says otherwise), created by the library on first use and never part of your ``MetaData``:
 the tables ``views``, ``changes`` and ``history``, the sequences ``barrier_secret`` and
 ``epoch``, and the functions ``mark_stale`` (the triggers', with ``mark_views``),
-``refresh``, ``track``, ``untrack`` and ``sync_triggers``, among others. The design -- writers that never
-queue on each other or on ``NOTIFY``, refreshes that never lose a change -- is described
-in :mod:`~sqlalchemy_matview.orchestration.tracking_sql` and ``docs/change-tracking.md``.
+``refresh``, ``track``, ``untrack`` and ``sync_triggers``, among others. The design --
+writers that never queue on each other or on ``NOTIFY``, refreshes that never lose a
+change -- is described in :mod:`~sqlalchemy_matview.orchestration.tracking_sql` and
+``docs/change-tracking.md``.
 
 Before using bookkeeping objects that already exist, :func:`ensure_bookkeeping` checks
 that they are owned by the current role (or a role it is a member of, or a superuser) and

@@ -722,7 +722,7 @@ def test_a_writers_search_path_and_temp_types_never_reach_the_hot_path(roles: Ro
                 f"CREATE OPERATOR public.{op} (LEFTARG = {type_}, RIGHTARG = {type_},"
                 f" FUNCTION = public.op_{i})"
             )
-    md, src, _ = _declare()
+    md, _, _ = _declare()
     app = roles.engine(roles.app)
     try:
         md.create_all(app)
