@@ -105,9 +105,7 @@ def test_a_forged_or_replayed_token_does_not_skip_marking(engine: Engine, tracke
         assert _stale(engine)
         refresh_views(engine, "mv_tok")
         for forged in ("", "x", token.upper()):
-            writer.execute(
-                sa.text("SELECT set_config(:s, :t, false)"), {"s": setting, "t": forged}
-            )
+            writer.execute(sa.text("SELECT set_config(:s, :t, false)"), {"s": setting, "t": forged})
             writer.commit()
             assert _insert(writer, 10 + len(forged)) == 1, forged
             assert _stale(engine), forged
