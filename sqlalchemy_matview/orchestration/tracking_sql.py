@@ -278,6 +278,7 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 # is queued, before any of them ran. (A row that a later BEFORE trigger skips still marks
 # the view: one needless refresh at worst.) A session can forge that setting and skip
 # marking for row-level firings (documented); statement-level firings never trust it.
+# The first row of a transaction takes the token's hot path like a statement does.
 #
 # A mark is only added for a view the bookkeeping still tracks (a trigger left behind marks
 # nothing); that check is on the rare path, where a row is added anyway.
@@ -286,17 +287,10 @@ CREATE OR REPLACE FUNCTION {s}.mark_stale() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $body$
 DECLARE
     i pg_catalog.int4 := 0;
-    secret pg_catalog.int8;
+    secret pg_catalog.int8 := pg_catalog.pg_sequence_last_value(
+        {secret_lit}::pg_catalog.regclass);
+    seen pg_catalog.text := 'sqlalchemy_matview.v';
 BEGIN
-    IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
-        PERFORM {s}.mark_views(TG_ARGV, true);
-        -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
-        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-            RETURN OLD;
-        END IF;
-        RETURN NEW;
-    END IF;
-    secret := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
     WHILE i OPERATOR(pg_catalog.<) TG_NARGS LOOP
         -- The epoch is read after the barrier is held: a refresh that consumed the mark
         -- before that has moved it on; one that has not cannot start before this commits.
@@ -307,11 +301,26 @@ BEGIN
                     secret, '/', TG_ARGV[i], '/',
                     pg_catalog.pg_sequence_last_value({epoch_lit}::pg_catalog.regclass))))
            IS NOT TRUE THEN
-            PERFORM {s}.mark_views(TG_ARGV, false);
-            RETURN NULL;
+            PERFORM {s}.mark_views(TG_ARGV, TG_LEVEL OPERATOR(pg_catalog.=) 'ROW');
+            seen := NULL;
+            EXIT;
         END IF;
+        seen := pg_catalog.concat(
+            seen, CASE WHEN i OPERATOR(pg_catalog.>) 0 THEN '_' END, TG_ARGV[i]);
         i := i OPERATOR(pg_catalog.+) 2;
     END LOOP;
+    IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
+        IF seen IS NOT NULL THEN
+            -- What mark_views records too: the trigger's WHEN clause spares further rows.
+            PERFORM pg_catalog.set_config(
+                seen, pg_catalog.pg_current_xact_id()::pg_catalog.text, true);
+        END IF;
+        -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
+        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+            RETURN OLD;
+        END IF;
+        RETURN NEW;
+    END IF;
     RETURN NULL;
 END $body$
 """

@@ -165,3 +165,49 @@ def test_a_token_is_only_valid_while_holding_the_barrier(engine: Engine, tracked
         finally:
             holder.rollback()
             holder.close()
+
+
+def test_row_level_firings_use_the_token_too(engine: Engine) -> None:
+    """A partitioned source (row-level triggers, cloned to every partition): the token
+    spares mark_views, and the trigger's WHEN clause still spares every further row."""
+    md = sa.MetaData()
+    src = sa.Table(
+        "src_tok",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        postgresql_partition_by="RANGE (id)",
+    )
+    MaterializedView("mv_tok", md, sa.select(src.c.id), unique_key="id", track_changes=True)
+    with engine.begin() as conn:
+        md.create_all(conn, tables=[src])
+        for low in (0, 1000):
+            conn.execute(
+                sa.text(
+                    f"CREATE TABLE src_tok_{low} PARTITION OF src_tok"
+                    f" FOR VALUES FROM ({low}) TO ({low + 1000})"
+                )
+            )
+    md.create_all(engine)
+    calls = sa.text(
+        "SELECT funcname, calls FROM pg_stat_xact_user_functions"
+        " WHERE funcname IN ('mark_stale', 'mark_views')"
+    )
+    try:
+        with engine.connect() as writer:
+            assert _insert(writer, 1) == 1
+            assert _insert(writer, 2) == 0
+            refresh_views(engine, "mv_tok")
+            assert _insert(writer, 3) == 1
+            assert _stale(engine)
+            with writer.begin():
+                writer.execute(sa.text("SET LOCAL track_functions = 'pl'"))
+                before = dict(writer.execute(calls).all())
+                writer.execute(sa.text("INSERT INTO src_tok SELECT generate_series(10, 1500)"))
+                after = dict(writer.execute(calls).all())
+            assert after.get("mark_views", 0) == before.get("mark_views", 0)
+            assert after["mark_stale"] - before.get("mark_stale", 0) == 1
+            refresh_views(engine, "mv_tok")
+            with engine.connect() as conn:
+                assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 1494
+    finally:
+        md.drop_all(engine)
