@@ -13,7 +13,7 @@ Design (see ``docs/change-tracking.md``):
 ``changes``
     the change log, keyed ``(view_id, txid)``: no sequence, nothing updated in place, so
     writers never wait on each other. A writer adds a row only where it finds none.
-    Removing rows moves the sequence ``epoch`` on (a trigger).
+    Removing rows replaces the random value in the sequence ``epoch`` (a trigger).
 
 Writers: the triggers pass ``(view id, payload)`` pairs as arguments, so the trigger
 function trusts no OID. Each view has a *barrier key* and a *late key*, derived from its id and
@@ -39,8 +39,8 @@ own, reports ``refreshed_pending`` and notifies, so that another refresh follows
 skipped as fresh.
 
 Writers that already found a view stale in this session skip even the index probe: a
-token in a session setting names the epoch (a sequence every removal of marks moves on)
-at which they saw the mark; see the comment above ``_MARK_STALE``.
+token in a session setting names the epoch (a random value in a sequence, replaced by
+every removal of marks) at which they saw the mark; see the comment above ``_MARK_STALE``.
 
 Every function but two has a pinned ``search_path`` (``pg_catalog, pg_temp``) and names
 every function ``pg_catalog.``-qualified: ``mark_stale``, the triggers' hot path, runs
@@ -85,7 +85,8 @@ __all__ = [
 ADVISORY_TIMEOUT_MARK = "lock timeout waiting for the refresh lock of"
 #: Sequence in the bookkeeping schema holding the secret the barrier keys derive from.
 SECRET_SEQUENCE = "barrier_secret"
-#: Sequence moved on by every statement that removes marks (what writers' tokens name).
+#: Sequence holding a random value that every statement removing marks replaces (what
+#: writers' tokens name).
 EPOCH_SEQUENCE = "epoch"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
@@ -126,6 +127,24 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# A random bigint from the server's strong random source (gen_random_uuid).
+_RANDOM_BIGINT = (
+    "('x' OPERATOR(pg_catalog.||) pg_catalog.substr(pg_catalog.md5("
+    "pg_catalog.gen_random_uuid()::pg_catalog.text), 1, 16))::pg_catalog.bit(64)::pg_catalog.int8"
+)
+
+
+def _random_sequence(sequence: str) -> list[str]:
+    """A sequence only its owner reads, holding a random value from the start."""
+    return [
+        f"CREATE SEQUENCE IF NOT EXISTS {sequence} AS bigint"
+        " MINVALUE -9223372036854775808 MAXVALUE 9223372036854775807",
+        f"REVOKE ALL ON SEQUENCE {sequence} FROM PUBLIC",
+        f"SELECT pg_catalog.setval({_literal(sequence)}, {_RANDOM_BIGINT})"
+        f" FROM {sequence} WHERE NOT is_called",
+    ]
+
+
 def setup_statements(schema: str, raw_schema: str) -> list[str]:
     """Create (or upgrade) everything in ``schema`` (already quoted; it exists);
     ``raw_schema`` is its name unquoted."""
@@ -147,6 +166,7 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         "secret": secret,
         "secret_lit": secret_lit,
         "epoch_lit": _literal(epoch),
+        "random_bigint": _RANDOM_BIGINT,
         "token_prefix": _literal(token_prefix(raw_schema)),
         "mark": ADVISORY_TIMEOUT_MARK,
         "setup_key": SETUP_LOCK_KEY,
@@ -188,15 +208,8 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         " row_estimate bigint)",
         f"CREATE INDEX IF NOT EXISTS history_view ON {history} (view_schema, view_name, id)",
         # The barrier keys' secret (see _MARK_STALE): random once, kept by dump and restore.
-        f"CREATE SEQUENCE IF NOT EXISTS {secret} AS bigint"
-        " MINVALUE -9223372036854775808 MAXVALUE 9223372036854775807",
-        f"REVOKE ALL ON SEQUENCE {secret} FROM PUBLIC",
-        f"SELECT pg_catalog.setval({secret_lit}, ('x' OPERATOR(pg_catalog.||) pg_catalog.substr("
-        "pg_catalog.md5(pg_catalog.gen_random_uuid()::pg_catalog.text), 1, 16))"
-        f"::pg_catalog.bit(64)::pg_catalog.int8) FROM {secret} WHERE NOT is_called",
-        f"CREATE SEQUENCE IF NOT EXISTS {epoch} AS bigint",
-        f"REVOKE ALL ON SEQUENCE {epoch} FROM PUBLIC",
-        f"SELECT pg_catalog.nextval({_literal(epoch)}) FROM {epoch} WHERE NOT is_called",
+        *_random_sequence(secret),
+        *_random_sequence(epoch),
         _RECORD.format(**names),
         _MARK_VIEWS.format(**names),
         _MARK_STALE.format(**names),
@@ -227,23 +240,26 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 
 # Pairs (view id, payload) in TG_ARGV. The hot path (a writing statement on a table whose
 # view is already stale, in a session that has seen it stale since the last refresh) is
-# one shared advisory lock and two setting reads, with no query: measured with valgrind on
-# a single-user backend, every SPI query, and even a SET search_path clause, cost about
-# half as much as the row's INSERT itself. So mark_stale has no SET clause: it is
-# SECURITY DEFINER and runs under the writer's search_path, so every function, operator
-# and type in it is pg_catalog-qualified (and pg_temp, searched first for types, is never
-# named without it). Everything else is in mark_views, whose search_path is pinned.
+# one shared advisory lock, two sequence reads, a setting read and an MD5, with no query,
+# in a single expression: measured with valgrind on a single-user backend (one statement
+# per transaction), an SPI query, a SET search_path clause, and every further PL/pgSQL
+# expression (set up again in each transaction) each cost a good part of the row's INSERT
+# itself. So mark_stale has no SET clause: it is SECURITY DEFINER and runs under the
+# writer's search_path, so every function, operator and type in it is pg_catalog-qualified
+# (and pg_temp, searched first for types, is never named without it). Everything else is
+# in mark_views, whose search_path is pinned.
 #
 # Tokens: once a transaction has found (or added) a mark of a view while holding its
-# barrier, it sets a session setting to md5(secret/view id/epoch), the epoch being a
-# sequence that every statement removing marks moves on (a trigger on the change log)
-# before its transaction commits. A later statement of the session holding the barrier
-# and reading the same epoch knows that the mark is still there, without looking: no
-# refresh consumed it, and none can start before this transaction ends. Settings are
-# rolled back with the transaction that set them (its mark with them). A session can set
-# the setting itself, but not compute its value without the secret, and a value it saw
-# names an epoch that never comes back. Reading the epoch only after taking the barrier
-# matters: read before, a refresh could consume the mark and commit in between.
+# barrier, it sets a session setting to md5(epoch/view id), the epoch being a random
+# bigint in a sequence only the owner reads, replaced (trigger bump_epoch) by every
+# statement that removes marks, before its transaction commits. A later statement of the
+# session holding the barrier and reading the same epoch knows that the mark is still
+# there, without looking: no refresh consumed it, and none can start before this
+# transaction ends. Settings are rolled back with the transaction that set them (its mark
+# with them). A session can set the setting itself, but not compute a valid value without
+# the epoch, and a value it saw names an epoch that does not come back (64 random bits).
+# Reading the epoch only after taking the barrier matters: read before, a refresh could
+# consume the mark and commit in between.
 #
 # Barrier keys: hashint4extended(view id, secret), the secret a random bigint kept in a
 # sequence of the bookkeeping schema that only its owner (so this SECURITY DEFINER function)
@@ -286,42 +302,62 @@ _MARK_STALE = """
 CREATE OR REPLACE FUNCTION {s}.mark_stale() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $body$
 DECLARE
-    i pg_catalog.int4 := 0;
-    secret pg_catalog.int8 := pg_catalog.pg_sequence_last_value(
-        {secret_lit}::pg_catalog.regclass);
-    seen pg_catalog.text := 'sqlalchemy_matview.v';
+    secret pg_catalog.int8;
+    i pg_catalog.int4;
+    seen pg_catalog.text;
 BEGIN
-    WHILE i OPERATOR(pg_catalog.<) TG_NARGS LOOP
-        -- The epoch is read after the barrier is held: a refresh that consumed the mark
-        -- before that has moved it on; one that has not cannot start before this commits.
-        IF (pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
-                TG_ARGV[i]::pg_catalog.int4, secret))
-            AND pg_catalog.current_setting(pg_catalog.concat({token_prefix}, TG_ARGV[i]), true)
-                OPERATOR(pg_catalog.=) pg_catalog.md5(pg_catalog.concat(
-                    secret, '/', TG_ARGV[i], '/',
-                    pg_catalog.pg_sequence_last_value({epoch_lit}::pg_catalog.regclass))))
-           IS NOT TRUE THEN
-            PERFORM {s}.mark_views(TG_ARGV, TG_LEVEL OPERATOR(pg_catalog.=) 'ROW');
-            seen := NULL;
-            EXIT;
+    -- One view (the common case) in one expression: PL/pgSQL sets up every expression
+    -- again in each transaction, and a writing transaction is often one statement.
+    IF TG_NARGS OPERATOR(pg_catalog.=) 2
+       AND pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
+               TG_ARGV[0]::pg_catalog.int4,
+               pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass)))
+       -- The epoch is read after the barrier is held: a refresh that consumed the mark
+       -- before that has moved it on; one that has not cannot start before this commits.
+       AND pg_catalog.current_setting({token_prefix} OPERATOR(pg_catalog.||) TG_ARGV[0], true)
+           OPERATOR(pg_catalog.=) pg_catalog.md5(
+               pg_catalog.pg_sequence_last_value({epoch_lit}::pg_catalog.regclass)::pg_catalog.text
+               OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||) TG_ARGV[0])
+    THEN
+        IF TG_LEVEL OPERATOR(pg_catalog.=) 'STATEMENT' THEN
+            RETURN NULL;
         END IF;
-        seen := pg_catalog.concat(
-            seen, CASE WHEN i OPERATOR(pg_catalog.>) 0 THEN '_' END, TG_ARGV[i]);
-        i := i OPERATOR(pg_catalog.+) 2;
-    END LOOP;
-    IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
-        IF seen IS NOT NULL THEN
-            -- What mark_views records too: the trigger's WHEN clause spares further rows.
-            PERFORM pg_catalog.set_config(
-                seen, pg_catalog.pg_current_xact_id()::pg_catalog.text, true);
+        seen := 'sqlalchemy_matview.v' OPERATOR(pg_catalog.||) TG_ARGV[0];
+    ELSE
+        secret := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
+        i := 0;
+        seen := 'sqlalchemy_matview.v';
+        WHILE i OPERATOR(pg_catalog.<) TG_NARGS LOOP
+            IF (pg_catalog.pg_try_advisory_xact_lock_shared(pg_catalog.hashint4extended(
+                    TG_ARGV[i]::pg_catalog.int4, secret))
+                AND pg_catalog.current_setting(
+                        {token_prefix} OPERATOR(pg_catalog.||) TG_ARGV[i], true)
+                    OPERATOR(pg_catalog.=) pg_catalog.md5(pg_catalog.pg_sequence_last_value(
+                            {epoch_lit}::pg_catalog.regclass)::pg_catalog.text
+                        OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||) TG_ARGV[i]))
+               IS NOT TRUE THEN
+                PERFORM {s}.mark_views(TG_ARGV, TG_LEVEL OPERATOR(pg_catalog.=) 'ROW');
+                seen := NULL;
+                EXIT;
+            END IF;
+            seen := pg_catalog.concat(
+                seen, CASE WHEN i OPERATOR(pg_catalog.>) 0 THEN '_' END, TG_ARGV[i]);
+            i := i OPERATOR(pg_catalog.+) 2;
+        END LOOP;
+        IF TG_LEVEL OPERATOR(pg_catalog.=) 'STATEMENT' THEN
+            RETURN NULL;
         END IF;
-        -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
-        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-            RETURN OLD;
-        END IF;
-        RETURN NEW;
     END IF;
-    RETURN NULL;
+    IF seen IS NOT NULL THEN
+        -- What mark_views records too: the trigger's WHEN clause spares further rows.
+        PERFORM pg_catalog.set_config(
+            seen, pg_catalog.pg_current_xact_id()::pg_catalog.text, true);
+    END IF;
+    -- Row-level triggers fire BEFORE (see wanted_triggers): the row goes on unchanged.
+    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
 END $body$
 """
 
@@ -377,7 +413,7 @@ BEGIN
             IF known THEN
                 -- Session-wide: rolled back with the transaction (its mark too).
                 PERFORM pg_catalog.set_config({token_prefix} || vid,
-                    pg_catalog.md5(pg_catalog.concat(secret, '/', vid, '/', epoch)), false);
+                    pg_catalog.md5(epoch::text || '/' || vid), false);
             END IF;
         ELSE
             -- Late: the late key taken, and the barrier still busy (not just freed by the
@@ -408,14 +444,14 @@ BEGIN
 END $body$
 """
 
-# Any statement that removes marks moves the epoch on, before its transaction commits:
-# every token is then stale (a refresh of one view costs every session one slow statement
+# Any statement that removes marks replaces the epoch, before its transaction commits:
+# every token is then void (a refresh of one view costs every session one slow statement
 # per view it writes to). ALWAYS: it must fire in replica mode too.
 _BUMP_EPOCH = """
 CREATE OR REPLACE FUNCTION {s}.bump_epoch() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 BEGIN
-    PERFORM pg_catalog.nextval({epoch_lit}::pg_catalog.regclass);
+    PERFORM pg_catalog.setval({epoch_lit}::pg_catalog.regclass, {random_bigint});
     RETURN NULL;
 END $body$
 """

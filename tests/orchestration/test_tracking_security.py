@@ -695,7 +695,13 @@ _HOT_PATH_HIJACKS = [
     ("set_config", "text, text, boolean", "text"),
     ("pg_current_xact_id", "", "xid8"),
 ]
-_HOT_PATH_OPERATORS = [("=", "text"), ("+", "integer"), ("<", "integer"), (">", "integer")]
+_HOT_PATH_OPERATORS = [
+    ("=", "text", "boolean"),
+    ("||", "text", "text"),
+    ("+", "integer", "integer"),
+    ("<", "integer", "boolean"),
+    (">", "integer", "boolean"),
+]
 
 
 def test_a_writers_search_path_and_temp_types_never_reach_the_hot_path(roles: Roles) -> None:
@@ -713,10 +719,10 @@ def test_a_writers_search_path_and_temp_types_never_reach_the_hot_path(roles: Ro
                 f" RETURN pg_catalog.{name}({params}); END $$"
             )
             conn.execute(f"GRANT EXECUTE ON FUNCTION public.{name}({args}) TO PUBLIC")
-        for i, (op, type_) in enumerate(_HOT_PATH_OPERATORS):
+        for i, (op, type_, returns) in enumerate(_HOT_PATH_OPERATORS):
             conn.execute(
                 f"CREATE FUNCTION public.op_{i}(a {type_}, b {type_})"
-                f" RETURNS {'integer' if op == '+' else 'boolean'} LANGUAGE plpgsql"
+                f" RETURNS {returns} LANGUAGE plpgsql"
                 f" AS $$ BEGIN {_trap_body(roles, op)}"
                 f" RETURN a OPERATOR(pg_catalog.{op}) b; END $$"
             )
