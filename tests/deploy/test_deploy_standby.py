@@ -42,6 +42,8 @@ def test_readers_on_the_standby_see_a_refresh_once_replayed(
     md.create_all(engine)
     with engine.begin() as conn:
         conn.execute(t.insert(), [{"id": i} for i in range(1, 101)])
+    # The view must exist on the standby before polling it: only the refresh's lag is measured.
+    standby_server.wait_for_replay()
     [result] = refresh_views(engine, mv)
     assert result.status == "refreshed"
     refreshed_at = time.monotonic()
