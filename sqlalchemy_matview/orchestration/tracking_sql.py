@@ -41,6 +41,10 @@ skipped as fresh.
 Writers that already found a view stale in this session skip even the index probe: a
 token in a session setting names the epoch (a random value in a sequence, replaced by
 every removal of marks) at which they saw the mark; see the comment above ``_MARK_STALE``.
+Once any writer has found another transaction's committed mark, every writer skips the
+function altogether: the triggers' WHEN clauses read the view's *flag* (a sequence only
+the owner sets), and a refresh lowers it, then waits for the writers that read it raised
+(they hold a lock on a source table); see ``_FLAGS``.
 
 Every function but two has a pinned ``search_path`` (``pg_catalog, pg_temp``) and names
 every function ``pg_catalog.``-qualified: ``mark_stale``, the triggers' hot path, runs
@@ -72,6 +76,7 @@ from ..bookkeeping import (
 __all__ = [
     "ADVISORY_TIMEOUT_MARK",
     "EPOCH_SEQUENCE",
+    "FLAG_PREFIX",
     "FUNCTIONS",
     "MARKER",
     "SECRET_SEQUENCE",
@@ -88,9 +93,12 @@ SECRET_SEQUENCE = "barrier_secret"
 #: Sequence holding a random value that every statement removing marks replaces (what
 #: writers' tokens name).
 EPOCH_SEQUENCE = "epoch"
+#: Start of the name of each tracked view's flag: a sequence in the bookkeeping schema,
+#: ``stale_<view id>``, that writers may read and only the owner may set (see _FLAGS).
+FLAG_PREFIX = "stale_"
 #: Comment on the schema naming the version of these definitions; a different one means
 #: the functions are replaced.
-MARKER = "sqlalchemy_matview bookkeeping 13"
+MARKER = "sqlalchemy_matview bookkeeping 14"
 # Serialises creation of the bookkeeping and trigger changes among concurrent create_all()
 # calls: CREATE ... IF NOT EXISTS alone can still fail on the catalogs' unique indexes.
 SETUP_LOCK_KEY = 0x73716C6D76737431  # "sqlmvst1"
@@ -100,6 +108,7 @@ FUNCTIONS = {
     "mark_stale": "",
     "mark_views": "text[], boolean",
     "bump_epoch": "",
+    "lower_flag": "integer",
     "refresh": "text, text, bigint, boolean, text, boolean",
     "track": "text, text, pg_catalog.regclass[]",
     "untrack": "text, text",
@@ -145,6 +154,16 @@ def _random_sequence(sequence: str) -> list[str]:
     ]
 
 
+def _flagged(flag: str) -> str:
+    """The value that says "stale, and a committed mark stands for it" in the flag
+    ``flag`` (an expression of type regclass): the flag's own OID, so that a value
+    ``pg_dump`` copied (it reads sequences after the snapshot of its tables, so a flag may
+    be newer than the marks it dumped) means nothing in the restored database, whose flag
+    has another OID. Kept this small on purpose: the WHEN clause that compares it is read
+    from the catalog and planned again at every statement (valgrind: each node costs)."""
+    return f"{flag}::pg_catalog.oid::pg_catalog.int8"
+
+
 def _token_valid(arg: str, secret: str, epoch_lit: str, prefix_lit: str) -> str:
     """The hot path's test for the view whose id is ``arg``: its barrier taken shared, then
     the session's token for it equal to the one for the current epoch. The epoch is read
@@ -182,6 +201,9 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         "secret_lit": secret_lit,
         "epoch_lit": _literal(epoch),
         "random_bigint": _RANDOM_BIGINT,
+        "flag_prefix": _literal(FLAG_PREFIX),
+        "flagged": _flagged("flag"),
+        "flagged_tpl": _literal(_flagged("FLAG")),
         "token_prefix": _literal(token_prefix(raw_schema)),
         # One view (the first pair) reads the secret inline: an expression fewer.
         "token_first": _token_valid(
@@ -238,11 +260,17 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         _RECORD.format(**names),
         _MARK_VIEWS.format(**names),
         _MARK_STALE.format(**names),
+        _LOWER_FLAG.format(**names),
         _BUMP_EPOCH.format(**names),
         f"DROP TRIGGER IF EXISTS bump_epoch ON {changes}",
-        f"CREATE TRIGGER bump_epoch AFTER DELETE OR TRUNCATE ON {changes}"
+        f"CREATE TRIGGER bump_epoch AFTER DELETE ON {changes} REFERENCING OLD TABLE AS gone"
         f" FOR EACH STATEMENT EXECUTE FUNCTION {schema}.bump_epoch()",
         f"ALTER TABLE {changes} ENABLE ALWAYS TRIGGER bump_epoch",
+        # A transition table cannot be had for TRUNCATE: a trigger of its own.
+        f"DROP TRIGGER IF EXISTS bump_epoch_truncate ON {changes}",
+        f"CREATE TRIGGER bump_epoch_truncate AFTER TRUNCATE ON {changes}"
+        f" FOR EACH STATEMENT EXECUTE FUNCTION {schema}.bump_epoch()",
+        f"ALTER TABLE {changes} ENABLE ALWAYS TRIGGER bump_epoch_truncate",
         _REFRESH.format(**names),
         _REFRESH_JOB.format(**names),
         # Its result columns changed across versions: CREATE OR REPLACE cannot do that.
@@ -253,6 +281,8 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
         _EXPAND.format(**names),
         _TRACK.format(**names),
         _UNTRACK.format(**names),
+        # Triggers of an earlier version get this version's guards (and views their flags).
+        f"SELECT {schema}.sync_triggers()",
     ]
     statements += [
         # ROUTINE: refresh_job is a procedure, which ON FUNCTION does not name.
@@ -263,6 +293,25 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
     return statements
 
 
+# _FLAGS: the hottest path never calls a function. Each tracked view has a flag, the
+# sequence stale_<view id> in the bookkeeping schema: every role may read it (SELECT), only
+# the owner set it. Raised (set to _flagged's value) by mark_views when, holding the
+# barrier, it finds a mark that another transaction committed; lowered (0) by every
+# statement that removes marks of the view (bump_epoch) and by a refresh as soon as it
+# holds the barrier. The statement trigger's WHEN clause reads the flags of its views, and
+# calls mark_stale only when one is not raised; the row triggers' WHEN clauses too, after
+# their transaction-local setting. Sequences are read and set outside transactions, so:
+# - raised means a committed mark exists that nothing has removed since (removal lowers
+#   it first; raising happens under the barrier, so no refresh is between taking the
+#   barrier and committing; a mark another role deletes by hand is not covered);
+# - a writer that read the flag raised holds a lock on the source table (taken when its
+#   statement started, before its triggers): the refresh, after lowering the flag, waits
+#   until every transaction holding such a lock has ended, then takes its snapshot. Those
+#   that read it lowered call mark_stale, which finds the barrier taken (the late path).
+# A writer cannot raise a flag (no UPDATE on it), so it cannot opt out of marking; the
+# barrier key stays a secret. A value copied by pg_dump or replicated to a standby is void
+# there (salted with the flag's OID and the server's start time).
+#
 # Pairs (view id, payload) in TG_ARGV. The hot path (a writing statement on a table whose
 # view is already stale, in a session that has seen it stale since the last refresh) is
 # one shared advisory lock, two sequence reads, a setting read and an MD5, with no query,
@@ -384,6 +433,7 @@ DECLARE
     known boolean;
     seen text;
     epoch bigint;
+    flag regclass;
     secret bigint := pg_catalog.pg_sequence_last_value({secret_lit}::pg_catalog.regclass);
 BEGIN
     IF row_level THEN
@@ -407,23 +457,44 @@ BEGIN
         THEN
             -- Read before the probe: a token says "a mark existed at this epoch or later".
             epoch := pg_catalog.pg_sequence_last_value({epoch_lit}::pg_catalog.regclass);
-            PERFORM FROM {changes} c WHERE c.view_id = vid LIMIT 1;
+            -- Another transaction's mark, so a committed one (READ COMMITTED): it stays
+            -- until a refresh removes it, which lowers the flag first (see refresh).
+            PERFORM FROM {changes} c
+             WHERE c.view_id = vid
+               AND c.txid <> COALESCE(
+                       pg_catalog.pg_current_xact_id_if_assigned()::text::bigint, -1)
+             LIMIT 1;
             known := FOUND
                      AND pg_catalog.current_setting('transaction_isolation') = 'read committed';
-            IF NOT known THEN
+            IF known THEN
+                flag := pg_catalog.to_regclass(pg_catalog.quote_ident({s_lit}) || '.'
+                                               || pg_catalog.quote_ident({flag_prefix} || vid));
+                IF flag IS NOT NULL
+                   AND pg_catalog.pg_sequence_last_value(flag) IS DISTINCT FROM {flagged} THEN
+                    PERFORM pg_catalog.setval(flag, {flagged});
+                END IF;
+                -- Session-wide: rolled back with the transaction (its mark too).
+                PERFORM pg_catalog.set_config({token_prefix} || vid,
+                    pg_catalog.md5(epoch::text || '/' || vid), false);
+            ELSE
+                -- This transaction's own mark (found or added) serves its token only until
+                -- it ends: its next transaction comes back here, finds the mark committed
+                -- and raises the flag.
                 INSERT INTO {changes} (view_id, txid)
                     SELECT vid, pg_catalog.pg_current_xact_id()::text::bigint
                      WHERE EXISTS (SELECT FROM {views} v WHERE v.id = vid AND v.tracked)
                     ON CONFLICT DO NOTHING;
-                known := FOUND;
                 IF FOUND THEN
                     PERFORM pg_catalog.pg_notify('{channel}', args[i + 1]);
                 END IF;
-            END IF;
-            IF known THEN
-                -- Session-wide: rolled back with the transaction (its mark too).
-                PERFORM pg_catalog.set_config({token_prefix} || vid,
-                    pg_catalog.md5(epoch::text || '/' || vid), false);
+                IF pg_catalog.current_setting('transaction_isolation') = 'read committed'
+                   AND EXISTS (SELECT FROM {changes} c
+                                WHERE c.view_id = vid
+                                  AND c.txid = pg_catalog.pg_current_xact_id()::text::bigint)
+                THEN
+                    PERFORM pg_catalog.set_config({token_prefix} || vid,
+                        pg_catalog.md5(epoch::text || '/' || vid), true);
+                END IF;
             END IF;
         ELSE
             -- Late: the late key taken, and the barrier still busy (not just freed by the
@@ -456,13 +527,39 @@ END $body$
 
 # Any statement that removes marks replaces the epoch, before its transaction commits:
 # every token is then void (a refresh of one view costs every session one slow statement
-# per view it writes to). ALWAYS: it must fire in replica mode too.
+# per view it writes to); and it lowers the flags of the views whose marks it removed (all
+# of them for TRUNCATE). ALWAYS: it must fire in replica mode too.
 _BUMP_EPOCH = """
 CREATE OR REPLACE FUNCTION {s}.bump_epoch() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 BEGIN
     PERFORM pg_catalog.setval({epoch_lit}::pg_catalog.regclass, {random_bigint});
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM pg_catalog.setval(c.oid, 0)
+           FROM pg_catalog.pg_class c
+          WHERE c.relnamespace = pg_catalog.to_regnamespace(pg_catalog.quote_ident({s_lit}))
+            AND c.relkind = 'S' AND pg_catalog.starts_with(c.relname, {flag_prefix});
+    ELSE
+        PERFORM {s}.lower_flag(g.view_id) FROM (SELECT DISTINCT gone.view_id FROM gone) AS g;
+    END IF;
     RETURN NULL;
+END $body$
+"""
+
+# SECURITY DEFINER so that a refresher needs no privilege on the flags (created per view);
+# lowering a flag is always safe (writers merely call mark_stale). False: no flag.
+_LOWER_FLAG = """
+CREATE OR REPLACE FUNCTION {s}.lower_flag(vid integer) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+DECLARE
+    flag regclass := pg_catalog.to_regclass(pg_catalog.quote_ident({s_lit}) || '.'
+                                            || pg_catalog.quote_ident({flag_prefix} || vid));
+BEGIN
+    IF flag IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_catalog.setval(flag, 0);
+    RETURN true;
 END $body$
 """
 
@@ -563,6 +660,10 @@ DECLARE
     dep_schemas text[];
     dep_names text[];
     inc_status text;
+    flagged boolean;
+    deadline timestamptz;
+    tree oid[];
+    writers text[];
     -- An incremental view (a table kept per bucket) has a refresh function of its own,
     -- named after the MD5 of its name (sqlalchemy_matview.incremental.names_for).
     incremental text := pg_catalog.quote_ident({s_lit}) || '.' || pg_catalog.quote_ident(
@@ -616,6 +717,41 @@ BEGIN
             degraded := true;
         END;
         PERFORM pg_catalog.set_config('lock_timeout', saved_timeout, true);
+        -- Writers that skipped mark_stale on the view's flag (the triggers' WHEN clause)
+        -- hold no barrier. Lowered, later ones call it and find the barrier taken; those
+        -- already past the flag hold a lock on a source table, taken before they read it:
+        -- wait for them too, as for the barrier (same timeout). Polled: a transaction
+        -- cannot be waited for by its id from SQL.
+        flagged := {s}.lower_flag(vid);
+        -- (A refresh that could not take the barrier leaves a mark and notifies instead.)
+        IF flagged AND NOT degraded THEN
+            deadline := pg_catalog.clock_timestamp() + CASE
+                WHEN saved_timeout = '0' THEN '60s'::interval ELSE saved_timeout::interval END;
+            tree := ARRAY(
+                WITH RECURSIVE t(rel) AS (
+                    SELECT s.rel::oid FROM {views} v, pg_catalog.unnest(v.sources) AS s(rel)
+                     WHERE v.id = vid
+                  UNION
+                    SELECT i.inhrelid FROM t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.rel
+                ) SELECT t.rel FROM t);
+            writers := NULL;
+            LOOP
+                writers := ARRAY(
+                    SELECT DISTINCT l.virtualtransaction FROM pg_catalog.pg_locks l
+                     WHERE l.locktype = 'relation' AND l.mode = 'RowExclusiveLock'
+                       AND l.granted AND l.relation = ANY (tree)
+                       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                          WHERE d.datname = pg_catalog.current_database())
+                       AND l.pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
+                       AND (writers IS NULL OR l.virtualtransaction = ANY (writers)));
+                EXIT WHEN pg_catalog.cardinality(writers) = 0;
+                IF pg_catalog.clock_timestamp() > deadline THEN
+                    degraded := true;
+                    EXIT;
+                END IF;
+                PERFORM pg_catalog.pg_sleep(0.001);
+            END LOOP;
+        END IF;
         -- Under REPEATABLE READ / SERIALIZABLE the snapshot was taken before the barrier:
         -- a writer that committed meanwhile, relying on a mark this refresh consumes, is
         -- not in it. As good as not having the barrier.
@@ -769,6 +905,16 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
          WHERE (m.root_kind = 'r' AND m.kind = 'r' AND t.tgname <> '{t_part}')
             OR (m.root_kind = 'p' AND t.tgname = '{t_trunc}')
             OR (m.root_kind = 'p' AND m.relid = m.root AND t.tgname = '{t_part}')
+    ), flags AS (
+        -- Each view's flag raised: its writers need not call mark_stale (see _FLAGS).
+        SELECT f.id, 'pg_catalog.pg_sequence_last_value(' || f.lit
+                     || ') IS DISTINCT FROM '
+                     || pg_catalog.replace({flagged_tpl}, 'FLAG', f.lit) AS test
+          FROM (SELECT DISTINCT src.id,
+                       pg_catalog.quote_literal(pg_catalog.quote_ident({s_lit}) || '.'
+                           || pg_catalog.quote_ident({flag_prefix} || src.id))
+                       || '::pg_catalog.regclass' AS lit
+                  FROM src) AS f
     )
     SELECT w.relid, w.tgname::name,
            pg_catalog.string_agg(pg_catalog.convert_to(a.val, 'UTF8') || '\\x00'::bytea,
@@ -776,11 +922,19 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
            pg_catalog.string_agg(pg_catalog.quote_literal(a.val), ', ' ORDER BY w.id, a.ord),
            pg_catalog.min(w.enabled)::"char", pg_catalog.min(w.events),
            pg_catalog.min(w.level), pg_catalog.array_agg(DISTINCT w.id),
-           'pg_catalog.current_setting('
-           || pg_catalog.quote_literal('sqlalchemy_matview.v'
-                  || pg_catalog.array_to_string(pg_catalog.array_agg(DISTINCT w.id), '_'))
-           || ', true) IS DISTINCT FROM pg_catalog.pg_current_xact_id()::text'
-      FROM wanted w,
+           CASE w.tgname
+               WHEN '{t_trunc}' THEN NULL
+               WHEN '{t_stmt}' THEN
+                   pg_catalog.string_agg(DISTINCT fl.test, ' OR ' ORDER BY fl.test)
+               ELSE
+                   'pg_catalog.current_setting('
+                   || pg_catalog.quote_literal('sqlalchemy_matview.v'
+                      || pg_catalog.array_to_string(pg_catalog.array_agg(DISTINCT w.id), '_'))
+                   || ', true) IS DISTINCT FROM pg_catalog.pg_current_xact_id()::text AND ('
+                   || pg_catalog.string_agg(DISTINCT fl.test, ' OR ' ORDER BY fl.test) || ')'
+           END
+      FROM wanted w
+      JOIN flags fl ON fl.id = w.id,
            LATERAL pg_catalog.unnest(ARRAY[w.id::text, w.payload])
                    WITH ORDINALITY AS a(val, ord)
      GROUP BY w.relid, w.tgname
@@ -811,6 +965,18 @@ BEGIN
         level text, view_ids integer[], guard text
     ) ON COMMIT DROP;
     TRUNCATE sqlalchemy_matview_wanted;
+    -- Every tracked view has its flag (the triggers' guards name them).
+    FOR r IN
+        SELECT pg_catalog.quote_ident({s_lit}) || '.'
+               || pg_catalog.quote_ident({flag_prefix} || v.id) AS flag
+          FROM {views} v WHERE v.tracked
+    LOOP
+        IF pg_catalog.to_regclass(r.flag) IS NULL THEN
+            EXECUTE 'CREATE SEQUENCE ' || r.flag || ' AS bigint'
+                    || ' MINVALUE -9223372036854775808 MAXVALUE 9223372036854775807 START 0';
+            EXECUTE 'GRANT SELECT ON SEQUENCE ' || r.flag || ' TO PUBLIC';
+        END IF;
+    END LOOP;
     INSERT INTO sqlalchemy_matview_wanted SELECT * FROM {s}.wanted_triggers();
     -- Drop what is not wanted, or not exactly as wanted (arguments, function, firing).
     FOR r IN
@@ -819,7 +985,9 @@ BEGIN
            AND NOT EXISTS (SELECT 1 FROM sqlalchemy_matview_wanted w
                             WHERE w.relid = t.tgrelid AND w.tgname = t.tgname
                               AND w.args = t.tgargs AND t.tgfoid = func
-                              AND t.tgenabled = w.enabled)
+                              AND t.tgenabled = w.enabled
+                              AND pg_catalog.obj_description(t.oid, 'pg_trigger')
+                                  IS NOT DISTINCT FROM pg_catalog.md5(w.guard))
     LOOP
         EXECUTE 'DROP TRIGGER ' || pg_catalog.quote_ident(r.tgname) || ' ON '
                 || r.tgrelid::pg_catalog.regclass::text;
@@ -832,8 +1000,14 @@ BEGIN
     LOOP
         EXECUTE 'CREATE TRIGGER ' || pg_catalog.quote_ident(r.tgname) || ' ' || r.events
                 || ' ON ' || r.relid::pg_catalog.regclass::text || ' FOR EACH ' || r.level
-                || CASE WHEN r.level = 'ROW' THEN ' WHEN (' || r.guard || ')' ELSE '' END
+                || CASE WHEN r.guard IS NOT NULL THEN ' WHEN (' || r.guard || ')' ELSE '' END
                 || ' EXECUTE FUNCTION ' || fname || '(' || r.arglist || ')';
+        IF r.guard IS NOT NULL THEN
+            -- How a later call tells a guard of another version (or other keys) apart.
+            EXECUTE 'COMMENT ON TRIGGER ' || pg_catalog.quote_ident(r.tgname) || ' ON '
+                    || r.relid::pg_catalog.regclass::text || ' IS '
+                    || pg_catalog.quote_literal(pg_catalog.md5(r.guard));
+        END IF;
         IF r.enabled = 'R' THEN
             EXECUTE 'ALTER TABLE ' || r.relid::pg_catalog.regclass::text
                     || ' ENABLE REPLICA TRIGGER ' || pg_catalog.quote_ident(r.tgname);
@@ -842,6 +1016,16 @@ BEGIN
                     || ' ENABLE ALWAYS TRIGGER ' || pg_catalog.quote_ident(r.tgname);
         END IF;
         changed := changed + 1;
+    END LOOP;
+    -- The flags of views no longer tracked (their triggers, which named them, are gone).
+    FOR r IN
+        SELECT c.oid::pg_catalog.regclass::text AS flag FROM pg_catalog.pg_class c
+         WHERE c.relnamespace = pg_catalog.to_regnamespace(pg_catalog.quote_ident({s_lit}))
+           AND c.relkind = 'S' AND pg_catalog.starts_with(c.relname, {flag_prefix})
+           AND NOT EXISTS (SELECT 1 FROM {views} v
+                            WHERE v.tracked AND c.relname = {flag_prefix} || v.id)
+    LOOP
+        EXECUTE 'DROP SEQUENCE ' || r.flag;
     END LOOP;
     RETURN changed;
 END $body$
@@ -863,6 +1047,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
            SELECT 1 FROM pg_catalog.pg_trigger t
             WHERE t.tgrelid = w.relid AND t.tgname = w.tgname AND t.tgargs = w.args
               AND t.tgenabled = w.enabled
+              AND pg_catalog.obj_description(t.oid, 'pg_trigger')
+                  IS NOT DISTINCT FROM pg_catalog.md5(w.guard)
               AND t.tgfoid = pg_catalog.to_regprocedure(
                                  pg_catalog.quote_ident({s_lit}) || '.mark_stale()'))
     UNION ALL

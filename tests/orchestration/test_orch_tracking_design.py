@@ -390,6 +390,7 @@ def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop
         "bump_epoch",
         "check_triggers",
         "expand_sources",
+        "lower_flag",
         "mark_stale",
         "mark_views",
         "record",
@@ -409,7 +410,9 @@ def test_functions_are_not_executable_by_public_and_pin_search_path(engine, shop
             assert row.proconfig is None, row.proname
         else:
             assert row.proconfig == ["search_path=pg_catalog, pg_temp"], row.proname
-        assert row.prosecdef == (row.proname in ("mark_stale", "bump_epoch")), row.proname
+        assert row.prosecdef == (
+            row.proname in ("mark_stale", "bump_epoch", "lower_flag")
+        ), row.proname
 
 
 @pytest.fixture

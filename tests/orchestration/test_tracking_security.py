@@ -567,6 +567,25 @@ def test_a_writer_cannot_opt_out_of_marking(roles: Roles) -> None:
             )
             conn.execute(sa.text("INSERT INTO src VALUES (1, 1)"))
         assert _statuses(app, md)["public.mv_sum"] == "refreshed"
+        # The view's flag, which spares writers the trigger function while a committed mark
+        # stands for their change: a writer may read it, not raise it.
+        with app.connect() as conn:
+            flag = conn.scalar(
+                sa.text(
+                    "SELECT 'sqlalchemy_matview.stale_' || v.id FROM sqlalchemy_matview.views v"
+                    " WHERE v.view_name = 'mv_sum'"
+                )
+            )
+        for attempt in (
+            "SELECT setval(CAST(:f AS regclass), CAST(:f AS regclass)::oid::int8)",
+            "SELECT nextval(CAST(:f AS regclass))",
+            f"ALTER SEQUENCE {flag} RESTART",
+        ):
+            with writer.connect() as conn, pytest.raises(sa.exc.ProgrammingError):
+                conn.execute(sa.text(attempt), {"f": flag})
+        with writer.begin() as conn:
+            conn.execute(sa.text("INSERT INTO src VALUES (2, 1)"))
+        assert _statuses(app, md)["public.mv_sum"] == "refreshed"
     finally:
         app.dispose()
         writer.dispose()

@@ -1,13 +1,19 @@
-"""Writers' tokens: a session that saw a view stale skips the change log until a refresh.
+"""Writers' flags and tokens: once a view is known stale, writers skip the change log.
 
-The hot path of ``mark_stale`` trusts a session setting only when its value is the MD5 of
-the barrier secret, the view id and the current epoch, and the epoch moves on with every
-statement that removes marks. Each test here fails if the token outlives what it stands for.
+A view's *flag* (a sequence only the bookkeeping's owner sets) is raised when a writer
+finds a mark that another transaction committed; while it is raised the triggers' WHEN
+clause does not even call ``mark_stale``. Every removal of marks, and every refresh as soon
+as it holds the barrier, lowers it. A session's *token* (a session setting that must be the
+MD5 of the current epoch and the view id, the epoch being a random value only the owner
+reads, replaced by every removal of marks) spares ``mark_views`` in between. Each test here
+fails if a flag or a token outlives what it stands for.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -42,43 +48,101 @@ def _setting(engine: Engine) -> str:
     return f"{token_prefix('sqlalchemy_matview')}{vid}"
 
 
-def _insert(conn: Connection, key: int) -> int:
-    """Insert a row in a transaction of its own; how often ``mark_views`` ran in it."""
+_CALLS = sa.text(
+    "SELECT funcname, calls FROM pg_stat_xact_user_functions"
+    " WHERE funcname IN ('mark_stale', 'mark_views')"
+)
+
+
+def _calls(conn: Connection, *keys: int) -> tuple[int, int]:
+    """Insert ``keys`` in one transaction of their own: how often ``mark_stale`` (the
+    trigger function) and ``mark_views`` (the slow path) ran in it."""
     # The counts include earlier transactions' until the backend flushes them (at most once
-    # a second): only a difference within the transaction says what the INSERT did.
-    calls = sa.text(
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions"
-        " WHERE funcname = 'mark_views'"
-    )
+    # a second): only a difference within the transaction says what the INSERTs did.
     with conn.begin():
         conn.execute(sa.text("SET LOCAL track_functions = 'pl'"))
-        before = conn.scalar(calls)
-        conn.execute(sa.text("INSERT INTO src_tok VALUES (:k)"), {"k": key})
-        after = conn.scalar(calls)
-    return int(after - before)
+        before = dict(conn.execute(_CALLS).all())
+        for key in keys:
+            conn.execute(sa.text("INSERT INTO src_tok VALUES (:k)"), {"k": key})
+        after = dict(conn.execute(_CALLS).all())
+    return (
+        after.get("mark_stale", 0) - before.get("mark_stale", 0),
+        after.get("mark_views", 0) - before.get("mark_views", 0),
+    )
 
 
-def test_a_session_that_saw_the_view_stale_skips_the_log(engine: Engine, tracked) -> None:
-    with engine.connect() as writer:
-        assert _insert(writer, 1) == 1  # fresh -> stale: the slow path, which sets the token
+def _insert(conn: Connection, key: int) -> int:
+    """Insert a row in a transaction of its own; how often ``mark_views`` ran in it."""
+    return _calls(conn, key)[1]
+
+
+def _flag(engine: Engine) -> int | None:
+    with engine.connect() as conn:
+        return conn.scalar(
+            sa.text(
+                "SELECT pg_sequence_last_value(('sqlalchemy_matview.stale_' || v.id)::regclass)"
+                " FROM sqlalchemy_matview.views v WHERE v.view_name = 'mv_tok'"
+            )
+        )
+
+
+def test_once_a_committed_mark_is_seen_no_writer_calls_the_function(
+    engine: Engine, tracked
+) -> None:
+    with engine.connect() as writer, engine.connect() as other:
+        # fresh -> stale: the slow path adds a mark; its second statement has the token.
+        assert _calls(writer, 1, 2) == (2, 1)
         assert _stale(engine)
-        assert _insert(writer, 2) == 0  # the token: no query at all
-        assert _insert(writer, 3) == 0
+        # That token served its own transaction only: the mark, committed now, is found,
+        # the flag raised, and the statement after it calls nothing.
+        assert _calls(writer, 3, 4) == (1, 1)
+        assert _calls(writer, 5) == (0, 0)  # the flag: the WHEN clause, no function at all
+        assert _calls(other, 6) == (0, 0)  # for every session
         refresh_views(engine, "mv_tok")
         assert not _stale(engine)
-        # The refresh moved the epoch on: the token is void, the write marks again.
-        assert _insert(writer, 4) == 1
+        assert _flag(engine) == 0
+        # The refresh lowered the flag: the next write marks again, the one after raises it.
+        assert _calls(other, 7) == (1, 1)
         assert _stale(engine)
-        assert _insert(writer, 5) == 0
+        assert _calls(writer, 8) == (1, 1)
+        assert _calls(other, 9) == (0, 0)
+        assert _calls(writer, 10) == (0, 0)
         refresh_views(engine, "mv_tok")
     with engine.connect() as conn:
-        assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 5
+        assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 10
+
+
+def test_a_refresh_waits_for_writers_that_skipped_on_the_flag(engine: Engine, tracked) -> None:
+    """A writer that read the flag raised took no barrier; a refresh starting before it
+    commits must wait for it (it holds a lock on the table), or its snapshot would miss the
+    row while consuming the mark that stood for it: a change lost."""
+    with engine.connect() as writer:
+        _calls(writer, 1)
+        _calls(writer, 2)
+        assert _calls(writer, 3) == (0, 0)
+        writer.begin()
+        writer.execute(sa.text("INSERT INTO src_tok VALUES (4)"))  # skips on the flag
+        outcome: list[object] = []
+        refresher = threading.Thread(
+            target=lambda: outcome.extend(refresh_views(engine, "mv_tok")), daemon=True
+        )
+        refresher.start()
+        time.sleep(1.0)
+        assert refresher.is_alive(), "the refresh did not wait for the open writer"
+        assert _flag(engine) == 0  # lowered before waiting
+        writer.commit()
+        refresher.join(30)
+        assert not refresher.is_alive()
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 4
+    assert not _stale(engine)
 
 
 def test_a_token_set_by_a_transaction_that_rolled_back_is_gone(engine: Engine, tracked) -> None:
     with engine.connect() as writer:
         trans = writer.begin()
         writer.execute(sa.text("INSERT INTO src_tok VALUES (1)"))  # marks, sets the token
+        writer.execute(sa.text("INSERT INTO src_tok VALUES (5)"))  # the token: no mark_views
         trans.rollback()  # the mark is gone, and so is the token
         assert not _stale(engine)
         assert _insert(writer, 2) == 1
@@ -94,14 +158,16 @@ def test_a_token_set_by_a_transaction_that_rolled_back_is_gone(engine: Engine, t
 
 def test_a_forged_or_replayed_token_does_not_skip_marking(engine: Engine, tracked) -> None:
     setting = _setting(engine)
-    with engine.connect() as writer:
-        _insert(writer, 1)
+    with engine.connect() as writer, engine.connect() as other:
+        _insert(other, 1)
+        _insert(writer, 2)  # finds the other's mark committed: the flag, and the token
         token = writer.scalar(sa.text("SELECT current_setting(:s)"), {"s": setting})
+        writer.commit()
         refresh_views(engine, "mv_tok")
         # The token of an epoch that has passed, replayed: the view is fresh, the write marks.
         writer.execute(sa.text("SELECT set_config(:s, :t, false)"), {"s": setting, "t": token})
         writer.commit()
-        assert _insert(writer, 2) == 1
+        assert _insert(writer, 3) == 1
         assert _stale(engine)
         refresh_views(engine, "mv_tok")
         for forged in ("", "x", token.upper()):
@@ -114,7 +180,7 @@ def test_a_forged_or_replayed_token_does_not_skip_marking(engine: Engine, tracke
 
 def test_removing_marks_any_way_voids_every_token(engine: Engine, tracked) -> None:
     """A refresh, an untrack, a DELETE or TRUNCATE of the log by its owner (repair by hand),
-    even in replica mode: each moves the epoch on."""
+    even in replica mode: each moves the epoch on and lowers the flag."""
     keys = itertools.count()
     with engine.connect() as writer:
         for removal in (
@@ -127,7 +193,8 @@ def test_removing_marks_any_way_voids_every_token(engine: Engine, tracked) -> No
             ["SELECT sqlalchemy_matview.untrack('public', 'mv_tok')"],
         ):
             _insert(writer, next(keys))
-            assert _insert(writer, next(keys)) == 0
+            _insert(writer, next(keys))
+            assert _calls(writer, next(keys)) == (0, 0)
             with engine.begin() as conn:
                 for statement in removal:
                     conn.execute(sa.text(statement))
@@ -147,7 +214,8 @@ def test_a_token_is_only_valid_while_holding_the_barrier(engine: Engine, tracked
     its own (the refresh may not see its change), and the view stays stale after it."""
     with engine.connect() as writer:
         _insert(writer, 1)
-        assert _insert(writer, 2) == 0
+        _insert(writer, 2)
+        assert _calls(writer, 3) == (0, 0)
         with engine.connect() as conn:
             secret, vid = conn.execute(
                 sa.text(
@@ -157,19 +225,21 @@ def test_a_token_is_only_valid_while_holding_the_barrier(engine: Engine, tracked
             ).one()
         holder = engine.connect()
         try:
-            # What a refresh does first: hold the barrier exclusive.
+            # What a refresh does first: hold the barrier exclusive, then lower the flag.
             holder.execute(
                 sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashint4extended(vid, secret)))
             )
-            assert _insert(writer, 3) == 1
+            holder.execute(sa.text("SELECT sqlalchemy_matview.lower_flag(:v)"), {"v": vid})
+            assert _insert(writer, 4) == 1
         finally:
             holder.rollback()
             holder.close()
 
 
 def test_row_level_firings_use_the_token_too(engine: Engine) -> None:
-    """A partitioned source (row-level triggers, cloned to every partition): the token
-    spares mark_views, and the trigger's WHEN clause still spares every further row."""
+    """A partitioned source (row-level triggers, cloned to every partition): the flag
+    spares the function, and the trigger's WHEN clause still spares every further row of
+    a transaction that had to call it."""
     md = sa.MetaData()
     src = sa.Table(
         "src_tok",
@@ -194,20 +264,28 @@ def test_row_level_firings_use_the_token_too(engine: Engine) -> None:
     )
     try:
         with engine.connect() as writer:
-            assert _insert(writer, 1) == 1
-            assert _insert(writer, 2) == 0
+            assert _calls(writer, 1) == (1, 1)
+            assert _calls(writer, 2) == (1, 1)
+            assert _calls(writer, 3) == (0, 0)
+            assert _calls(writer, 1003) == (0, 0)  # the other partition
             refresh_views(engine, "mv_tok")
-            assert _insert(writer, 3) == 1
-            assert _stale(engine)
-            with writer.begin():
-                writer.execute(sa.text("SET LOCAL track_functions = 'pl'"))
-                before = dict(writer.execute(calls).all())
-                writer.execute(sa.text("INSERT INTO src_tok SELECT generate_series(10, 1500)"))
-                after = dict(writer.execute(calls).all())
-            assert after.get("mark_views", 0) == before.get("mark_views", 0)
-            assert after["mark_stale"] - before.get("mark_stale", 0) == 1
+            for raised in (False, True):
+                if raised:
+                    _calls(writer, 4)  # finds the mark of the bulk insert below: raised
+                with writer.begin():
+                    writer.execute(sa.text("SET LOCAL track_functions = 'pl'"))
+                    before = dict(writer.execute(calls).all())
+                    writer.execute(
+                        sa.text("INSERT INTO src_tok SELECT generate_series(CAST(:a AS int), CAST(:b AS int))"),
+                        {"a": 10 + 1090 * raised, "b": 800 + 1090 * raised},
+                    )
+                    after = dict(writer.execute(calls).all())
+                assert _stale(engine)
+                made = {f: after.get(f, 0) - before.get(f, 0) for f in ("mark_stale", "mark_views")}
+                assert made == ({"mark_stale": 0, "mark_views": 0} if raised else
+                                {"mark_stale": 1, "mark_views": 1}), (raised, made)
             refresh_views(engine, "mv_tok")
             with engine.connect() as conn:
-                assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 1494
+                assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 5 + 2 * 791
     finally:
         md.drop_all(engine)
