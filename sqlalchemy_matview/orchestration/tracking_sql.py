@@ -927,11 +927,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
                WHEN '{t_stmt}' THEN
                    pg_catalog.string_agg(DISTINCT fl.test, ' OR ' ORDER BY fl.test)
                ELSE
-                   'pg_catalog.current_setting('
+                   -- The flags first: raised (the steady state), one test per row.
+                   '(' || pg_catalog.string_agg(DISTINCT fl.test, ' OR ' ORDER BY fl.test)
+                   || ') AND pg_catalog.current_setting('
                    || pg_catalog.quote_literal('sqlalchemy_matview.v'
                       || pg_catalog.array_to_string(pg_catalog.array_agg(DISTINCT w.id), '_'))
-                   || ', true) IS DISTINCT FROM pg_catalog.pg_current_xact_id()::text AND ('
-                   || pg_catalog.string_agg(DISTINCT fl.test, ' OR ' ORDER BY fl.test) || ')'
+                   || ', true) IS DISTINCT FROM pg_catalog.pg_current_xact_id()::text'
            END
       FROM wanted w
       JOIN flags fl ON fl.id = w.id,
