@@ -180,7 +180,9 @@ def test_a_raised_flag_that_pg_dump_copied_is_void_after_restore(
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE sqlalchemy_matview.changes DISABLE TRIGGER bump_epoch"))
         conn.execute(sa.text("DELETE FROM sqlalchemy_matview.changes"))
-        conn.execute(sa.text("ALTER TABLE sqlalchemy_matview.changes ENABLE ALWAYS TRIGGER bump_epoch"))
+        conn.execute(
+            sa.text("ALTER TABLE sqlalchemy_matview.changes ENABLE ALWAYS TRIGGER bump_epoch")
+        )
         conn.execute(sa.text("REFRESH MATERIALIZED VIEW mv_sum"))
     with engine.connect() as writer:  # the race, here: a write marks nothing
         writer.execute(sa.text("INSERT INTO src VALUES (62, 1)"))

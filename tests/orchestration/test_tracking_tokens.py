@@ -276,14 +276,19 @@ def test_row_level_firings_use_the_token_too(engine: Engine) -> None:
                     writer.execute(sa.text("SET LOCAL track_functions = 'pl'"))
                     before = dict(writer.execute(calls).all())
                     writer.execute(
-                        sa.text("INSERT INTO src_tok SELECT generate_series(CAST(:a AS int), CAST(:b AS int))"),
+                        sa.text(
+                            "INSERT INTO src_tok"
+                            " SELECT generate_series(CAST(:a AS int), CAST(:b AS int))"
+                        ),
                         {"a": 10 + 1090 * raised, "b": 800 + 1090 * raised},
                     )
                     after = dict(writer.execute(calls).all())
                 assert _stale(engine)
-                made = {f: after.get(f, 0) - before.get(f, 0) for f in ("mark_stale", "mark_views")}
-                assert made == ({"mark_stale": 0, "mark_views": 0} if raised else
-                                {"mark_stale": 1, "mark_views": 1}), (raised, made)
+                made = tuple(
+                    after.get(f, 0) - before.get(f, 0) for f in ("mark_stale", "mark_views")
+                )
+                # Lowered, the first row calls the function, its setting spares the others.
+                assert made == ((0, 0) if raised else (1, 1)), (raised, made)
             refresh_views(engine, "mv_tok")
             with engine.connect() as conn:
                 assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 5 + 2 * 791
