@@ -323,7 +323,9 @@ def setup_statements(schema: str, raw_schema: str) -> list[str]:
 # (and pg_temp, searched first for types, is never named without it). Everything else is
 # in mark_views, whose search_path is pinned.
 #
-# Tokens: once a transaction has found (or added) a mark of a view while holding its
+# Tokens: once a transaction has found another's mark of a view (or added one: then for
+# the rest of that transaction only, so that its next one comes back, finds the mark
+# committed and raises the flag) while holding its
 # barrier, it sets a session setting to md5(epoch/view id), the epoch being a random
 # bigint in a sequence only the owner reads, replaced (trigger bump_epoch) by every
 # statement that removes marks, before its transaction commits. A later statement of the
