@@ -839,9 +839,22 @@ def _create_refresh_function(
             for i, (a, k) in enumerate(zip(arrays, key, strict=True))
         )
         collect = ", ".join(f"pg_catalog.array_agg(DISTINCT g.{q(k)})" for k in key)
-        distinct_keys = (
-            f"g.{q(key[0])}" if len(key) == 1 else "(" + ", ".join(f"g.{q(k)}" for k in key) + ")"
+        # One key column: its array is already distinct (counting it again sorted every
+        # key a second time: 12 ms for 50,000 keys).
+        count_buckets = (
+            f"pg_catalog.cardinality({arrays[0]})"
+            if len(key) == 1
+            else "pg_catalog.count(DISTINCT ("
+            + ", ".join(f"g.{q(k)}" for k in key)
+            + "))"
         )
+        if len(key) == 1:
+            consume = (
+                f"{collect} INTO {arrays[0]} FROM g;\n"
+                f"    buckets := COALESCE({count_buckets}, 0);"
+            )
+        else:
+            consume = f"{collect}, {count_buckets} INTO {', '.join(arrays)}, buckets FROM g;"
         samples = [f"_s{i}" for i in range(len(key))]
         # The planner adds up the rows of each value of "= ANY (array)", at a cost that grows
         # with the array (30 ms for 50,000 keys): past SAMPLE values, every k-th of them
@@ -1007,8 +1020,7 @@ BEGIN
     WITH gone AS (DELETE FROM {whole} RETURNING 1)
     SELECT pg_catalog.count(*) > 0 INTO _whole FROM gone;
     WITH g AS (DELETE FROM {log_table} RETURNING {", ".join(q(k) for k in key)})
-    SELECT {collect}, pg_catalog.count(DISTINCT {distinct_keys}) INTO {", ".join(arrays)}, buckets
-      FROM g;
+    SELECT {consume}
     IF NOT _whole AND buckets = 0 THEN
         IF only_if_dirty THEN
             status := 'skipped_fresh';
@@ -1022,7 +1034,12 @@ BEGIN
         _whole := _total_rows > 0 AND _dirty_rows > threshold * _total_rows;
     END IF;
     IF _whole THEN
-        full_refresh := true;{replace_all}
+        full_refresh := true;
+        -- Hash joins: a merge join sorts the whole result and walks the table's index in
+        -- full, twice (the vanished keys, then the MERGE).
+        _saved_mode := pg_catalog.current_setting('enable_mergejoin');
+        PERFORM pg_catalog.set_config('enable_mergejoin', 'off', true);{replace_all}
+        _saved_mode := pg_catalog.set_config('enable_mergejoin', _saved_mode, true);
         SELECT pg_catalog.count(*) INTO buckets FROM {tbl};
     ELSIF buckets > 0 THEN
         -- Planned for these buckets: a generic plan cannot know how many rows
