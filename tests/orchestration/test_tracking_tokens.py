@@ -294,3 +294,44 @@ def test_row_level_firings_use_the_token_too(engine: Engine) -> None:
                 assert conn.scalar(sa.text("SELECT count(*) FROM mv_tok")) == 5 + 2 * 791
     finally:
         md.drop_all(engine)
+
+
+def test_create_all_gives_triggers_of_bookkeeping_13_their_flags(engine: Engine, tracked) -> None:
+    """Bookkeeping 13 had no flags and no WHEN clause on the statement trigger: the upgrade
+    (the next create_all) creates the flag and puts the guarded trigger in place."""
+    src, _ = tracked
+    with engine.begin() as conn:
+        definition = conn.scalar(
+            sa.text(
+                "SELECT pg_get_triggerdef(oid) FROM pg_trigger"
+                " WHERE tgname = 'sqlalchemy_matview_stmt' AND tgrelid = 'src_tok'::regclass"
+            )
+        )
+        head, _, tail = definition.partition(" WHEN (")
+        unguarded = head + " EXECUTE FUNCTION " + tail.split(" EXECUTE FUNCTION ", 1)[1]
+        conn.execute(sa.text("DROP TRIGGER sqlalchemy_matview_stmt ON src_tok"))
+        conn.execute(sa.text(unguarded))
+        flag = conn.scalar(
+            sa.text(
+                "SELECT 'sqlalchemy_matview.stale_' || id FROM sqlalchemy_matview.views"
+                " WHERE view_name = 'mv_tok'"
+            )
+        )
+        # (Its replica-mode row trigger names it too, and goes with it.)
+        conn.execute(sa.text(f"DROP SEQUENCE {flag} CASCADE"))
+        conn.execute(
+            sa.text("COMMENT ON SCHEMA sqlalchemy_matview IS 'sqlalchemy_matview bookkeeping 13'")
+        )
+    src.metadata.create_all(engine)
+    with engine.connect() as writer:
+        assert writer.scalar(
+            sa.text(
+                "SELECT tgqual IS NOT NULL FROM pg_trigger"
+                " WHERE tgname = 'sqlalchemy_matview_stmt' AND tgrelid = 'src_tok'::regclass"
+            )
+        )
+        writer.rollback()
+        _calls(writer, 1)
+        _calls(writer, 2)
+        assert _calls(writer, 3) == (0, 0)
+    assert _flag(engine) is not None and _flag(engine) != 0
