@@ -508,6 +508,10 @@ class IncrementalNames:
         self.whole = f"{self.prefix}_all"
         #: ``refresh(lock_key, lock_mode, only_if_dirty, threshold)``.
         self.refresh = f"{self.prefix}_refresh"
+        #: The sources' leaves (relations holding rows) and their files at the last refresh.
+        self.leaves = f"{self.prefix}_leaves"
+        #: ``reshaped()``: have the leaves changed since, and must everything be recomputed?
+        self.reshaped = f"{self.prefix}_reshaped"
 
     def trigger_function(self, index: int) -> str:
         return f"{self.prefix}_src{index}"

@@ -180,15 +180,24 @@ def dump(conn: Connection, bookkeeping: str, schema: str, name: str) -> tuple[li
     table = _in_schema(conn, schema, name)
     log = _in_schema(conn, bookkeeping, names.log)
     whole = _in_schema(conn, bookkeeping, names.whole)
+    leaves = _in_schema(conn, bookkeeping, names.leaves)
     # realtime=True: the name is a view, over the rows stored in a table of another name.
     view = conn.scalar(_VIEW, {"rel": table})
     stored = _in_schema(conn, schema, stored_name(name)) if view is not None else table
-    create = _table_ddl(conn, stored) + _table_ddl(conn, log) + _table_ddl(conn, whole)
+    create = [
+        *_table_ddl(conn, stored),
+        *_table_ddl(conn, log),
+        *_table_ddl(conn, whole),
+        *_table_ddl(conn, leaves),
+    ]
     drop: list[str] = [] if view is None else [f"DROP VIEW IF EXISTS {table}"]
     functions = list(conn.execute(_FUNCTIONS, {"bk": bookkeeping, "prefix": names.prefix + "_"}))
     for f in functions:
         signature = f"{_in_schema(conn, bookkeeping, f.name)}({f.args})"
         create += [str(f.definition).strip(), f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC"]
+        if view is not None and f.name == names.reshaped:
+            # Readers of the realtime view call it.
+            create.append(f"GRANT EXECUTE ON FUNCTION {signature} TO PUBLIC")
         drop.append(f"DROP FUNCTION IF EXISTS {signature} CASCADE")
     for s in conn.execute(_STATISTICS, {"bk": bookkeeping, "prefix": names.prefix + "_"}):
         create.append(str(s.definition))
@@ -202,7 +211,7 @@ def dump(conn: Connection, bookkeeping: str, schema: str, name: str) -> tuple[li
             )
     if view is not None:
         create.append(f"CREATE VIEW {table} AS {str(view).strip().rstrip(';')}")
-    drop += [f"DROP TABLE IF EXISTS {log}, {whole}", f"DROP TABLE IF EXISTS {stored}"]
+    drop += [f"DROP TABLE IF EXISTS {log}, {whole}, {leaves}", f"DROP TABLE IF EXISTS {stored}"]
     # Refill: a TRUNCATE mark makes the refresh function recompute everything.
     create += [
         f"INSERT INTO {whole} DEFAULT VALUES",

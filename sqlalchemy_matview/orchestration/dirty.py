@@ -48,7 +48,8 @@ class DirtyBuckets:
     count: int
     #: True when there are more than ``count``.
     capped: bool
-    #: A source was truncated since the last refresh: the next one recomputes everything.
+    #: A source was truncated since the last refresh, or a partition attached, detached or
+    #: dropped: the next one recomputes everything.
     truncated: bool
 
     @property
@@ -56,7 +57,9 @@ class DirtyBuckets:
         return self.truncated or self.count > 0
 
 
-def _count_query(conn: Connection, log: str, whole: str, key: list[str]) -> sa.TextClause:
+def _count_query(
+    conn: Connection, log: str, whole: str, reshaped: str, key: list[str]
+) -> sa.TextClause:
     q = conn.dialect.identifier_preparer.quote
     cols = ", ".join(q(k) for k in key)
     ordered = ", ".join(f"l.{q(k)}" for k in key)
@@ -74,7 +77,8 @@ def _count_query(conn: Connection, log: str, whole: str, key: list[str]) -> sa.T
             ) AS n
         )
         SELECT (SELECT pg_catalog.count(*) FROM (SELECT 1 FROM b LIMIT :cap) AS c) AS n,
-               EXISTS (SELECT 1 FROM {whole}) AS truncated
+               EXISTS (SELECT 1 FROM {whole})
+               OR (SELECT r.reshaped FROM {reshaped}() AS r) AS truncated
         """
     )
 
@@ -101,10 +105,12 @@ def dirty_buckets(
         names = names_for(*view)
         log = f"{preparer.quote_schema(bk)}.{preparer.quote(names.log)}"
         whole = f"{preparer.quote_schema(bk)}.{preparer.quote(names.whole)}"
+        reshaped = f"{preparer.quote_schema(bk)}.{preparer.quote(names.reshaped)}"
         key = conn.execute(_LOG_KEY, {"log": log}).scalar()
         if not key:
             continue
-        row = conn.execute(_count_query(conn, log, whole, list(key)), {"cap": cap + 1}).one()
+        query = _count_query(conn, log, whole, reshaped, list(key))
+        row = conn.execute(query, {"cap": cap + 1}).one()
         count = int(row.n)
         out[view] = DirtyBuckets(min(count, cap), count > cap, bool(row.truncated))
     return out

@@ -427,6 +427,7 @@ def _after_create(view: MaterializedView, conn: Connection) -> None:
     barrier = secrets.randbits(63)
     for index, table in enumerate(inc.sources):
         _install_source(conn, view, names, bk, index, table, key, barrier)
+    _create_leaves(conn, view, names, bk)
     _create_refresh_function(conn, view, names, bk, target, key, columns, barrier)
     # After CREATE TRIGGER, in its transaction: its SHARE ROW EXCLUSIVE lock on each source
     # keeps writers out until this commits, so no write falls between fill and log.
@@ -455,6 +456,128 @@ def _after_create(view: MaterializedView, conn: Connection) -> None:
     log.info("incremental view %s.%s created and filled", view_schema, view.name)
 
 
+def _create_leaves(
+    conn: Connection, view: MaterializedView, names: IncrementalNames, bk: str
+) -> None:
+    """The leaves of the sources' trees as the fill saw them, and ``reshaped()``.
+
+    No trigger fires when a partition is attached (its rows appear), detached or dropped
+    (they vanish), or when a partition created after the view, which has no TRUNCATE trigger
+    (statement triggers are not cloned), is truncated. The refresh compares the relations
+    holding the sources' rows, with their files (a TRUNCATE or a rewrite gives a new one),
+    with those it last saw: a leaf gone or rewritten, or a new one holding rows, means
+    everything is recomputed. (A new empty partition, as created ahead of time, does not.)
+    """
+    assert view.incremental is not None
+    roots = [_resolve(conn, view, t) for t in view.incremental.sources]
+    realtime = view.incremental.realtime
+
+    def build(c: DDLCompiler) -> str:
+        s = c.preparer.quote_schema(bk)
+        leaves = f"{s}.{c.preparer.quote(names.leaves)}"
+
+        def lit(value: str) -> str:
+            return str(c.sql_compiler.render_literal_value(value, sa.String()))
+
+        # By name, not OID: a restore renumbers relations (and then every leaf is new).
+        regclasses = ", ".join(
+            f"pg_catalog.to_regclass({lit(str(c.preparer.format_table(r.table())))})" for r in roots
+        )
+        body = f"""
+DECLARE
+    _was_rels pg_catalog.oid[];
+    _was_files pg_catalog.oid[];
+    _leaf pg_catalog.oid;
+    _rows boolean;
+BEGIN
+    WITH RECURSIVE tree(rel) AS (
+        SELECT r.rel FROM pg_catalog.unnest(ARRAY[{regclasses}]::pg_catalog.oid[]) AS r(rel)
+         WHERE r.rel IS NOT NULL
+        UNION
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+          JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.rel
+    )
+    SELECT pg_catalog.array_agg(c.oid ORDER BY c.oid),
+           pg_catalog.array_agg(c.relfilenode ORDER BY c.oid)
+      INTO rels, files
+      FROM pg_catalog.pg_class c JOIN tree t ON c.oid OPERATOR(pg_catalog.=) t.rel
+     WHERE c.relkind OPERATOR(pg_catalog.<>) 'p';
+    rels := COALESCE(rels, '{{}}');
+    files := COALESCE(files, '{{}}');
+    SELECT l.rels, l.files INTO _was_rels, _was_files FROM {leaves} AS l;
+    changed := rels IS DISTINCT FROM _was_rels OR files IS DISTINCT FROM _was_files;
+    reshaped := false;
+    IF NOT changed THEN
+        RETURN;
+    END IF;
+    -- A leaf detached or dropped (its rows vanished), or given a new file (TRUNCATE without
+    -- a trigger of ours, VACUUM FULL, a rewriting ALTER TABLE).
+    IF EXISTS (
+        SELECT 1 FROM ROWS FROM (pg_catalog.unnest(_was_rels), pg_catalog.unnest(_was_files))
+               AS w(rel, file)
+         WHERE NOT EXISTS (
+            SELECT 1 FROM ROWS FROM (pg_catalog.unnest(rels), pg_catalog.unnest(files))
+                          AS n(rel, file)
+             WHERE n.rel OPERATOR(pg_catalog.=) w.rel
+               AND n.file OPERATOR(pg_catalog.=) w.file)
+    ) THEN
+        reshaped := true;
+        RETURN;
+    END IF;
+    -- A new leaf: attached with its rows, or created (empty; its writes are logged since).
+    FOR _leaf IN
+        SELECT n.rel FROM pg_catalog.unnest(rels) AS n(rel)
+         WHERE n.rel OPERATOR(pg_catalog.<>) ALL (COALESCE(_was_rels, '{{}}'))
+    LOOP
+        BEGIN
+            EXECUTE 'SELECT EXISTS (SELECT 1 FROM '
+                    || _leaf::pg_catalog.regclass::pg_catalog.text || ')' INTO _rows;
+        EXCEPTION WHEN insufficient_privilege THEN
+            _rows := true;
+        END;
+        IF _rows THEN
+            reshaped := true;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+"""
+        return (
+            f"CREATE FUNCTION {s}.{c.preparer.quote(names.reshaped)}(OUT changed boolean, "
+            "OUT reshaped boolean, OUT rels pg_catalog.oid[], OUT files pg_catalog.oid[]) "
+            "LANGUAGE plpgsql STABLE SECURITY DEFINER "
+            f"SET search_path = pg_catalog, pg_temp AS {_dollar(body)}"
+        )
+
+    def in_bk(c: DDLCompiler, name: str) -> str:
+        return f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(name)}"
+
+    conn.execute(
+        CompiledDDL(
+            lambda c: (
+                f"CREATE TABLE {in_bk(c, names.leaves)} (rels pg_catalog.oid[] NOT NULL, "
+                "files pg_catalog.oid[] NOT NULL)"
+            )
+        )
+    )
+    conn.execute(CompiledDDL(build))
+    # Readers of a realtime view call it (as themselves): it answers a yes or no, as its
+    # owner, about relations whose rows they read through the view.
+    grant = "GRANT EXECUTE" if realtime else "REVOKE ALL"
+    to = "TO" if realtime else "FROM"
+    conn.execute(
+        CompiledDDL(lambda c: f"{grant} ON FUNCTION {in_bk(c, names.reshaped)}() {to} PUBLIC")
+    )
+    conn.execute(
+        CompiledDDL(
+            lambda c: (
+                f"INSERT INTO {in_bk(c, names.leaves)} (rels, files) "
+                f"SELECT r.rels, r.files FROM {in_bk(c, names.reshaped)}() AS r"
+            )
+        )
+    )
+
+
 def _realtime_view(
     view: MaterializedView,
     names: IncrementalNames,
@@ -469,7 +592,12 @@ def _realtime_view(
     def build(c: DDLCompiler) -> str:
         q = c.preparer.quote
         log_table = f"{c.preparer.quote_schema(bk)}.{q(names.log)}"
-        whole = f"{c.preparer.quote_schema(bk)}.{q(names.whole)}"
+        # Everything is computed live after a TRUNCATE, or once partitions changed.
+        everything = (
+            f"(EXISTS (SELECT 1 FROM {c.preparer.quote_schema(bk)}.{q(names.whole)})"
+            f" OR (SELECT r.reshaped FROM {c.preparer.quote_schema(bk)}.{q(names.reshaped)}()"
+            " AS r))"
+        )
         definition = _sql(c, view.definition)
         same = " AND ".join(f"l.{q(k)} = s.{q(k)}" for k in key)
         # Each key column's dirty values as an array: a parameter the planner pushes into
@@ -488,12 +616,12 @@ def _realtime_view(
             f"CREATE VIEW {c.preparer.format_table(view.table)} ("
             + ", ".join(q(n) for n in columns)
             + f") AS SELECT {s_cols} FROM {c.preparer.format_table(stored)} AS s"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {whole})"
+            f" WHERE NOT {everything}"
             f" AND NOT EXISTS (SELECT 1 FROM {log_table} AS l WHERE {same})"
             f" UNION ALL SELECT {d_cols} FROM ({definition}) AS d"
-            f" WHERE EXISTS (SELECT 1 FROM {whole}) AND {not_null}"
+            f" WHERE {everything} AND {not_null}"
             f" UNION ALL SELECT {d_cols} FROM ({definition}) AS d"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {whole}) AND {dirty}"
+            f" WHERE NOT {everything} AND {dirty}"
         )
 
     return CompiledDDL(build)
@@ -829,6 +957,8 @@ def _create_refresh_function(
         tbl = c.preparer.format_table(target)
         log_table = f"{s}.{q(names.log)}"
         whole = f"{s}.{q(names.whole)}"
+        leaves = f"{s}.{q(names.leaves)}"
+        reshaped = f"{s}.{q(names.reshaped)}"
 
         def lit(value: str) -> str:
             return str(c.sql_compiler.render_literal_value(value, sa.String()))
@@ -967,6 +1097,7 @@ DECLARE
     _saved_timeout text;
     _saved_mode text;
     _degraded boolean := false;
+    _shape record;
 BEGIN
     buckets := 0;
     full_refresh := false;
@@ -998,7 +1129,15 @@ BEGIN
             HINT = 'refresh it with refresh_views(engine, view), or from a READ COMMITTED '
                    'transaction';
     END IF;
-    IF only_if_dirty AND NOT EXISTS (SELECT 1 FROM {log_table})
+    -- Partitions attached, detached or dropped since the last refresh (no trigger fires).
+    SELECT r.changed, r.reshaped, r.rels, r.files INTO _shape FROM {reshaped}() AS r;
+    IF _shape.changed THEN
+        UPDATE {leaves} SET rels = _shape.rels, files = _shape.files;
+        IF NOT FOUND THEN
+            INSERT INTO {leaves} (rels, files) VALUES (_shape.rels, _shape.files);
+        END IF;
+    END IF;
+    IF only_if_dirty AND NOT _shape.reshaped AND NOT EXISTS (SELECT 1 FROM {log_table})
        AND NOT EXISTS (SELECT 1 FROM {whole}) THEN
         status := 'skipped_fresh';
         RETURN;
@@ -1018,7 +1157,7 @@ BEGIN
     -- Consumed: the log rows this statement's snapshot sees. The recompute below runs on
     -- a later snapshot, so it sees at least these changes.
     WITH gone AS (DELETE FROM {whole} RETURNING 1)
-    SELECT pg_catalog.count(*) > 0 INTO _whole FROM gone;
+    SELECT pg_catalog.count(*) > 0 OR _shape.reshaped INTO _whole FROM gone;
     WITH g AS (DELETE FROM {log_table} RETURNING {", ".join(q(k) for k in key)})
     SELECT {consume}
     IF NOT _whole AND buckets = 0 THEN
@@ -1128,12 +1267,15 @@ def _before_drop(view: MaterializedView, conn: Connection) -> None:
         for position in range(len(view.incremental.sources[table])):
             conn.execute(_drop_statistics(bk, names.statistics(index, position)))
     conn.execute(_drop_function(bk, names.refresh, REFRESH_ARGS))
+    conn.execute(_drop_function(bk, names.reshaped))
     conn.execute(
         CompiledDDL(
             lambda c: (
                 "DROP TABLE IF EXISTS "
-                f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.log)}, "
-                f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(names.whole)}"
+                + ", ".join(
+                    f"{c.preparer.quote_schema(bk)}.{c.preparer.quote(n)}"
+                    for n in (names.log, names.whole, names.leaves)
+                )
             )
         )
     )
@@ -1243,10 +1385,13 @@ class IncrementalState:
     dirty_buckets: int
     #: A source was truncated since the last refresh: everything will be recomputed.
     truncated: bool
+    #: A partition was attached with rows, detached or dropped, or a source rewritten (no
+    #: trigger fires then): everything will be recomputed.
+    reshaped: bool = False
 
     @property
     def dirty(self) -> bool:
-        return self.truncated or self.dirty_buckets > 0
+        return self.truncated or self.reshaped or self.dirty_buckets > 0
 
 
 def is_incremental(
@@ -1312,10 +1457,16 @@ def incremental_state(
             "SELECT (SELECT pg_catalog.count(*) FROM (SELECT DISTINCT "
             + ", ".join(preparer.quote(k) for k in key)
             + f" FROM {log_table}) AS d) AS buckets,"
-            f" EXISTS (SELECT 1 FROM {whole}) AS truncated"
+            f" EXISTS (SELECT 1 FROM {whole}) AS truncated,"
+            f" (SELECT r.reshaped FROM {preparer.quote_schema(bk)}."
+            f"{preparer.quote(names.reshaped)}() AS r) AS reshaped"
         )
     ).one()
-    return IncrementalState(dirty_buckets=int(row.buckets), truncated=bool(row.truncated))
+    return IncrementalState(
+        dirty_buckets=int(row.buckets),
+        truncated=bool(row.truncated),
+        reshaped=bool(row.reshaped),
+    )
 
 
 class _Query(ExecutableDDLElement):
@@ -1349,9 +1500,11 @@ def dirty_views(
         names = names_for(schema, name)
         log_table = f"{preparer.quote_schema(bk)}.{preparer.quote(names.log)}"
         whole = f"{preparer.quote_schema(bk)}.{preparer.quote(names.whole)}"
+        reshaped = f"{preparer.quote_schema(bk)}.{preparer.quote(names.reshaped)}"
+        # (Leaves that changed at all: the refresh then records them, if nothing else.)
         probes.append(
             f"SELECT {i} AS i WHERE EXISTS (SELECT 1 FROM {log_table})"
-            f" OR EXISTS (SELECT 1 FROM {whole})"
+            f" OR EXISTS (SELECT 1 FROM {whole}) OR (SELECT r.changed FROM {reshaped}() AS r)"
         )
     dirty = conn.execute(_Query(" UNION ALL ".join(probes))).scalars()
     return {views[int(i)] for i in dirty}

@@ -134,10 +134,11 @@ def test_drop_all_removes_everything(engine):
     seed(engine, d)
     with engine.connect() as conn:
         objects = bookkeeping_objects(conn)
-    # Per view: log, truncate marks, trigger function, refresh function (and the logs'
-    # primary keys), statistics on the day (user_id has its own); 5 triggers on events.
+    # Per view: log, truncate marks, leaves and reshaped(), trigger function, refresh
+    # function (and the logs' primary keys), statistics on the day (user_id has its own);
+    # 5 triggers on events.
     own = [o for o in objects if o.startswith("inc_") and not o.endswith("_pkey")]
-    assert len(own) == 2 * 4 + 1
+    assert len(own) == 2 * 6 + 1
     assert len([o for o in objects if o.startswith("sqlalchemy_matview_inc")]) == 2 * 5
     d.metadata.drop_all(engine)
     with engine.connect() as conn:
